@@ -1,0 +1,143 @@
+// CPU kernels of h-swish / h-sigmoid (forward, backward, in place).
+//
+// TensorIterator walks any strides without copies and splits the work across threads; the inner
+// loop gets contiguous runs whenever the tensors are dense (NCHW or channels_last alike), and then
+// the plain loops below are vectorised by the compiler. Half and bfloat16 are computed in float
+// and rounded once, as ATen does, so the results equal torch.nn.functional's bit for bit.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/TensorIterator.h>
+#include <torch/library.h>
+
+#include "../hardswish.h"
+#include "cnnkernels/activation.h"
+
+namespace cnnkernels {
+namespace {
+
+template <typename scalar_t>
+inline bool is_contiguous_run(const int64_t* strides, int ntensors) {
+  for (int i = 0; i < ntensors; ++i) {
+    if (strides[i] != static_cast<int64_t>(sizeof(scalar_t))) return false;
+  }
+  return true;
+}
+
+template <typename scalar_t, typename Act>
+void forward_run(const scalar_t* x, scalar_t* y, int64_t n, Act act) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = static_cast<scalar_t>(act.forward(static_cast<opmath_t>(x[i])));
+  }
+}
+
+template <typename scalar_t, typename Act>
+void backward_run(const scalar_t* g, const scalar_t* x, scalar_t* out, int64_t n, Act act) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<scalar_t>(
+        act.backward(static_cast<opmath_t>(g[i]), static_cast<opmath_t>(x[i])));
+  }
+}
+
+template <typename scalar_t, typename Act>
+void forward_loop(at::TensorIteratorBase& iter, Act act) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  iter.for_each([act](char** data, const int64_t* strides, int64_t n) {
+    if (is_contiguous_run<scalar_t>(strides, 2)) {
+      forward_run(reinterpret_cast<const scalar_t*>(data[1]), reinterpret_cast<scalar_t*>(data[0]),
+                  n, act);
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const auto x = *reinterpret_cast<const scalar_t*>(data[1] + i * strides[1]);
+      *reinterpret_cast<scalar_t*>(data[0] + i * strides[0]) =
+          static_cast<scalar_t>(act.forward(static_cast<opmath_t>(x)));
+    }
+  });
+}
+
+template <typename scalar_t, typename Act>
+void backward_loop(at::TensorIteratorBase& iter, Act act) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  iter.for_each([act](char** data, const int64_t* strides, int64_t n) {
+    if (is_contiguous_run<scalar_t>(strides, 3)) {
+      backward_run(reinterpret_cast<const scalar_t*>(data[1]),
+                   reinterpret_cast<const scalar_t*>(data[2]), reinterpret_cast<scalar_t*>(data[0]),
+                   n, act);
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const auto g = *reinterpret_cast<const scalar_t*>(data[1] + i * strides[1]);
+      const auto x = *reinterpret_cast<const scalar_t*>(data[2] + i * strides[2]);
+      *reinterpret_cast<scalar_t*>(data[0] + i * strides[0]) = static_cast<scalar_t>(
+          act.backward(static_cast<opmath_t>(g), static_cast<opmath_t>(x)));
+    }
+  });
+}
+
+// Writes act(x) into `out` (which may be x itself).
+template <typename Act>
+void apply_forward(const at::Tensor& out, const at::Tensor& x, Act act, const char* op) {
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(x).build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cnnkernels_activation",
+                                  [&] { forward_loop<scalar_t>(iter, act); });
+}
+
+template <typename Act>
+at::Tensor forward_cpu(const at::Tensor& x, Act act, const char* op) {
+  check_activation_input(x, op);
+  at::Tensor y = at::empty_like(x);
+  apply_forward(y, x, act, op);
+  return y;
+}
+
+template <typename Act>
+void forward_inplace_cpu(const at::Tensor& x, Act act, const char* op) {
+  check_activation_inplace(x, op);
+  apply_forward(x, x, act, op);
+}
+
+template <typename Act>
+at::Tensor backward_cpu(const at::Tensor& grad_output, const at::Tensor& x, Act act,
+                        const char* op) {
+  check_activation_backward(grad_output, x, op);
+  at::Tensor grad_input = at::empty_like(x);
+  auto iter = at::TensorIteratorConfig()
+                  .add_output(grad_input)
+                  .add_const_input(grad_output)
+                  .add_const_input(x)
+                  .build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cnnkernels_activation",
+                                  [&] { backward_loop<scalar_t>(iter, act); });
+  return grad_input;
+}
+
+at::Tensor hardswish_cpu(const at::Tensor& x) { return forward_cpu(x, HardSwish{}, "hardswish"); }
+void hardswish_inplace_cpu(const at::Tensor& x) {
+  forward_inplace_cpu(x, HardSwish{}, "hardswish_");
+}
+at::Tensor hardswish_backward_cpu(const at::Tensor& g, const at::Tensor& x) {
+  return backward_cpu(g, x, HardSwish{}, "hardswish_backward");
+}
+at::Tensor hardsigmoid_cpu(const at::Tensor& x) {
+  return forward_cpu(x, HardSigmoid{}, "hardsigmoid");
+}
+void hardsigmoid_inplace_cpu(const at::Tensor& x) {
+  forward_inplace_cpu(x, HardSigmoid{}, "hardsigmoid_");
+}
+at::Tensor hardsigmoid_backward_cpu(const at::Tensor& g, const at::Tensor& x) {
+  return backward_cpu(g, x, HardSigmoid{}, "hardsigmoid_backward");
+}
+
+}  // namespace
+}  // namespace cnnkernels
+
+TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
+  m.impl("hardswish", &cnnkernels::hardswish_cpu);
+  m.impl("hardswish_", &cnnkernels::hardswish_inplace_cpu);
+  m.impl("hardswish_backward", &cnnkernels::hardswish_backward_cpu);
+  m.impl("hardsigmoid", &cnnkernels::hardsigmoid_cpu);
+  m.impl("hardsigmoid_", &cnnkernels::hardsigmoid_inplace_cpu);
+  m.impl("hardsigmoid_backward", &cnnkernels::hardsigmoid_backward_cpu);
+}

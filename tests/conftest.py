@@ -1,0 +1,46 @@
+"""Test configuration shared by every test file.
+
+Without a GPU, the Triton kernels are tested on CPU tensors through the Triton interpreter; the
+variable has to be set before anything imports triton, so it is set here, before cnnkernels loads.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import cnnkernels  # noqa: E402
+from cnnkernels import backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def implementation_params():
+    """(backend, device) pairs to test: every implementation this machine can run, and the ones it
+    cannot as explicit skips saying why (CUDA tests run wherever a GPU is present)."""
+    no_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+    no_cuda_ext = pytest.mark.skipif(not cnnkernels.info()["cuda_ext"],
+                                     reason="cnnkernels._C was built without CUDA kernels")
+    no_interp = pytest.mark.skipif(not backend.triton_interpreted(),
+                                   reason="TRITON_INTERPRET is off (a GPU is present)")
+    no_triton = pytest.mark.skipif(not backend.triton_installed(), reason="triton not installed")
+    return [
+        pytest.param(("cpu", "cpu"), id="cpu"),
+        pytest.param(("torch", "cpu"), id="torch-cpu"),
+        pytest.param(("triton", "cpu"), id="triton-interp",
+                     marks=[pytest.mark.triton, no_triton, no_interp]),
+        pytest.param(("cuda", "cuda"), id="cuda", marks=[pytest.mark.cuda, no_gpu, no_cuda_ext]),
+        pytest.param(("triton", "cuda"), id="triton-cuda",
+                     marks=[pytest.mark.triton, pytest.mark.cuda, no_gpu, no_triton]),
+    ]
+
+
+@pytest.fixture(params=implementation_params())
+def impl(request):
+    """Runs the test with one backend active; yields (backend name, device string)."""
+    name, device = request.param
+    with cnnkernels.use_backend(name):
+        yield name, device
