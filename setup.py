@@ -53,10 +53,12 @@ def want_cuda() -> tuple[bool, str]:
     """Decide whether to compile the CUDA sources, and say why."""
     if env_flag("CNNKERNELS_CPU_ONLY"):
         return False, "CNNKERNELS_CPU_ONLY=1"
-    if torch.version.cuda is None:
-        return False, "torch is a CPU-only build"
-    if CUDA_HOME is None:
-        return False, "nvcc / CUDA_HOME not found"
+    missing = ("torch is a CPU-only build" if torch.version.cuda is None
+               else "nvcc / CUDA_HOME not found" if CUDA_HOME is None else None)
+    if missing and env_flag("FORCE_CUDA"):
+        sys.exit(f"FORCE_CUDA=1 asks for the CUDA kernels, but {missing}")
+    if missing:
+        return False, missing
     if env_flag("FORCE_CUDA"):
         return True, "FORCE_CUDA=1"
     return True, f"torch {torch.__version__} is a CUDA build and nvcc was found in {CUDA_HOME}"
@@ -109,6 +111,10 @@ def make_extension():
     # -g0: Python's CFLAGS add -g, which doubles compile time and the size of _C for nothing.
     cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     cxx_flags += ["-Wno-maybe-uninitialized"]  # false positives inside torch's SmallVector
+    # -fno-trapping-math lets GCC turn the activations' selects into blends and vectorise them (we
+    # never read FP exception flags); -ffp-contract=off keeps a*b+c from becoming an FMA, so CPU
+    # results round exactly as ATen's do.
+    cxx_flags += ["-fno-trapping-math", "-ffp-contract=off"]
     cxx_flags += ["-fopenmp", "-DCNNKERNELS_WITH_OPENMP"]
     extra = {"cxx": cxx_flags}
     define_macros = []

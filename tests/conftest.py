@@ -18,7 +18,7 @@ from cnnkernels import backend  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
-def implementation_params():
+def implementation_params(include_reference: bool = True):
     """(backend, device) pairs to test: every implementation this machine can run, and the ones it
     cannot as explicit skips saying why (CUDA tests run wherever a GPU is present)."""
     no_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -27,9 +27,8 @@ def implementation_params():
     no_interp = pytest.mark.skipif(not backend.triton_interpreted(),
                                    reason="TRITON_INTERPRET is off (a GPU is present)")
     no_triton = pytest.mark.skipif(not backend.triton_installed(), reason="triton not installed")
-    return [
-        pytest.param(("cpu", "cpu"), id="cpu"),
-        pytest.param(("torch", "cpu"), id="torch-cpu"),
+    reference = [pytest.param(("torch", "cpu"), id="torch-cpu")] if include_reference else []
+    return [pytest.param(("cpu", "cpu"), id="cpu")] + reference + [
         pytest.param(("triton", "cpu"), id="triton-interp",
                      marks=[pytest.mark.triton, no_triton, no_interp]),
         pytest.param(("cuda", "cuda"), id="cuda", marks=[pytest.mark.cuda, no_gpu, no_cuda_ext]),
@@ -41,6 +40,14 @@ def implementation_params():
 @pytest.fixture(params=implementation_params())
 def impl(request):
     """Runs the test with one backend active; yields (backend name, device string)."""
+    name, device = request.param
+    with cnnkernels.use_backend(name):
+        yield name, device
+
+
+@pytest.fixture(params=implementation_params(include_reference=False))
+def kernel_impl(request):
+    """Like `impl`, for our own kernels only (the pure-torch reference is left out)."""
     name, device = request.param
     with cnnkernels.use_backend(name):
         yield name, device

@@ -164,11 +164,9 @@ def compiled_op_variants(device):
 
 
 @pytest.mark.parametrize("case", range(12))
-def test_opcheck(impl, case):
+def test_opcheck(kernel_impl, case):
     """Schema, fake kernel, autograd registration and torch.compile (AOT) agree with the kernel."""
-    backend_name, device = impl
-    if backend_name == "torch":
-        pytest.skip("the torch backend calls aten ops, which are not ours to opcheck")
+    backend_name, device = kernel_impl
     suffix = "_triton" if backend_name == "triton" else ""
     if suffix:
         cnnkernels.ops.hardswish._impl("triton")  # imports and registers the Triton ops

@@ -95,7 +95,7 @@ def _register_autograd(forward_op: str, backward_op: str,
                        second_derivative: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """forward: save x, grad = backward(g, x). backward: differentiable too (double backward),
     d/dg = backward(gg, x) and d/dx = gg * g * act''(x)."""
-    backward_fn = getattr(torch.ops.cnnkernels, backward_op)
+    backward_fn = getattr(torch.ops.cnnkernels, backward_op).default  # skips overload resolution
 
     def setup_forward(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
@@ -147,7 +147,8 @@ def _register_python_kernels(name: str) -> None:
 
 def _compiled_impl(name: str) -> _Impl:
     ops = torch.ops.cnnkernels
-    return _Impl(getattr(ops, name), getattr(ops, f"{name}_"), getattr(ops, f"{name}_backward"))
+    return _Impl(getattr(ops, name).default, getattr(ops, f"{name}_").default,
+                 getattr(ops, f"{name}_backward").default)
 
 
 _triton_loaded = False
@@ -170,8 +171,8 @@ def _triton_impl(name: str) -> _Impl:
     triton (TRITON_INTERPRET must be set before that import to take effect)."""
     _load_triton_ops()
     ops = torch.ops.cnnkernels
-    return _Impl(getattr(ops, f"{name}_triton"), getattr(ops, f"{name}_triton_"),
-                 getattr(ops, f"{name}_backward_triton"))
+    return _Impl(getattr(ops, f"{name}_triton").default, getattr(ops, f"{name}_triton_").default,
+                 getattr(ops, f"{name}_backward_triton").default)
 
 
 def _make(name: str) -> _Activation:

@@ -1,9 +1,9 @@
 // CPU kernels of h-swish / h-sigmoid (forward, backward, in place).
 //
 // TensorIterator walks any strides without copies and splits the work across threads; the inner
-// loop gets contiguous runs whenever the tensors are dense (NCHW or channels_last alike), and then
-// the plain loops below are vectorised by the compiler. Half and bfloat16 are computed in float
-// and rounded once, as ATen does, so the results equal torch.nn.functional's bit for bit.
+// loop gets contiguous runs whenever the tensors are dense (NCHW or channels_last alike), and those
+// go through cnnkernels/cpu/map.h (vectorised, AVX2 when the CPU has it). Half and bfloat16 are
+// computed in float and rounded once, as ATen does, so results equal torch.nn.functional's.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/TensorIterator.h>
@@ -11,6 +11,7 @@
 
 #include "../hardswish.h"
 #include "cnnkernels/activation.h"
+#include "cnnkernels/cpu/map.h"
 
 namespace cnnkernels {
 namespace {
@@ -26,18 +27,13 @@ inline bool is_contiguous_run(const int64_t* strides, int ntensors) {
 template <typename scalar_t, typename Act>
 void forward_run(const scalar_t* x, scalar_t* y, int64_t n, Act act) {
   using opmath_t = at::opmath_type<scalar_t>;
-  for (int64_t i = 0; i < n; ++i) {
-    y[i] = static_cast<scalar_t>(act.forward(static_cast<opmath_t>(x[i])));
-  }
+  cpu::map1(x, y, n, [act](opmath_t v) { return act.forward(v); });
 }
 
 template <typename scalar_t, typename Act>
 void backward_run(const scalar_t* g, const scalar_t* x, scalar_t* out, int64_t n, Act act) {
   using opmath_t = at::opmath_type<scalar_t>;
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<scalar_t>(
-        act.backward(static_cast<opmath_t>(g[i]), static_cast<opmath_t>(x[i])));
-  }
+  cpu::map2(g, x, out, n, [act](opmath_t gv, opmath_t xv) { return act.backward(gv, xv); });
 }
 
 template <typename scalar_t, typename Act>

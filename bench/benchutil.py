@@ -1,0 +1,41 @@
+"""Shared settings of the bench/ suites: the device and which sides to time.
+
+    pytest bench --benchmark-json out.json      # full run
+    pytest bench --benchmark-disable            # smoke: every case once, no timing (CI)
+    CNNKERNELS_BENCH_QUICK=1                    # fewer, smaller shapes
+    CNNKERNELS_BENCH_COMPILE=1                  # also time torch.compile (default on CUDA)
+"""
+import os
+
+import torch
+
+import cnnkernels
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+QUICK = os.environ.get("CNNKERNELS_BENCH_QUICK") == "1"
+WITH_COMPILE = os.environ.get("CNNKERNELS_BENCH_COMPILE", "1" if DEVICE.type == "cuda" else "0") == "1"
+
+
+def our_backends() -> list[str]:
+    """Our implementations that can run on DEVICE (the Triton interpreter is not timed)."""
+    info = cnnkernels.info()
+    if DEVICE.type == "cpu":
+        return ["cpu"] if info["cpu_ext"] else []
+    return [b for b, ok in (("cuda", info["cuda_ext"]), ("triton", info["triton"])) if ok]
+
+
+def implementations() -> list[str]:
+    """'torch' (eager), optionally 'torch.compile', and 'cnnkernels[<backend>]' for each backend."""
+    sides = ["torch"] + (["torch.compile"] if WITH_COMPILE else [])
+    return sides + [f"cnnkernels[{b}]" for b in our_backends()]
+
+
+def run_synchronized(fn):
+    """Wrap fn so that each timed call includes the GPU work it launched."""
+    if DEVICE.type != "cuda":
+        return fn
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+    return synced

@@ -1,0 +1,136 @@
+"""The `cnnkernels` command line (also `python -m cnnkernels`).
+
+    cnnkernels info                      what was built, the device, the active backend
+    cnnkernels bench kernels [--quick]   our kernels vs PyTorch on shapes from real models
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from . import cases as bench_cases
+from . import info as package_info
+from . import ops, profile, use_backend
+
+_TORCH_FNS = {"hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}
+_OUR_FNS = {"hardswish": ops.hardswish, "hardsigmoid": ops.hardsigmoid}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("cnnkernels: --device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _our_backends(device: torch.device) -> list[str]:
+    info = package_info()
+    if device.type == "cpu":
+        return ["cpu"] if info["cpu_ext"] else ["torch"]
+    return [b for b, ok in (("cuda", info["cuda_ext"]), ("triton", info["triton"])) if ok]
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {path}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = package_info()
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    _write_json(args.json, info)
+    return 0
+
+
+def _bench_case(case, device, dtype, backends, direction, reps, with_compile):
+    torch.manual_seed(0)
+    x = (torch.randn(case.shape, device=device, dtype=dtype) * 4).requires_grad_(
+        direction == "fwd+bwd")
+    grad = torch.randn_like(x)
+
+    def timed(fn, backend="auto"):
+        def run():
+            with use_backend(backend):
+                y = fn(x)
+                if direction == "fwd+bwd":
+                    torch.autograd.grad(y, x, grad)
+        return run
+
+    fns = {"torch": timed(_TORCH_FNS[case.op])}
+    if with_compile:
+        fns["torch.compile"] = timed(torch.compile(_TORCH_FNS[case.op]))
+    for backend in backends:
+        fns[f"cnnkernels[{backend}]"] = timed(_OUR_FNS[case.op], backend)
+    return profile.compare_times(fns, device, reps=reps)
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    device, dtype = _device(args.device), _DTYPES[args.dtype]
+    backends = _our_backends(device)
+    selected = tuple(args.ops.split(",")) if args.ops else bench_cases.known_ops()
+    todo = bench_cases.cases(selected, quick=args.quick)
+    reps = args.reps or (10 if args.quick else 30)
+    info = package_info()
+    print(f"cnnkernels {info['version']} | torch {info['torch']} | {info['device']} | "
+          f"{args.dtype} | median of {reps} round-robin repetitions")
+    rows = []
+    header = f"{'op':<12} {'shape':<16} {'pass':<8} {'torch ms':>9}"
+    sides = (["torch.compile"] if args.compile else []) + [f"cnnkernels[{b}]" for b in backends]
+    header += "".join(f" {s + ' ms':>20} {'speed-up':>9}" for s in sides)
+    print(header)
+    for case in todo:
+        for direction in ("fwd", "fwd+bwd"):
+            medians = _bench_case(case, device, dtype, backends, direction, reps, args.compile)
+            line = f"{case.op:<12} {case.label:<16} {direction:<8} {medians['torch'] * 1e3:>9.3f}"
+            for side in sides:
+                line += f" {medians[side] * 1e3:>20.3f} {medians['torch'] / medians[side]:>8.2f}x"
+            print(line, flush=True)
+            rows.append({"op": case.op, "shape": case.shape, "source": case.source,
+                         "direction": direction, "dtype": args.dtype,
+                         "median_s": medians,
+                         "speedup_vs_torch": {s: medians["torch"] / medians[s] for s in sides}})
+    print("speed-up = torch eager median / ours (> 1 means faster than PyTorch)")
+    _write_json(args.json, {"info": info, "results": rows})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnkernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, what was built, device, backend")
+    info.add_argument("--json", metavar="PATH", help="also write the answer as JSON")
+    info.set_defaults(run=cmd_info)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="what", required=True)
+    kernels = bench_sub.add_parser("kernels", help="our kernels vs PyTorch, op by op")
+    kernels.add_argument("--ops", help=f"comma-separated subset of {','.join(bench_cases.known_ops())}")
+    kernels.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    kernels.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    kernels.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    kernels.add_argument("--reps", type=int, help="timed repetitions per side (median reported)")
+    kernels.add_argument("--compile", action="store_true", help="also time torch.compile")
+    kernels.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    kernels.set_defaults(run=cmd_bench_kernels)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+// Elementwise maps over contiguous runs for the CPU kernels: out[i] = f(in[i]) and
+// out[i] = f(a[i], b[i]), with f working in float (double for double).
+//
+// PyTorch compiles its CPU kernels once per instruction set and picks one at run time; an extension
+// is compiled once, for the baseline x86-64. So each map has a baseline copy and an AVX2+FMA+F16C
+// copy (GCC's target attribute: the same C++ code, vectorised 8 floats wide), chosen by a CPUID
+// check. Half and bfloat16 runs are converted to float in chunks that stay in L1, so the
+// arithmetic loop vectorises; the conversions round to nearest even exactly as c10's do, so the
+// results are bit-identical to ATen's.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/bit_cast.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define CNNKERNELS_X86 1
+#define CNNKERNELS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define CNNKERNELS_X86 0
+#define CNNKERNELS_TARGET_AVX2
+#endif
+
+#define CNNKERNELS_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace cnnkernels::cpu {
+
+inline bool has_avx2() {
+#if CNNKERNELS_X86
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+constexpr int64_t kChunk = 256;  // floats per conversion buffer: 1 KiB, well inside L1
+
+template <typename T>
+constexpr bool is_reduced_float = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+// --- conversions, bit-exact with c10 -----------------------------------------------------------
+
+CNNKERNELS_ALWAYS_INLINE float bf16_to_float(c10::BFloat16 v) {
+  return c10::bit_cast<float>(static_cast<uint32_t>(v.x) << 16);
+}
+
+CNNKERNELS_ALWAYS_INLINE c10::BFloat16 float_to_bf16(float f) {
+  const uint32_t u = c10::bit_cast<uint32_t>(f);
+  const uint16_t rounded = static_cast<uint16_t>((u + ((u >> 16) & 1) + UINT32_C(0x7FFF)) >> 16);
+  return c10::BFloat16(f != f ? UINT16_C(0x7FC0) : rounded, c10::BFloat16::from_bits());
+}
+
+#if CNNKERNELS_X86
+CNNKERNELS_TARGET_AVX2 inline void half_to_float_f16c(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+CNNKERNELS_TARGET_AVX2 inline void float_to_half_f16c(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+#endif
+
+template <bool kAvx2, typename T>
+CNNKERNELS_ALWAYS_INLINE void load_floats(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+  } else {
+#if CNNKERNELS_X86
+    if constexpr (kAvx2) {
+      half_to_float_f16c(src, dst, n);
+      return;
+    }
+#endif
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+template <bool kAvx2, typename T>
+CNNKERNELS_ALWAYS_INLINE void store_floats(const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+  } else {
+#if CNNKERNELS_X86
+    if constexpr (kAvx2) {
+      float_to_half_f16c(src, dst, n);
+      return;
+    }
+#endif
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+  }
+}
+
+// --- the maps ----------------------------------------------------------------------------------
+
+template <bool kAvx2, typename T, typename F>
+CNNKERNELS_ALWAYS_INLINE void map1_body(const T* x, T* out, int64_t n, const F& f) {
+  if constexpr (is_reduced_float<T>) {
+    float buf[kChunk];
+    for (int64_t start = 0; start < n; start += kChunk) {
+      const int64_t m = n - start < kChunk ? n - start : kChunk;
+      load_floats<kAvx2>(x + start, buf, m);
+      for (int64_t i = 0; i < m; ++i) buf[i] = f(buf[i]);
+      store_floats<kAvx2>(buf, out + start, m);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = f(x[i]);
+  }
+}
+
+template <bool kAvx2, typename T, typename F>
+CNNKERNELS_ALWAYS_INLINE void map2_body(const T* a, const T* b, T* out, int64_t n, const F& f) {
+  if constexpr (is_reduced_float<T>) {
+    float buf_a[kChunk];
+    float buf_b[kChunk];
+    for (int64_t start = 0; start < n; start += kChunk) {
+      const int64_t m = n - start < kChunk ? n - start : kChunk;
+      load_floats<kAvx2>(a + start, buf_a, m);
+      load_floats<kAvx2>(b + start, buf_b, m);
+      for (int64_t i = 0; i < m; ++i) buf_a[i] = f(buf_a[i], buf_b[i]);
+      store_floats<kAvx2>(buf_a, out + start, m);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = f(a[i], b[i]);
+  }
+}
+
+template <typename T, typename F>
+CNNKERNELS_TARGET_AVX2 void map1_avx2(const T* x, T* out, int64_t n, F f) {
+  map1_body<true>(x, out, n, f);
+}
+template <typename T, typename F>
+void map1_baseline(const T* x, T* out, int64_t n, F f) {
+  map1_body<false>(x, out, n, f);
+}
+template <typename T, typename F>
+CNNKERNELS_TARGET_AVX2 void map2_avx2(const T* a, const T* b, T* out, int64_t n, F f) {
+  map2_body<true>(a, b, out, n, f);
+}
+template <typename T, typename F>
+void map2_baseline(const T* a, const T* b, T* out, int64_t n, F f) {
+  map2_body<false>(a, b, out, n, f);
+}
+
+// out[i] = f(x[i]); `out` may equal `x`. f takes and returns float (double for double).
+template <typename T, typename F>
+void map1(const T* x, T* out, int64_t n, F f) {
+  if (has_avx2()) {
+    map1_avx2(x, out, n, f);
+  } else {
+    map1_baseline(x, out, n, f);
+  }
+}
+
+// out[i] = f(a[i], b[i]).
+template <typename T, typename F>
+void map2(const T* a, const T* b, T* out, int64_t n, F f) {
+  if (has_avx2()) {
+    map2_avx2(a, b, out, n, f);
+  } else {
+    map2_baseline(a, b, out, n, f);
+  }
+}
+
+}  // namespace cnnkernels::cpu
