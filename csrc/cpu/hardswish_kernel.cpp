@@ -9,6 +9,8 @@
 #include <ATen/TensorIterator.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "../hardswish.h"
 #include "cnnkernels/activation.h"
 #include "cnnkernels/cpu/map.h"
@@ -74,30 +76,30 @@ void backward_loop(at::TensorIteratorBase& iter, Act act) {
 
 // Writes act(x) into `out` (which may be x itself).
 template <typename Act>
-void apply_forward(const at::Tensor& out, const at::Tensor& x, Act act, const char* op) {
+void apply_forward(const at::Tensor& out, const at::Tensor& x) {
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(x).build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cnnkernels_activation",
-                                  [&] { forward_loop<scalar_t>(iter, act); });
+                                  [&] { forward_loop<scalar_t>(iter, Act{}); });
 }
 
+// The kernels below are registered directly for each functor; Act::name names the op in errors.
 template <typename Act>
-at::Tensor forward_cpu(const at::Tensor& x, Act act, const char* op) {
-  check_activation_input(x, op);
+at::Tensor forward_cpu(const at::Tensor& x) {
+  check_activation_input(x, Act::name);
   at::Tensor y = at::empty_like(x);
-  apply_forward(y, x, act, op);
+  apply_forward<Act>(y, x);
   return y;
 }
 
 template <typename Act>
-void forward_inplace_cpu(const at::Tensor& x, Act act, const char* op) {
-  check_activation_inplace(x, op);
-  apply_forward(x, x, act, op);
+void forward_inplace_cpu(const at::Tensor& x) {
+  check_activation_inplace(x, (std::string(Act::name) + "_").c_str());
+  apply_forward<Act>(x, x);
 }
 
 template <typename Act>
-at::Tensor backward_cpu(const at::Tensor& grad_output, const at::Tensor& x, Act act,
-                        const char* op) {
-  check_activation_backward(grad_output, x, op);
+at::Tensor backward_cpu(const at::Tensor& grad_output, const at::Tensor& x) {
+  check_activation_backward(grad_output, x, (std::string(Act::name) + "_backward").c_str());
   at::Tensor grad_input = at::empty_like(x);
   auto iter = at::TensorIteratorConfig()
                   .add_output(grad_input)
@@ -105,35 +107,19 @@ at::Tensor backward_cpu(const at::Tensor& grad_output, const at::Tensor& x, Act 
                   .add_const_input(x)
                   .build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cnnkernels_activation",
-                                  [&] { backward_loop<scalar_t>(iter, act); });
+                                  [&] { backward_loop<scalar_t>(iter, Act{}); });
   return grad_input;
-}
-
-at::Tensor hardswish_cpu(const at::Tensor& x) { return forward_cpu(x, HardSwish{}, "hardswish"); }
-void hardswish_inplace_cpu(const at::Tensor& x) {
-  forward_inplace_cpu(x, HardSwish{}, "hardswish_");
-}
-at::Tensor hardswish_backward_cpu(const at::Tensor& g, const at::Tensor& x) {
-  return backward_cpu(g, x, HardSwish{}, "hardswish_backward");
-}
-at::Tensor hardsigmoid_cpu(const at::Tensor& x) {
-  return forward_cpu(x, HardSigmoid{}, "hardsigmoid");
-}
-void hardsigmoid_inplace_cpu(const at::Tensor& x) {
-  forward_inplace_cpu(x, HardSigmoid{}, "hardsigmoid_");
-}
-at::Tensor hardsigmoid_backward_cpu(const at::Tensor& g, const at::Tensor& x) {
-  return backward_cpu(g, x, HardSigmoid{}, "hardsigmoid_backward");
 }
 
 }  // namespace
 }  // namespace cnnkernels
 
 TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
-  m.impl("hardswish", &cnnkernels::hardswish_cpu);
-  m.impl("hardswish_", &cnnkernels::hardswish_inplace_cpu);
-  m.impl("hardswish_backward", &cnnkernels::hardswish_backward_cpu);
-  m.impl("hardsigmoid", &cnnkernels::hardsigmoid_cpu);
-  m.impl("hardsigmoid_", &cnnkernels::hardsigmoid_inplace_cpu);
-  m.impl("hardsigmoid_backward", &cnnkernels::hardsigmoid_backward_cpu);
+  using namespace cnnkernels;
+  m.impl("hardswish", &forward_cpu<HardSwish>);
+  m.impl("hardswish_", &forward_inplace_cpu<HardSwish>);
+  m.impl("hardswish_backward", &backward_cpu<HardSwish>);
+  m.impl("hardsigmoid", &forward_cpu<HardSigmoid>);
+  m.impl("hardsigmoid_", &forward_inplace_cpu<HardSigmoid>);
+  m.impl("hardsigmoid_backward", &backward_cpu<HardSigmoid>);
 }

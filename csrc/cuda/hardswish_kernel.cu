@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 #include "../hardswish.h"
 #include "cnnkernels/activation.h"
@@ -93,7 +94,8 @@ at::Tensor same_strides_as(const at::Tensor& t, const at::Tensor& like) {
 }
 
 template <typename Act>
-void launch_forward(const at::Tensor& x, const at::Tensor& y, Act act, const char* op) {
+void launch_forward(const at::Tensor& x, const at::Tensor& y) {
+  const Act act{};
   const int64_t n = x.numel();
   if (n == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -110,33 +112,34 @@ void launch_forward(const at::Tensor& x, const at::Tensor& y, Act act, const cha
   });
 }
 
+// The kernels below are registered directly for each functor; Act::name names the op in errors.
 template <typename Act>
-at::Tensor forward_cuda(const at::Tensor& x, Act act, const char* op) {
-  check_activation_input(x, op);
+at::Tensor forward_cuda(const at::Tensor& x) {
+  check_activation_input(x, Act::name);
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xd = make_dense(x);
   at::Tensor y = at::empty_like(xd);
-  launch_forward(xd, y, act, op);
+  launch_forward<Act>(xd, y);
   return y;
 }
 
 template <typename Act>
-void forward_inplace_cuda(const at::Tensor& x, Act act, const char* op) {
-  check_activation_inplace(x, op);
+void forward_inplace_cuda(const at::Tensor& x) {
+  check_activation_inplace(x, (std::string(Act::name) + "_").c_str());
   c10::cuda::CUDAGuard guard(x.device());
   if (x.is_non_overlapping_and_dense()) {
-    launch_forward(x, x, act, op);
+    launch_forward<Act>(x, x);
     return;
   }
   const at::Tensor tmp = make_dense(x);
-  launch_forward(tmp, tmp, act, op);
+  launch_forward<Act>(tmp, tmp);
   x.copy_(tmp);
 }
 
 template <typename Act>
-at::Tensor backward_cuda(const at::Tensor& grad_output, const at::Tensor& x, Act act,
-                         const char* op) {
-  check_activation_backward(grad_output, x, op);
+at::Tensor backward_cuda(const at::Tensor& grad_output, const at::Tensor& x) {
+  const Act act{};
+  check_activation_backward(grad_output, x, (std::string(Act::name) + "_backward").c_str());
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xd = make_dense(x);
   const at::Tensor gd = same_strides_as(grad_output, xd);
@@ -160,31 +163,15 @@ at::Tensor backward_cuda(const at::Tensor& grad_output, const at::Tensor& x, Act
   return grad_input;
 }
 
-at::Tensor hardswish_cuda(const at::Tensor& x) { return forward_cuda(x, HardSwish{}, "hardswish"); }
-void hardswish_inplace_cuda(const at::Tensor& x) {
-  forward_inplace_cuda(x, HardSwish{}, "hardswish_");
-}
-at::Tensor hardswish_backward_cuda(const at::Tensor& g, const at::Tensor& x) {
-  return backward_cuda(g, x, HardSwish{}, "hardswish_backward");
-}
-at::Tensor hardsigmoid_cuda(const at::Tensor& x) {
-  return forward_cuda(x, HardSigmoid{}, "hardsigmoid");
-}
-void hardsigmoid_inplace_cuda(const at::Tensor& x) {
-  forward_inplace_cuda(x, HardSigmoid{}, "hardsigmoid_");
-}
-at::Tensor hardsigmoid_backward_cuda(const at::Tensor& g, const at::Tensor& x) {
-  return backward_cuda(g, x, HardSigmoid{}, "hardsigmoid_backward");
-}
-
 }  // namespace
 }  // namespace cnnkernels
 
 TORCH_LIBRARY_IMPL(cnnkernels, CUDA, m) {
-  m.impl("hardswish", &cnnkernels::hardswish_cuda);
-  m.impl("hardswish_", &cnnkernels::hardswish_inplace_cuda);
-  m.impl("hardswish_backward", &cnnkernels::hardswish_backward_cuda);
-  m.impl("hardsigmoid", &cnnkernels::hardsigmoid_cuda);
-  m.impl("hardsigmoid_", &cnnkernels::hardsigmoid_inplace_cuda);
-  m.impl("hardsigmoid_backward", &cnnkernels::hardsigmoid_backward_cuda);
+  using namespace cnnkernels;
+  m.impl("hardswish", &forward_cuda<HardSwish>);
+  m.impl("hardswish_", &forward_inplace_cuda<HardSwish>);
+  m.impl("hardswish_backward", &backward_cuda<HardSwish>);
+  m.impl("hardsigmoid", &forward_cuda<HardSigmoid>);
+  m.impl("hardsigmoid_", &forward_inplace_cuda<HardSigmoid>);
+  m.impl("hardsigmoid_backward", &backward_cuda<HardSigmoid>);
 }

@@ -39,16 +39,19 @@ C10_HOST_DEVICE inline T divide_by_six(T x) {
 }
 
 struct Identity {
+  static constexpr const char* name = "identity";
   template <typename T> C10_HOST_DEVICE T forward(T x) const { return x; }
   template <typename T> C10_HOST_DEVICE T backward(T g, T /*x*/) const { return g; }
 };
 
 struct ReLU {
+  static constexpr const char* name = "relu";
   template <typename T> C10_HOST_DEVICE T forward(T x) const { return x <= T(0) ? T(0) : x; }
   template <typename T> C10_HOST_DEVICE T backward(T g, T x) const { return x <= T(0) ? T(0) : g; }
 };
 
 struct ReLU6 {
+  static constexpr const char* name = "relu6";
   template <typename T> C10_HOST_DEVICE T forward(T x) const {
     return min_like_std(max_like_std(x, T(0)), T(6));
   }
@@ -58,6 +61,7 @@ struct ReLU6 {
 };
 
 struct LeakyReLU {
+  static constexpr const char* name = "leaky_relu";
   float negative_slope = 0.01f;
   template <typename T> C10_HOST_DEVICE T forward(T x) const {
     return x > T(0) ? x : x * T(negative_slope);
@@ -68,6 +72,7 @@ struct LeakyReLU {
 };
 
 struct HardSwish {
+  static constexpr const char* name = "hardswish";
   template <typename T> C10_HOST_DEVICE T forward(T x) const {
     return divide_by_six(x * min_like_std(max_like_std(x + T(3), T(0)), T(6)));
   }
@@ -79,6 +84,7 @@ struct HardSwish {
 };
 
 struct HardSigmoid {
+  static constexpr const char* name = "hardsigmoid";
   template <typename T> C10_HOST_DEVICE T forward(T x) const {
     return divide_by_six(min_like_std(max_like_std(x + T(3), T(0)), T(6)));
   }
