@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import cnnkernels
-from cnnkernels import cases, ops
+from cnnkernels import cases, ops, profile
 
-from benchutil import DEVICE, QUICK, implementations, run_synchronized
+from benchutil import CPU_HEAP_KEPT, DEVICE, QUICK, ROUNDS, implementations, run_synchronized
 
 DTYPE = torch.float32
 TORCH_FNS = {"hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}
@@ -43,8 +43,18 @@ def test_activation(benchmark, case, impl, direction):
 
     benchmark.group = f"{case.op} {case.label} {str(DTYPE)[6:]} {direction} [{DEVICE.type}]"
     benchmark.extra_info.update(op=case.op, shape=case.shape, impl=impl, direction=direction,
+                                cpu_heap_kept=CPU_HEAP_KEPT,
                                 device=cnnkernels.info()["device"], source=case.source)
     with cnnkernels.use_backend(backend_of(impl)):
         target = run_synchronized(forward if direction == "fwd" else forward_backward)
         target()  # warm-up (and compilation for torch.compile) outside the timed rounds
-        benchmark.pedantic(target, rounds=10 if QUICK else 30, warmup_rounds=2)
+        benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=2)
+        if impl != "torch" and benchmark.enabled:
+            # Rounds of different benchmarks run minutes apart; a ratio from medians measured
+            # round-robin with PyTorch on the same tensors is robust to the machine's drift.
+            reference = TORCH_FNS[case.op]
+            torch_side = (lambda: reference(x)) if direction == "fwd" else (
+                lambda: torch.autograd.grad(reference(x), x, grad))
+            medians = profile.compare_times({"torch": torch_side, "ours": target}, DEVICE,
+                                            reps=ROUNDS)
+            benchmark.extra_info["speedup_vs_torch_interleaved"] = medians["torch"] / medians["ours"]

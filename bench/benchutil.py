@@ -4,15 +4,20 @@
     pytest bench --benchmark-disable            # smoke: every case once, no timing (CI)
     CNNKERNELS_BENCH_QUICK=1                    # fewer, smaller shapes
     CNNKERNELS_BENCH_COMPILE=1                  # also time torch.compile (default on CUDA)
+    CNNKERNELS_BENCH_ROUNDS=100                 # timed rounds per benchmark (default 30, quick 10)
 """
 import os
 
 import torch
 
 import cnnkernels
+from cnnkernels import profile
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = os.environ.get("CNNKERNELS_BENCH_QUICK") == "1"
+ROUNDS = int(os.environ.get("CNNKERNELS_BENCH_ROUNDS", "10" if QUICK else "30"))
+# Timings measure kernels, not page faults of freshly mmap'ed outputs (see profile.py).
+CPU_HEAP_KEPT = DEVICE.type == "cpu" and profile.keep_cpu_memory_mapped()
 WITH_COMPILE = os.environ.get("CNNKERNELS_BENCH_COMPILE", "1" if DEVICE.type == "cuda" else "0") == "1"
 
 

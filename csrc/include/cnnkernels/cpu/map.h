@@ -20,14 +20,28 @@
 #include <immintrin.h>
 #define CNNKERNELS_X86 1
 #define CNNKERNELS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define CNNKERNELS_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"), \
+                 optimize("prefer-vector-width=512")))
 #else
 #define CNNKERNELS_X86 0
 #define CNNKERNELS_TARGET_AVX2
+#define CNNKERNELS_TARGET_AVX512
 #endif
 
 #define CNNKERNELS_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace cnnkernels::cpu {
+
+inline bool has_avx512() {
+#if CNNKERNELS_X86
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return yes;
+#else
+  return false;
+#endif
+}
 
 inline bool has_avx2() {
 #if CNNKERNELS_X86
@@ -146,6 +160,14 @@ CNNKERNELS_TARGET_AVX2 void map1_avx2(const T* x, T* out, int64_t n, F f) {
   map1_body<true>(x, out, n, f);
 }
 template <typename T, typename F>
+CNNKERNELS_TARGET_AVX512 void map1_avx512(const T* x, T* out, int64_t n, F f) {
+  map1_body<true>(x, out, n, f);
+}
+template <typename T, typename F>
+CNNKERNELS_TARGET_AVX512 void map2_avx512(const T* a, const T* b, T* out, int64_t n, F f) {
+  map2_body<true>(a, b, out, n, f);
+}
+template <typename T, typename F>
 void map1_baseline(const T* x, T* out, int64_t n, F f) {
   map1_body<false>(x, out, n, f);
 }
@@ -161,7 +183,9 @@ void map2_baseline(const T* a, const T* b, T* out, int64_t n, F f) {
 // out[i] = f(x[i]); `out` may equal `x`. f takes and returns float (double for double).
 template <typename T, typename F>
 void map1(const T* x, T* out, int64_t n, F f) {
-  if (has_avx2()) {
+  if (has_avx512()) {
+    map1_avx512(x, out, n, f);
+  } else if (has_avx2()) {
     map1_avx2(x, out, n, f);
   } else {
     map1_baseline(x, out, n, f);
@@ -171,7 +195,9 @@ void map1(const T* x, T* out, int64_t n, F f) {
 // out[i] = f(a[i], b[i]).
 template <typename T, typename F>
 void map2(const T* a, const T* b, T* out, int64_t n, F f) {
-  if (has_avx2()) {
+  if (has_avx512()) {
+    map2_avx512(a, b, out, n, f);
+  } else if (has_avx2()) {
     map2_avx2(a, b, out, n, f);
   } else {
     map2_baseline(a, b, out, n, f);
