@@ -44,3 +44,43 @@ def run_synchronized(fn):
         fn()
         torch.cuda.synchronize()
     return synced
+
+
+def backend_of(impl: str) -> str:
+    return impl[len("cnnkernels["):-1] if impl.startswith("cnnkernels[") else "auto"
+
+
+def run_case(benchmark, case, impl: str, direction: str, dtype=torch.float32) -> None:
+    """Time one case (cnnkernels.cases) on one side, forward or forward+backward, and record next
+    to it the speed-up over PyTorch eager measured round-robin on the same tensors."""
+    from cnnkernels import cases
+
+    prepared = cases.prepare(case, DEVICE, dtype, requires_grad=direction != "fwd")
+    if impl == "torch":
+        side = prepared.torch_fn
+    elif impl == "torch.compile":
+        side = torch.compile(prepared.torch_fn)
+    else:
+        side = prepared.ours_fn
+    grad = torch.randn_like(prepared.torch_fn()) if direction != "fwd" else None
+
+    def make(fn):
+        if direction == "fwd":
+            return run_synchronized(fn)
+        return run_synchronized(lambda: torch.autograd.grad(fn(), prepared.leaves, grad))
+
+    benchmark.group = f"{case.op} {case.label} {str(dtype)[6:]} {direction} [{DEVICE.type}]"
+    benchmark.extra_info.update(op=case.op, shape=case.shape, kernel=case.kernel,
+                                stride=case.stride, impl=impl, direction=direction,
+                                device=cnnkernels.info()["device"], source=case.source,
+                                cpu_heap_kept=CPU_HEAP_KEPT)
+    with cnnkernels.use_backend(backend_of(impl)):
+        target = make(side)
+        target()  # warm-up (and compilation for torch.compile) outside the timed rounds
+        benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=2)
+        if impl != "torch" and benchmark.enabled:
+            # Rounds of different benchmarks run minutes apart; a ratio of medians measured
+            # round-robin with PyTorch on the same tensors is robust to the machine's drift.
+            medians = profile.compare_times({"torch": make(prepared.torch_fn), "ours": target},
+                                            DEVICE, reps=ROUNDS)
+            benchmark.extra_info["speedup_vs_torch_interleaved"] = medians["torch"] / medians["ours"]

@@ -130,14 +130,23 @@ def _fallback(device: torch.device) -> str:
     return "torch"
 
 
-def select(device: torch.device) -> str:
-    """The implementation that runs an op on tensors on `device`: cpu | cuda | triton | torch."""
+ALL_KERNELS = frozenset({"cpu", "cuda", "triton"})
+
+
+def select(device: torch.device, kernels: frozenset = ALL_KERNELS, op: str = "this op") -> str:
+    """The implementation that runs an op on tensors on `device`: cpu | cuda | triton | torch.
+
+    `kernels` names the implementations the op has (an op may not have all three yet)."""
     name = _state.backend
+    if name not in ("auto", "torch") and name not in kernels:
+        raise BackendUnavailableError(
+            f"cnnkernels backend {name!r} has no kernel for {op} yet; it has "
+            f"{', '.join(sorted(kernels))}")
     if name == "auto":
         if device.type == "cpu":
             return "cpu" if _extension.cpu_ext else _fallback(device)
         if device.type == "cuda":
-            if _extension.cuda_ext:
+            if _extension.cuda_ext and "cuda" in kernels:
                 return "cuda"
             return "triton" if triton_installed() else _fallback(device)
         if device.type == "meta":

@@ -1,19 +1,29 @@
 """Benchmark cases: shapes taken from real models' layers, shared by bench/ and the command line
-(so the pytest-benchmark suites and `cnnkernels bench` measure the same things)."""
+(so the pytest-benchmark suites and `cnnkernels bench` measure the same things), and the functions
+that run each case on PyTorch and on cnnkernels."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     op: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # the input [N, C, H, W]
     source: str  # the layer the shape comes from
+    kernel: int = 0  # convolutions: kernel size
+    stride: int = 1
 
     @property
     def label(self) -> str:
-        return "x".join(map(str, self.shape))
+        text = "x".join(map(str, self.shape))
+        if self.kernel:
+            text += f" k{self.kernel}s{self.stride}"
+        return text
 
 
 # h-swish / h-sigmoid: where MobileNetV3-Large applies them (batch 32, 224x224 input), and the
@@ -27,18 +37,83 @@ _ACTIVATION_SHAPES = [
 ]
 _QUICK_ACTIVATION_SHAPES = [((32, 96, 56, 56), "reference size"),
                             ((8, 480, 14, 14), "MobileNetV3-L block 8 expand, batch 8")]
-# h-sigmoid gates squeeze-and-excitation: [N, C, 1, 1] in the model; measured on feature-map sizes
-# too, since it is also used as an elementwise activation.
-_OPS = ("hardswish", "hardsigmoid")
 
+# depthwise convolutions: (channels, spatial size, kernel, stride, source)
+_DEPTHWISE_LAYERS = [
+    (32, 112, 3, 1, "MobileNetV2 block 1"),
+    (96, 112, 3, 2, "MobileNetV2 block 2 (stride 2)"),
+    (144, 56, 3, 1, "MobileNetV2 block 3"),
+    (144, 56, 3, 2, "MobileNetV2 block 4 (stride 2)"),
+    (192, 28, 3, 1, "MobileNetV2 block 5"),
+    (384, 14, 3, 1, "MobileNetV2 block 8"),
+    (576, 14, 3, 1, "MobileNetV2 block 12"),
+    (576, 14, 3, 2, "MobileNetV2 block 14 (stride 2)"),
+    (960, 7, 3, 1, "MobileNetV2 block 15"),
+    (72, 28, 5, 1, "MobileNetV3-L block 4"),
+    (120, 28, 5, 1, "MobileNetV3-L block 5"),
+    (672, 14, 5, 1, "MobileNetV3-L block 12"),
+    (960, 7, 5, 1, "MobileNetV3-L block 14"),
+    (96, 56, 7, 1, "ConvNeXt-T stage 1"),
+    (192, 28, 7, 1, "ConvNeXt-T stage 2"),
+    (384, 14, 7, 1, "ConvNeXt-T stage 3"),
+    (768, 7, 7, 1, "ConvNeXt-T stage 4"),
+]
+_QUICK_DEPTHWISE = [(144, 56, 3, 1, "MobileNetV2 block 3"), (672, 14, 5, 1, "MobileNetV3-L block 12"),
+                    (96, 56, 7, 1, "ConvNeXt-T stage 1")]
 
-def cases(ops: tuple[str, ...] = _OPS, quick: bool = False) -> list[Case]:
-    shapes = _QUICK_ACTIVATION_SHAPES if quick else _ACTIVATION_SHAPES
-    unknown = set(ops) - set(_OPS)
-    if unknown:
-        raise ValueError(f"unknown op(s) {sorted(unknown)}; known: {', '.join(_OPS)}")
-    return [Case(op, shape, source) for op in ops for shape, source in shapes]
+_OPS = ("hardswish", "hardsigmoid", "depthwise_conv2d")
 
 
 def known_ops() -> tuple[str, ...]:
     return _OPS
+
+
+def cases(ops: tuple[str, ...] = _OPS, quick: bool = False, batch: int | None = None) -> list[Case]:
+    """The cases of `ops`; `batch` overrides the batch size (default 32, quick 8 for convs)."""
+    unknown = set(ops) - set(_OPS)
+    if unknown:
+        raise ValueError(f"unknown op(s) {', '.join(sorted(unknown))}; known: {', '.join(_OPS)}")
+    result = []
+    for op in ops:
+        if op == "depthwise_conv2d":
+            n = batch or (8 if quick else 32)
+            for c, size, k, s, source in (_QUICK_DEPTHWISE if quick else _DEPTHWISE_LAYERS):
+                result.append(Case(op, (n, c, size, size), source, kernel=k, stride=s))
+        else:
+            for shape, source in (_QUICK_ACTIVATION_SHAPES if quick else _ACTIVATION_SHAPES):
+                shape = (batch, *shape[1:]) if batch else shape
+                result.append(Case(op, shape, source))
+    return result
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One case made runnable: `leaves` get gradients; `torch_fn`/`ours_fn` compute the output."""
+    leaves: list[torch.Tensor]
+    torch_fn: Callable[[], torch.Tensor]
+    ours_fn: Callable[[], torch.Tensor]
+
+
+def prepare(case: Case, device, dtype: torch.dtype, requires_grad: bool,
+            channels_last: bool = False) -> Prepared:
+    from . import ops  # late: cases are importable without the ops
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(case.shape, generator=gen) * 4).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(requires_grad)
+    if case.op in ("hardswish", "hardsigmoid"):
+        reference = getattr(F, case.op)
+        ours = getattr(ops, case.op)
+        return Prepared([x], lambda: reference(x), lambda: ours(x))
+    if case.op == "depthwise_conv2d":
+        c, k, s = case.shape[1], case.kernel, case.stride
+        weight = (torch.randn(c, 1, k, k, generator=gen) / k).to(device=device, dtype=dtype)
+        bias = torch.randn(c, generator=gen).to(device=device, dtype=dtype)
+        weight.requires_grad_(requires_grad)
+        return Prepared(
+            [x, weight],
+            lambda: F.conv2d(x, weight, bias, s, k // 2, 1, c),
+            lambda: ops.depthwise_conv2d(x, weight, bias, s, k // 2))
+    raise ValueError(f"unknown op {case.op!r}")

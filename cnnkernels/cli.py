@@ -10,14 +10,12 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from . import cases as bench_cases
 from . import info as package_info
-from . import ops, profile, use_backend
+from . import profile, use_backend
+from .backend import BackendUnavailableError
 
-_TORCH_FNS = {"hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}
-_OUR_FNS = {"hardswish": ops.hardswish, "hardsigmoid": ops.hardsigmoid}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -25,7 +23,7 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("cnnkernels: --device cuda was asked for, but torch sees no CUDA device")
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -53,24 +51,24 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _bench_case(case, device, dtype, backends, direction, reps, with_compile):
-    torch.manual_seed(0)
-    x = (torch.randn(case.shape, device=device, dtype=dtype) * 4).requires_grad_(
-        direction == "fwd+bwd")
-    grad = torch.randn_like(x)
+    prepared = bench_cases.prepare(case, device, dtype, requires_grad=direction == "fwd+bwd")
+    grad = None
 
     def timed(fn, backend="auto"):
         def run():
+            nonlocal grad
             with use_backend(backend):
-                y = fn(x)
+                y = fn()
                 if direction == "fwd+bwd":
-                    torch.autograd.grad(y, x, grad)
+                    grad = torch.randn_like(y) if grad is None else grad
+                    torch.autograd.grad(y, prepared.leaves, grad)
         return run
 
-    fns = {"torch": timed(_TORCH_FNS[case.op])}
+    fns = {"torch": timed(prepared.torch_fn)}
     if with_compile:
-        fns["torch.compile"] = timed(torch.compile(_TORCH_FNS[case.op]))
+        fns["torch.compile"] = timed(torch.compile(prepared.torch_fn))
     for backend in backends:
-        fns[f"cnnkernels[{backend}]"] = timed(_OUR_FNS[case.op], backend)
+        fns[f"cnnkernels[{backend}]"] = timed(prepared.ours_fn, backend)
     return profile.compare_times(fns, device, reps=reps)
 
 
@@ -78,7 +76,9 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     device, dtype = _device(args.device), _DTYPES[args.dtype]
     backends = _our_backends(device)
     selected = tuple(args.ops.split(",")) if args.ops else bench_cases.known_ops()
-    todo = bench_cases.cases(selected, quick=args.quick)
+    # convolutions at batch 8 on a CPU, where batch 32 takes seconds per layer and side
+    todo = [case for op in selected for case in bench_cases.cases(
+        (op,), quick=args.quick, batch=8 if device.type == "cpu" and op.endswith("conv2d") else None)]
     reps = args.reps or (10 if args.quick else 30)
     info = package_info()
     steady = device.type == "cpu" and profile.keep_cpu_memory_mapped()
@@ -86,18 +86,19 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
           f"{args.dtype} | median of {reps} round-robin repetitions"
           + (" | CPU heap kept mapped (no page faults in timings)" if steady else ""))
     rows = []
-    header = f"{'op':<12} {'shape':<16} {'pass':<8} {'torch ms':>9}"
+    header = f"{'op':<17} {'shape':<22} {'pass':<8} {'torch ms':>9}"
     sides = (["torch.compile"] if args.compile else []) + [f"cnnkernels[{b}]" for b in backends]
     header += "".join(f" {s + ' ms':>20} {'speed-up':>9}" for s in sides)
     print(header)
     for case in todo:
         for direction in ("fwd", "fwd+bwd"):
             medians = _bench_case(case, device, dtype, backends, direction, reps, args.compile)
-            line = f"{case.op:<12} {case.label:<16} {direction:<8} {medians['torch'] * 1e3:>9.3f}"
+            line = f"{case.op:<17} {case.label:<22} {direction:<8} {medians['torch'] * 1e3:>9.3f}"
             for side in sides:
                 line += f" {medians[side] * 1e3:>20.3f} {medians['torch'] / medians[side]:>8.2f}x"
             print(line, flush=True)
             rows.append({"op": case.op, "shape": case.shape, "source": case.source,
+                         "kernel": case.kernel, "stride": case.stride,
                          "direction": direction, "dtype": args.dtype,
                          "median_s": medians,
                          "speedup_vs_torch": {s: medians["torch"] / medians[s] for s in sides}})
@@ -129,9 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(Exception):
+    """A mistake in the command line: reported as one line, exit code 2."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (UsageError, ValueError, BackendUnavailableError) as err:
+        print(f"cnnkernels: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Drop-in nn.Module layers whose parameters, buffers and state_dict keys match PyTorch's."""
 from .activation import HardSigmoid, HardSwish
+from .conv import DepthwiseConv2d
 
-__all__ = ["HardSwish", "HardSigmoid"]
+__all__ = ["HardSwish", "HardSigmoid", "DepthwiseConv2d"]

@@ -1,0 +1,89 @@
+"""Convolution layers: DepthwiseConv2d, a drop-in for nn.Conv2d(groups=in_channels)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from .. import ops
+
+
+class DepthwiseConv2d(nn.Module):
+    """Depthwise convolution with our kernels. Parameters `weight` [C*m, 1, kh, kw] and `bias`
+    [C*m] carry the same names, shapes and initialisation as nn.Conv2d(C, C*m, k, groups=C), so
+    state_dicts load both ways."""
+
+    __constants__ = ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                     "channel_multiplier"]
+
+    def __init__(self, in_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, channel_multiplier: int = 1, device=None, dtype=None) -> None:
+        super().__init__()
+        if in_channels <= 0 or channel_multiplier <= 0:
+            raise ValueError(f"DepthwiseConv2d: in_channels and channel_multiplier must be "
+                             f"positive, got {in_channels} and {channel_multiplier}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels = in_channels
+        self.channel_multiplier = channel_multiplier
+        self.out_channels = in_channels * channel_multiplier
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.dilation = _pair(dilation)
+        self.weight = nn.Parameter(torch.empty(self.out_channels, 1, *self.kernel_size, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Conv2d's initialisation (kaiming_uniform with a=sqrt(5), bias from fan-in)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.kernel_size[0] * self.kernel_size[1])
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.depthwise_conv2d(x, self.weight, self.bias, self.stride, self.padding,
+                                    self.dilation)
+
+    def extra_repr(self) -> str:
+        text = (f"{self.in_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.channel_multiplier != 1:
+            text += f", channel_multiplier={self.channel_multiplier}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
+        """Ours, sharing nothing with `conv` but holding copies of its parameters."""
+        if not isinstance(conv, nn.Conv2d) or conv.groups != conv.in_channels or \
+                conv.out_channels % conv.in_channels:
+            raise TypeError("DepthwiseConv2d.from_conv expects an nn.Conv2d with groups == "
+                            f"in_channels, got {conv!r}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"DepthwiseConv2d.from_conv: padding_mode={conv.padding_mode!r} is "
+                             "not supported (only 'zeros')")
+        module = cls(conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     bias=conv.bias is not None,
+                     channel_multiplier=conv.out_channels // conv.in_channels,
+                     device=conv.weight.device, dtype=conv.weight.dtype)
+        module.load_state_dict(conv.state_dict())
+        module.train(conv.training)
+        return module
+
+    def to_conv(self) -> nn.Conv2d:
+        """The equivalent nn.Conv2d, for export."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, groups=self.in_channels,
+                         bias=self.bias is not None, device=self.weight.device,
+                         dtype=self.weight.dtype)
+        conv.load_state_dict(self.state_dict())
+        return conv

@@ -1,0 +1,348 @@
+// CPU kernels of depthwise 2-D convolution: forward (with the optional inference epilogue
+// act(scale * (conv + bias) + shift)), grad_input and grad_weight.
+//
+// Layouts: NCHW works plane by plane (one input plane and its `multiplier` output planes per task),
+// vectorising along W; channels_last works row by row, vectorising along C. The backward kernels
+// work on NCHW (channels_last tensors are converted, and grad_input converted back). Arithmetic is in
+// float (double for double); half and bfloat16 planes are converted to float once per task.
+// Every task writes its own outputs, so results are deterministic.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../depthwise_conv2d.h"
+#include "cnnkernels/activation.h"
+
+namespace cnnkernels {
+namespace {
+
+// The output positions ow whose input column ow*stride + offset lies in [0, width).
+struct ValidRange {
+  int64_t lo, hi;
+};
+
+inline ValidRange valid_outputs(int64_t offset, int64_t stride, int64_t width, int64_t out) {
+  const int64_t lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  const int64_t last = width - 1 - offset;  // largest allowed ow*stride
+  const int64_t hi = last < 0 ? 0 : std::min(out, last / stride + 1);
+  return {lo, std::max(lo, hi)};
+}
+
+// acc[ow] += w * in[ow*stride + offset] over the valid range (contiguous when stride is 1, which
+// the compiler vectorises).
+template <typename T>
+inline void axpy_row(T* acc, const T* in, T w, int64_t offset, int64_t stride, int64_t width,
+                     int64_t out) {
+  const ValidRange r = valid_outputs(offset, stride, width, out);
+  if (stride == 1) {
+    const T* src = in + offset;
+    for (int64_t ow = r.lo; ow < r.hi; ++ow) acc[ow] += w * src[ow];
+  } else {
+    for (int64_t ow = r.lo; ow < r.hi; ++ow) acc[ow] += w * in[ow * stride + offset];
+  }
+}
+
+// The transpose of axpy_row: dst[ow*stride + offset] += w * src[ow].
+template <typename T>
+inline void scatter_row(T* dst, const T* src, T w, int64_t offset, int64_t stride, int64_t width,
+                        int64_t out) {
+  const ValidRange r = valid_outputs(offset, stride, width, out);
+  if (stride == 1) {
+    T* d = dst + offset;
+    for (int64_t ow = r.lo; ow < r.hi; ++ow) d[ow] += w * src[ow];
+  } else {
+    for (int64_t ow = r.lo; ow < r.hi; ++ow) dst[ow * stride + offset] += w * src[ow];
+  }
+}
+
+// sum over the valid range of a[ow] * b[ow*stride + offset].
+template <typename T>
+inline T dot_row(const T* a, const T* b, int64_t offset, int64_t stride, int64_t width,
+                 int64_t out) {
+  const ValidRange r = valid_outputs(offset, stride, width, out);
+  T sum = T(0);
+  if (stride == 1) {
+    const T* src = b + offset;
+    for (int64_t ow = r.lo; ow < r.hi; ++ow) sum += a[ow] * src[ow];
+  } else {
+    for (int64_t ow = r.lo; ow < r.hi; ++ow) sum += a[ow] * b[ow * stride + offset];
+  }
+  return sum;
+}
+
+template <typename opmath_t, typename scalar_t>
+std::vector<opmath_t> to_opmath(const scalar_t* data, int64_t n) {
+  std::vector<opmath_t> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<opmath_t>(data[i]);
+  return out;
+}
+
+template <typename opmath_t>
+std::vector<opmath_t> optional_to_opmath(const std::optional<at::Tensor>& t, int64_t n,
+                                         opmath_t fill) {
+  if (!t.has_value() || !t->defined()) return std::vector<opmath_t>(n, fill);
+  const at::Tensor c = t->to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
+  return to_opmath<opmath_t>(c.const_data_ptr<opmath_t>(), n);
+}
+
+// Per-output-channel epilogue: act(scale * (acc + bias) + shift).
+template <typename opmath_t>
+struct Epilogue {
+  std::vector<opmath_t> bias, scale, shift;
+  bool has_affine;
+};
+
+// A plane of `count` values as opmath_t: the data itself when no conversion is needed, else a
+// converted copy in `buffer`.
+template <typename opmath_t, typename scalar_t>
+const opmath_t* plane_as_opmath(const scalar_t* data, int64_t count, std::vector<opmath_t>& buffer) {
+  if constexpr (std::is_same_v<opmath_t, scalar_t>) {
+    return data;
+  } else {
+    buffer.resize(count);
+    for (int64_t i = 0; i < count; ++i) buffer[i] = static_cast<opmath_t>(data[i]);
+    return buffer.data();
+  }
+}
+
+template <typename scalar_t, typename Act>
+void forward_nchw(const at::Tensor& x, const at::Tensor& weight, const Epilogue<at::opmath_type<scalar_t>>& ep,
+                  const at::Tensor& out, const DepthwiseGeometry& g, Act act) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+  const std::vector<opmath_t> w = to_opmath<opmath_t>(weight.const_data_ptr<scalar_t>(),
+                                                      g.out_channels() * g.kh * g.kw);
+  const int64_t in_plane = g.h * g.w, out_plane = g.oh * g.ow;
+  at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> in_buffer, acc(g.ow);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / g.c, c = plane % g.c;
+      const opmath_t* in = plane_as_opmath(xp + plane * in_plane, in_plane, in_buffer);
+      for (int64_t k = 0; k < g.multiplier; ++k) {
+        const int64_t o = c * g.multiplier + k;
+        const opmath_t* wo = w.data() + o * g.kh * g.kw;
+        scalar_t* y = yp + (n * g.out_channels() + o) * out_plane;
+        for (int64_t oh = 0; oh < g.oh; ++oh) {
+          std::fill(acc.begin(), acc.end(), opmath_t(0));
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+            if (ih < 0 || ih >= g.h) continue;
+            for (int64_t j = 0; j < g.kw; ++j) {
+              axpy_row(acc.data(), in + ih * g.w, wo[i * g.kw + j], j * g.dw - g.pw, g.sw, g.w,
+                       g.ow);
+            }
+          }
+          scalar_t* yrow = y + oh * g.ow;
+          for (int64_t ow = 0; ow < g.ow; ++ow) {
+            opmath_t v = acc[ow] + ep.bias[o];
+            if (ep.has_affine) v = v * ep.scale[o] + ep.shift[o];
+            yrow[ow] = static_cast<scalar_t>(act.forward(v));
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename Act>
+void forward_channels_last(const at::Tensor& x, const at::Tensor& weight,
+                           const Epilogue<at::opmath_type<scalar_t>>& ep, const at::Tensor& out,
+                           const DepthwiseGeometry& g, Act act) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t cm = g.out_channels(), m = g.multiplier;
+  // weight as [kh][kw][C*m], so that the inner loop over channels reads it contiguously
+  const at::Tensor wt = weight.reshape({cm, g.kh * g.kw}).t().contiguous();
+  const std::vector<opmath_t> w = to_opmath<opmath_t>(wt.const_data_ptr<scalar_t>(),
+                                                      g.kh * g.kw * cm);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();  // [N][H][W][C]
+  scalar_t* yp = out.mutable_data_ptr<scalar_t>();    // [N][OH][OW][C*m]
+  at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> acc(cm), pixel(g.c);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.oh, oh = row % g.oh;
+      for (int64_t ow = 0; ow < g.ow; ++ow) {
+        std::fill(acc.begin(), acc.end(), opmath_t(0));
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+          if (ih < 0 || ih >= g.h) continue;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t iw = ow * g.sw - g.pw + j * g.dw;
+            if (iw < 0 || iw >= g.w) continue;
+            const scalar_t* src = xp + ((n * g.h + ih) * g.w + iw) * g.c;
+            const opmath_t* wij = w.data() + (i * g.kw + j) * cm;
+            if (m == 1) {
+              for (int64_t o = 0; o < cm; ++o) acc[o] += wij[o] * static_cast<opmath_t>(src[o]);
+            } else {
+              for (int64_t c = 0; c < g.c; ++c) pixel[c] = static_cast<opmath_t>(src[c]);
+              for (int64_t o = 0; o < cm; ++o) acc[o] += wij[o] * pixel[o / m];
+            }
+          }
+        }
+        scalar_t* dst = yp + ((n * g.oh + oh) * g.ow + ow) * cm;
+        for (int64_t o = 0; o < cm; ++o) {
+          opmath_t v = acc[o] + ep.bias[o];
+          if (ep.has_affine) v = v * ep.scale[o] + ep.shift[o];
+          dst[o] = static_cast<scalar_t>(act.forward(v));
+        }
+      }
+    }
+  });
+}
+
+// channels_last output only when x is channels_last (and not also plain contiguous, as happens
+// for C == 1 or 1x1 images); the fake kernel in cnnkernels/ops/depthwise_conv2d.py mirrors this.
+bool wants_channels_last(const at::Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                const std::optional<at::Tensor>& scale,
+                                const std::optional<at::Tensor>& shift, int64_t activation,
+                                double negative_slope) {
+  constexpr const char* op = "depthwise_conv2d";
+  const DepthwiseGeometry g =
+      check_depthwise_args(x, x.sizes(), weight.sizes(), stride, padding, dilation, op);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(), op,
+              ": 'weight' must have the dtype and device of 'x' (", x.scalar_type(), ", ",
+              x.device(), "), got ", weight.scalar_type(), ", ", weight.device());
+  check_channel_vector(bias, x, g.out_channels(), op, "bias");
+  check_channel_vector(scale, x, g.out_channels(), op, "scale");
+  check_channel_vector(shift, x, g.out_channels(), op, "shift");
+  TORCH_CHECK(scale.has_value() == shift.has_value(), op,
+              ": 'scale' and 'shift' must be given together");
+  const bool channels_last = wants_channels_last(x);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({g.n, g.out_channels(), g.oh, g.ow}, x.options().memory_format(format));
+  if (out.numel() == 0) return out;
+  const at::Tensor xc = x.contiguous(format), wc = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv2d", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    Epilogue<opmath_t> ep{optional_to_opmath<opmath_t>(bias, g.out_channels(), opmath_t(0)),
+                          optional_to_opmath<opmath_t>(scale, g.out_channels(), opmath_t(1)),
+                          optional_to_opmath<opmath_t>(shift, g.out_channels(), opmath_t(0)),
+                          scale.has_value()};
+    dispatch_activation(activation, negative_slope, [&](auto act) {
+      if (channels_last) {
+        forward_channels_last<scalar_t>(xc, wc, ep, out, g, act);
+      } else {
+        forward_nchw<scalar_t>(xc, wc, ep, out, g, act);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor depthwise_conv2d_backward_input_cpu(const at::Tensor& grad_output,
+                                               const at::Tensor& weight,
+                                               at::IntArrayRef input_size, at::IntArrayRef stride,
+                                               at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "depthwise_conv2d_backward_input";
+  const DepthwiseGeometry g =
+      check_depthwise_args(grad_output, input_size, weight.sizes(), stride, padding, dilation, op);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.n, g.out_channels(), g.oh, g.ow}), op,
+              ": 'grad_output' must have shape [", g.n, ", ", g.out_channels(), ", ", g.oh, ", ",
+              g.ow, "], got ", grad_output.sizes());
+  const auto format = wants_channels_last(grad_output) ? at::MemoryFormat::ChannelsLast
+                                                       : at::MemoryFormat::Contiguous;
+  at::Tensor grad_input = at::empty(input_size, grad_output.options());  // NCHW while computing
+  if (grad_input.numel() == 0) return grad_input.contiguous(format);
+  const at::Tensor go = grad_output.contiguous(), wc = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "depthwise_conv2d_backward_input", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = go.const_data_ptr<scalar_t>();
+    scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+    const std::vector<opmath_t> w = to_opmath<opmath_t>(wc.const_data_ptr<scalar_t>(),
+                                                        g.out_channels() * g.kh * g.kw);
+    const int64_t in_plane = g.h * g.w, out_plane = g.oh * g.ow;
+    at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
+      std::vector<opmath_t> acc(in_plane), go_buffer;
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / g.c, c = plane % g.c;
+        std::fill(acc.begin(), acc.end(), opmath_t(0));
+        for (int64_t k = 0; k < g.multiplier; ++k) {
+          const int64_t o = c * g.multiplier + k;
+          const opmath_t* gop = plane_as_opmath(
+              gp + (n * g.out_channels() + o) * out_plane, out_plane, go_buffer);
+          const opmath_t* wo = w.data() + o * g.kh * g.kw;
+          for (int64_t oh = 0; oh < g.oh; ++oh) {
+            for (int64_t i = 0; i < g.kh; ++i) {
+              const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+              if (ih < 0 || ih >= g.h) continue;
+              for (int64_t j = 0; j < g.kw; ++j) {
+                scatter_row(acc.data() + ih * g.w, gop + oh * g.ow, wo[i * g.kw + j],
+                            j * g.dw - g.pw, g.sw, g.w, g.ow);
+              }
+            }
+          }
+        }
+        scalar_t* dst = dx + plane * in_plane;
+        for (int64_t e = 0; e < in_plane; ++e) dst[e] = static_cast<scalar_t>(acc[e]);
+      }
+    });
+  });
+  return grad_input.contiguous(format);
+}
+
+at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& x,
+                                                at::IntArrayRef weight_size,
+                                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                                at::IntArrayRef dilation) {
+  constexpr const char* op = "depthwise_conv2d_backward_weight";
+  const DepthwiseGeometry g =
+      check_depthwise_args(x, x.sizes(), weight_size, stride, padding, dilation, op);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.n, g.out_channels(), g.oh, g.ow}), op,
+              ": 'grad_output' must have shape [", g.n, ", ", g.out_channels(), ", ", g.oh, ", ",
+              g.ow, "], got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == x.scalar_type(), op,
+              ": 'grad_output' and 'x' must have the same dtype");
+  at::Tensor grad_weight = at::empty(weight_size, x.options());
+  const at::Tensor go = grad_output.contiguous(), xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv2d_backward_weight", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = go.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    scalar_t* dw = grad_weight.mutable_data_ptr<scalar_t>();
+    const int64_t in_plane = g.h * g.w, out_plane = g.oh * g.ow, taps = g.kh * g.kw;
+    at::parallel_for(0, g.out_channels(), 1, [&](int64_t begin, int64_t end) {
+      std::vector<opmath_t> x_buffer, go_buffer;
+      std::vector<double> sums(taps);  // rows are summed in opmath_t, rows and images in double
+      for (int64_t o = begin; o < end; ++o) {
+        const int64_t c = o / g.multiplier;
+        std::fill(sums.begin(), sums.end(), 0.0);
+        for (int64_t n = 0; n < g.n; ++n) {
+          const opmath_t* in = plane_as_opmath(xp + (n * g.c + c) * in_plane, in_plane, x_buffer);
+          const opmath_t* gop = plane_as_opmath(gp + (n * g.out_channels() + o) * out_plane,
+                                                out_plane, go_buffer);
+          for (int64_t oh = 0; oh < g.oh; ++oh) {
+            for (int64_t i = 0; i < g.kh; ++i) {
+              const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+              if (ih < 0 || ih >= g.h) continue;
+              for (int64_t j = 0; j < g.kw; ++j) {
+                sums[i * g.kw + j] += dot_row(gop + oh * g.ow, in + ih * g.w, j * g.dw - g.pw,
+                                              g.sw, g.w, g.ow);
+              }
+            }
+          }
+        }
+        for (int64_t t = 0; t < taps; ++t) dw[o * taps + t] = static_cast<scalar_t>(sums[t]);
+      }
+    });
+  });
+  return grad_weight;
+}
+
+}  // namespace
+}  // namespace cnnkernels
+
+TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
+  m.impl("depthwise_conv2d", &cnnkernels::depthwise_conv2d_cpu);
+  m.impl("depthwise_conv2d_backward_input", &cnnkernels::depthwise_conv2d_backward_input_cpu);
+  m.impl("depthwise_conv2d_backward_weight", &cnnkernels::depthwise_conv2d_backward_weight_cpu);
+}

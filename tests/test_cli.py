@@ -1,0 +1,43 @@
+"""The command line: info, bench kernels, and one-line errors with exit code 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cnnkernels import cli
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "cnnkernels", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_info_prints_and_writes_json(tmp_path):
+    result = run_cli("info", "--json", str(tmp_path / "info.json"))
+    assert result.returncode == 0, result.stderr
+    assert "cpu_ext" in result.stdout and "backend" in result.stdout
+    assert json.loads((tmp_path / "info.json").read_text())["cpu_ext"] is True
+
+
+def test_bench_kernels_writes_ratios(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert cli.main(["bench", "kernels", "--quick", "--ops", "hardsigmoid", "--reps", "2",
+                     "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "hardsigmoid" in printed
+    rows = json.loads(out.read_text())["results"]
+    assert {row["direction"] for row in rows} == {"fwd", "fwd+bwd"}
+    for row in rows:
+        assert row["speedup_vs_torch"]["cnnkernels[cpu]"] > 0
+        assert row["median_s"]["torch"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("bench", "kernels", "--ops", "bogus"), "unknown op(s) bogus"),
+])
+def test_errors_are_one_line_with_exit_code_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert "Traceback" not in result.stderr
