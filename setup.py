@@ -70,11 +70,9 @@ def pip_cuda_include_dirs() -> list[str]:
     The system toolkit may lack them (only nvcc and the runtime are installed); torch's own CUDA
     wheels bring them under site-packages/nvidia/cu<major>/include.
     """
-    dirs = []
-    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        for candidate in sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include"))):
-            dirs.append(candidate)
-        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    sites = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    dirs = [d for site in sites
+            for d in sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))]
     toolkit_has_cublas = CUDA_HOME is not None and os.path.exists(
         os.path.join(CUDA_HOME, "include", "cublas_v2.h"))
     return [] if toolkit_has_cublas else [d for d in dirs if os.path.isdir(d)]

@@ -18,6 +18,7 @@ import torch
 
 from .. import _extension, activations, backend
 from ..reference import depthwise_conv2d as reference
+from . import _autograd
 
 IntPair = Union[int, Sequence[int]]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -111,8 +112,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return reference.depthwise_conv2d(*args)
     if kind == "triton":
         _load_triton_ops()
-        return torch.ops.cnnkernels.depthwise_conv2d_triton.default(*args)
-    return torch.ops.cnnkernels.depthwise_conv2d.default(*args)
+    return _autograd.call(_formulas[kind], *args)
 
 
 # --- autograd and fake kernels ---------------------------------------------------------------
@@ -128,7 +128,8 @@ def _out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _register(forward: str, backward_input: str, backward_weight: str, with_fakes: bool) -> None:
+def _register(forward: str, backward_input: str, backward_weight: str,
+              with_fakes: bool) -> _autograd.Formula:
     ops = torch.ops.cnnkernels
     grad_input_op = getattr(ops, backward_input).default
     grad_weight_op = getattr(ops, backward_weight).default
@@ -156,9 +157,14 @@ def _register(forward: str, backward_input: str, backward_weight: str, with_fake
             grad_b = grad_output.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
-    torch.library.register_autograd(f"cnnkernels::{forward}", backward, setup_context=setup_context)
-    if not with_fakes:
-        return
+    formula = _autograd.Formula(getattr(ops, forward).default, setup_context, backward).register(
+        f"cnnkernels::{forward}")
+    if with_fakes:
+        _register_fakes(forward, backward_input, backward_weight)
+    return formula
+
+
+def _register_fakes(forward: str, backward_input: str, backward_weight: str) -> None:
 
     @torch.library.register_fake(f"cnnkernels::{forward}")
     def _forward_fake(x, weight, bias, stride, padding, dilation, scale=None, shift=None,
@@ -178,21 +184,21 @@ def _register(forward: str, backward_input: str, backward_weight: str, with_fake
         return x.new_empty(weight_size)
 
 
-_triton_loaded = False
+#: the op and its autograd, per implementation ("cpu"; "triton" once loaded)
+_formulas: dict[str, _autograd.Formula] = {}
 
 
 def _load_triton_ops() -> None:
     """Import the Triton kernels on first use (importing triton is lazy, see ops/hardswish.py)."""
-    global _triton_loaded
-    if _triton_loaded:
+    if "triton" in _formulas:
         return
     from ..triton import depthwise_conv2d as _kernels  # noqa: F401  (registers the ops)
 
-    _register("depthwise_conv2d_triton", "depthwise_conv2d_backward_input_triton",
-              "depthwise_conv2d_backward_weight_triton", with_fakes=False)
-    _triton_loaded = True
+    _formulas["triton"] = _register(
+        "depthwise_conv2d_triton", "depthwise_conv2d_backward_input_triton",
+        "depthwise_conv2d_backward_weight_triton", with_fakes=False)
 
 
 if _extension.cpu_ext:
-    _register("depthwise_conv2d", "depthwise_conv2d_backward_input",
-              "depthwise_conv2d_backward_weight", with_fakes=True)
+    _formulas["cpu"] = _register("depthwise_conv2d", "depthwise_conv2d_backward_input",
+                                 "depthwise_conv2d_backward_weight", with_fakes=True)

@@ -17,6 +17,7 @@ import torch
 
 from .. import _extension, backend
 from ..reference import hardswish as reference
+from . import _autograd
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -28,6 +29,7 @@ class _Impl:
     forward: Callable[[torch.Tensor], torch.Tensor]
     forward_: Callable[[torch.Tensor], object]
     backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    formula: _autograd.Formula | None = None  # forward with its autograd (ours; None: the reference)
 
 
 def _check_input(x: object, op: str) -> None:
@@ -84,7 +86,7 @@ class _Activation:
         _check_input(x, self.name)
         impl = self._impl(backend.select(x.device))
         if not inplace:
-            return impl.forward(x)
+            return _autograd.call(impl.formula, x) if impl.formula else impl.forward(x)
         if _check_inplace_autograd(x, self.name):
             return _InplaceWithGrad.apply(x, impl)
         impl.forward_(x)
@@ -92,31 +94,33 @@ class _Activation:
 
 
 def _register_autograd(forward_op: str, backward_op: str,
-                       second_derivative: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                       second_derivative: Callable[[torch.Tensor], torch.Tensor]
+                       ) -> _autograd.Formula:
     """forward: save x, grad = backward(g, x). backward: differentiable too (double backward),
-    d/dg = backward(gg, x) and d/dx = gg * g * act''(x)."""
-    backward_fn = getattr(torch.ops.cnnkernels, backward_op).default  # skips overload resolution
+    d/dg = backward(gg, x) and d/dx = gg * g * act''(x). Returns the forward's formula."""
+    ops = torch.ops.cnnkernels
+    backward_fn = getattr(ops, backward_op).default  # skips overload resolution
 
     def setup_forward(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
 
     def forward_grad(ctx, grad_output):
         (x,) = ctx.saved_tensors
-        return backward_fn(grad_output, x)
+        return (_autograd.call(backward_formula, grad_output, x),)
 
     def setup_backward(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
     def backward_grad(ctx, grad_grad_input):
         grad_output, x = ctx.saved_tensors
-        grad_grad_output = backward_fn(grad_grad_input, x)
+        grad_grad_output = _autograd.call(backward_formula, grad_grad_input, x)
         grad_x = grad_grad_input * grad_output * second_derivative(x)
         return grad_grad_output, grad_x
 
-    torch.library.register_autograd(f"cnnkernels::{forward_op}", forward_grad,
-                                    setup_context=setup_forward)
-    torch.library.register_autograd(f"cnnkernels::{backward_op}", backward_grad,
-                                    setup_context=setup_backward)
+    backward_formula = _autograd.Formula(backward_fn, setup_backward, backward_grad).register(
+        f"cnnkernels::{backward_op}")
+    return _autograd.Formula(getattr(ops, forward_op).default, setup_forward,
+                             forward_grad).register(f"cnnkernels::{forward_op}")
 
 
 def _register_python_kernels(name: str) -> None:
@@ -145,25 +149,24 @@ def _register_python_kernels(name: str) -> None:
         return torch.empty_like(x)
 
 
-def _compiled_impl(name: str) -> _Impl:
+def _compiled_impl(name: str, formula: _autograd.Formula) -> _Impl:
     ops = torch.ops.cnnkernels
     return _Impl(getattr(ops, name).default, getattr(ops, f"{name}_").default,
-                 getattr(ops, f"{name}_backward").default)
+                 getattr(ops, f"{name}_backward").default, formula)
 
 
-_triton_loaded = False
+_triton_formulas: dict[str, _autograd.Formula] = {}
 
 
 def _load_triton_ops() -> None:
-    global _triton_loaded
-    if _triton_loaded:
+    if _triton_formulas:
         return
     from ..triton import hardswish as _triton_kernels  # noqa: F401  (registers the ops)
 
     for name in ("hardswish", "hardsigmoid"):
-        _register_autograd(f"{name}_triton", f"{name}_backward_triton",
-                           getattr(reference, f"{name}_second_derivative"))
-    _triton_loaded = True
+        _triton_formulas[name] = _register_autograd(
+            f"{name}_triton", f"{name}_backward_triton",
+            getattr(reference, f"{name}_second_derivative"))
 
 
 def _triton_impl(name: str) -> _Impl:
@@ -172,7 +175,7 @@ def _triton_impl(name: str) -> _Impl:
     _load_triton_ops()
     ops = torch.ops.cnnkernels
     return _Impl(getattr(ops, f"{name}_triton").default, getattr(ops, f"{name}_triton_").default,
-                 getattr(ops, f"{name}_backward_triton").default)
+                 getattr(ops, f"{name}_backward_triton").default, _triton_formulas[name])
 
 
 def _make(name: str) -> _Activation:
@@ -181,10 +184,10 @@ def _make(name: str) -> _Activation:
                        getattr(reference, f"{name}_backward")),
     }
     if _extension.cpu_ext:
-        impls["cpu"] = impls["cuda"] = _compiled_impl(name)
         _register_python_kernels(name)
-        _register_autograd(name, f"{name}_backward",
-                           getattr(reference, f"{name}_second_derivative"))
+        formula = _register_autograd(name, f"{name}_backward",
+                                     getattr(reference, f"{name}_second_derivative"))
+        impls["cpu"] = impls["cuda"] = _compiled_impl(name, formula)
     return _Activation(name, impls)
 
 
