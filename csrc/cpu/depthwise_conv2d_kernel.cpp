@@ -74,6 +74,68 @@ inline T dot_row(const T* a, const T* b, int64_t offset, int64_t stride, int64_t
   return sum;
 }
 
+// Stride 1 on narrow images works on "wide" planes: the input zero-padded to width wp = W + 2*pw, and the output
+// computed at the same row pitch wp (its last wp - OW columns are scratch). Then every tap is ONE
+// contiguous multiply-add over (OH-1)*wp + OW elements, however small the image: no per-row loop,
+// no bounds checks. Small planes (14x14, 7x7), where per-row loops of 7-14 elements cost more than
+// the arithmetic, are the common case in MobileNets.
+struct WidePlane {
+  int64_t hp, wp, span;  // padded height and width; elements each tap touches
+};
+
+// Measured on the dev CPU: the padded copies cost more than they save once rows are long enough
+// for the per-row loops to vectorise well (MobileNet's 112x112 planes).
+constexpr int64_t kWidePlaneMaxWidth = 64;
+
+inline bool use_wide_planes(const DepthwiseGeometry& g) {
+  return g.sh == 1 && g.sw == 1 && g.w <= kWidePlaneMaxWidth;
+}
+
+inline WidePlane wide_plane(const DepthwiseGeometry& g) {
+  const int64_t wp = g.w + 2 * g.pw;
+  return {g.h + 2 * g.ph, wp, (g.oh - 1) * wp + g.ow};
+}
+
+inline int64_t tap_offset(const DepthwiseGeometry& g, const WidePlane& p, int64_t i, int64_t j) {
+  return i * g.dh * p.wp + j * g.dw;
+}
+
+// dst (hp x wp) = src (H x W) zero-padded, as opmath_t.
+template <typename opmath_t, typename scalar_t>
+void pad_plane(const scalar_t* src, const DepthwiseGeometry& g, const WidePlane& p,
+               std::vector<opmath_t>& dst) {
+  dst.assign(p.hp * p.wp, opmath_t(0));
+  for (int64_t ih = 0; ih < g.h; ++ih) {
+    opmath_t* row = dst.data() + (ih + g.ph) * p.wp + g.pw;
+    const scalar_t* in = src + ih * g.w;
+    for (int64_t iw = 0; iw < g.w; ++iw) row[iw] = static_cast<opmath_t>(in[iw]);
+  }
+}
+
+// dst (OH x wp, scratch columns zero) = src (OH x OW), as opmath_t.
+template <typename opmath_t, typename scalar_t>
+void widen_output_plane(const scalar_t* src, const DepthwiseGeometry& g, const WidePlane& p,
+                        std::vector<opmath_t>& dst) {
+  dst.assign(g.oh * p.wp, opmath_t(0));
+  for (int64_t oh = 0; oh < g.oh; ++oh) {
+    for (int64_t ow = 0; ow < g.ow; ++ow) {
+      dst[oh * p.wp + ow] = static_cast<opmath_t>(src[oh * g.ow + ow]);
+    }
+  }
+}
+
+template <typename T>
+inline void axpy(T* dst, const T* src, T w, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) dst[e] += w * src[e];
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T sum = T(0);
+  for (int64_t e = 0; e < n; ++e) sum += a[e] * b[e];
+  return sum;
+}
+
 template <typename opmath_t, typename scalar_t>
 std::vector<opmath_t> to_opmath(const scalar_t* data, int64_t n) {
   std::vector<opmath_t> out(n);
@@ -118,10 +180,35 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& weight, const Epilogue<
   const std::vector<opmath_t> w = to_opmath<opmath_t>(weight.const_data_ptr<scalar_t>(),
                                                       g.out_channels() * g.kh * g.kw);
   const int64_t in_plane = g.h * g.w, out_plane = g.oh * g.ow;
+  const bool unit_stride = use_wide_planes(g);
+  const WidePlane wide = wide_plane(g);
   at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> in_buffer, acc(g.ow);
+    std::vector<opmath_t> in_buffer, acc(g.ow), wide_acc;
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / g.c, c = plane % g.c;
+      if (unit_stride) {
+        pad_plane(xp + plane * in_plane, g, wide, in_buffer);
+        for (int64_t k = 0; k < g.multiplier; ++k) {
+          const int64_t o = c * g.multiplier + k;
+          const opmath_t* wo = w.data() + o * g.kh * g.kw;
+          wide_acc.assign(wide.span, opmath_t(0));
+          for (int64_t i = 0; i < g.kh; ++i) {
+            for (int64_t j = 0; j < g.kw; ++j) {
+              axpy(wide_acc.data(), in_buffer.data() + tap_offset(g, wide, i, j), wo[i * g.kw + j],
+                   wide.span);
+            }
+          }
+          scalar_t* y = yp + (n * g.out_channels() + o) * out_plane;
+          for (int64_t oh = 0; oh < g.oh; ++oh) {
+            for (int64_t ow = 0; ow < g.ow; ++ow) {
+              opmath_t v = wide_acc[oh * wide.wp + ow] + ep.bias[o];
+              if (ep.has_affine) v = v * ep.scale[o] + ep.shift[o];
+              y[oh * g.ow + ow] = static_cast<scalar_t>(act.forward(v));
+            }
+          }
+        }
+        continue;
+      }
       const opmath_t* in = plane_as_opmath(xp + plane * in_plane, in_plane, in_buffer);
       for (int64_t k = 0; k < g.multiplier; ++k) {
         const int64_t o = c * g.multiplier + k;
@@ -261,10 +348,32 @@ at::Tensor depthwise_conv2d_backward_input_cpu(const at::Tensor& grad_output,
     const std::vector<opmath_t> w = to_opmath<opmath_t>(wc.const_data_ptr<scalar_t>(),
                                                         g.out_channels() * g.kh * g.kw);
     const int64_t in_plane = g.h * g.w, out_plane = g.oh * g.ow;
+    const bool unit_stride = use_wide_planes(g);
+    const WidePlane wide = wide_plane(g);
     at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
-      std::vector<opmath_t> acc(in_plane), go_buffer;
+      std::vector<opmath_t> acc(in_plane), go_buffer, wide_grad;
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / g.c, c = plane % g.c;
+        scalar_t* dst = dx + plane * in_plane;
+        if (unit_stride) {  // the transpose of the forward's wide taps
+          wide_grad.assign(wide.hp * wide.wp, opmath_t(0));
+          for (int64_t k = 0; k < g.multiplier; ++k) {
+            const int64_t o = c * g.multiplier + k;
+            widen_output_plane(gp + (n * g.out_channels() + o) * out_plane, g, wide, go_buffer);
+            const opmath_t* wo = w.data() + o * g.kh * g.kw;
+            for (int64_t i = 0; i < g.kh; ++i) {
+              for (int64_t j = 0; j < g.kw; ++j) {
+                axpy(wide_grad.data() + tap_offset(g, wide, i, j), go_buffer.data(),
+                     wo[i * g.kw + j], wide.span);
+              }
+            }
+          }
+          for (int64_t ih = 0; ih < g.h; ++ih) {
+            const opmath_t* row = wide_grad.data() + (ih + g.ph) * wide.wp + g.pw;
+            for (int64_t iw = 0; iw < g.w; ++iw) dst[ih * g.w + iw] = static_cast<scalar_t>(row[iw]);
+          }
+          continue;
+        }
         std::fill(acc.begin(), acc.end(), opmath_t(0));
         for (int64_t k = 0; k < g.multiplier; ++k) {
           const int64_t o = c * g.multiplier + k;
@@ -282,7 +391,6 @@ at::Tensor depthwise_conv2d_backward_input_cpu(const at::Tensor& grad_output,
             }
           }
         }
-        scalar_t* dst = dx + plane * in_plane;
         for (int64_t e = 0; e < in_plane; ++e) dst[e] = static_cast<scalar_t>(acc[e]);
       }
     });
@@ -310,13 +418,26 @@ at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad_output, c
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     scalar_t* dw = grad_weight.mutable_data_ptr<scalar_t>();
     const int64_t in_plane = g.h * g.w, out_plane = g.oh * g.ow, taps = g.kh * g.kw;
+    const bool unit_stride = use_wide_planes(g);
+    const WidePlane wide = wide_plane(g);
     at::parallel_for(0, g.out_channels(), 1, [&](int64_t begin, int64_t end) {
       std::vector<opmath_t> x_buffer, go_buffer;
-      std::vector<double> sums(taps);  // rows are summed in opmath_t, rows and images in double
+      std::vector<double> sums(taps);  // rows (planes) are summed in opmath_t, then in double
       for (int64_t o = begin; o < end; ++o) {
         const int64_t c = o / g.multiplier;
         std::fill(sums.begin(), sums.end(), 0.0);
         for (int64_t n = 0; n < g.n; ++n) {
+          if (unit_stride) {
+            pad_plane(xp + (n * g.c + c) * in_plane, g, wide, x_buffer);
+            widen_output_plane(gp + (n * g.out_channels() + o) * out_plane, g, wide, go_buffer);
+            for (int64_t i = 0; i < g.kh; ++i) {
+              for (int64_t j = 0; j < g.kw; ++j) {
+                sums[i * g.kw + j] += dot(go_buffer.data(),
+                                          x_buffer.data() + tap_offset(g, wide, i, j), wide.span);
+              }
+            }
+            continue;
+          }
           const opmath_t* in = plane_as_opmath(xp + (n * g.c + c) * in_plane, in_plane, x_buffer);
           const opmath_t* gop = plane_as_opmath(gp + (n * g.out_channels() + o) * out_plane,
                                                 out_plane, go_buffer);
