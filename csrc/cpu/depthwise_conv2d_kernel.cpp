@@ -4,7 +4,8 @@
 // Layouts: NCHW works plane by plane (one input plane and its `multiplier` output planes per task),
 // vectorising along W; channels_last works row by row, vectorising along C. The backward kernels
 // work on NCHW (channels_last tensors are converted, and grad_input converted back). Arithmetic is in
-// float (double for double); half and bfloat16 planes are converted to float once per task.
+// float (double for double); half and bfloat16 planes are converted to float once per task. Each
+// task runs compiled for the CPU's best instruction set (cpu::run_with_best_isa).
 // Every task writes its own outputs, so results are deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,6 +17,7 @@
 
 #include "../depthwise_conv2d.h"
 #include "cnnkernels/activation.h"
+#include "cnnkernels/cpu/map.h"
 
 namespace cnnkernels {
 namespace {
@@ -59,16 +61,31 @@ inline void scatter_row(T* dst, const T* src, T w, int64_t offset, int64_t strid
   }
 }
 
+// sum of a[e] * b[e]. Sixteen independent partial sums: a single running sum is a chain of
+// dependent adds the compiler may not reorder (no -ffast-math), i.e. scalar and latency-bound;
+// independent lanes vectorise. The order is fixed, so results stay deterministic.
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  T part[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += a[e + l] * b[e + l];
+  }
+  T sum = T(0);
+  for (; e < n; ++e) sum += a[e] * b[e];
+  for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+  return sum;
+}
+
 // sum over the valid range of a[ow] * b[ow*stride + offset].
 template <typename T>
 inline T dot_row(const T* a, const T* b, int64_t offset, int64_t stride, int64_t width,
                  int64_t out) {
   const ValidRange r = valid_outputs(offset, stride, width, out);
+  if (stride == 1) return dot(a + r.lo, b + offset + r.lo, r.hi - r.lo);
   T sum = T(0);
-  if (stride == 1) {
-    const T* src = b + offset;
-    for (int64_t ow = r.lo; ow < r.hi; ++ow) sum += a[ow] * src[ow];
-  } else {
+  {
     for (int64_t ow = r.lo; ow < r.hi; ++ow) sum += a[ow] * b[ow * stride + offset];
   }
   return sum;
@@ -129,13 +146,6 @@ inline void axpy(T* dst, const T* src, T w, int64_t n) {
   for (int64_t e = 0; e < n; ++e) dst[e] += w * src[e];
 }
 
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T sum = T(0);
-  for (int64_t e = 0; e < n; ++e) sum += a[e] * b[e];
-  return sum;
-}
-
 template <typename opmath_t, typename scalar_t>
 std::vector<opmath_t> to_opmath(const scalar_t* data, int64_t n) {
   std::vector<opmath_t> out(n);
@@ -183,56 +193,58 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& weight, const Epilogue<
   const bool unit_stride = use_wide_planes(g);
   const WidePlane wide = wide_plane(g);
   at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> in_buffer, acc(g.ow), wide_acc;
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / g.c, c = plane % g.c;
-      if (unit_stride) {
-        pad_plane(xp + plane * in_plane, g, wide, in_buffer);
+    cpu::run_with_best_isa([&] {
+      std::vector<opmath_t> in_buffer, acc(g.ow), wide_acc;
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / g.c, c = plane % g.c;
+        if (unit_stride) {
+          pad_plane(xp + plane * in_plane, g, wide, in_buffer);
+          for (int64_t k = 0; k < g.multiplier; ++k) {
+            const int64_t o = c * g.multiplier + k;
+            const opmath_t* wo = w.data() + o * g.kh * g.kw;
+            wide_acc.assign(wide.span, opmath_t(0));
+            for (int64_t i = 0; i < g.kh; ++i) {
+              for (int64_t j = 0; j < g.kw; ++j) {
+                axpy(wide_acc.data(), in_buffer.data() + tap_offset(g, wide, i, j), wo[i * g.kw + j],
+                     wide.span);
+              }
+            }
+            scalar_t* y = yp + (n * g.out_channels() + o) * out_plane;
+            for (int64_t oh = 0; oh < g.oh; ++oh) {
+              for (int64_t ow = 0; ow < g.ow; ++ow) {
+                opmath_t v = wide_acc[oh * wide.wp + ow] + ep.bias[o];
+                if (ep.has_affine) v = v * ep.scale[o] + ep.shift[o];
+                y[oh * g.ow + ow] = static_cast<scalar_t>(act.forward(v));
+              }
+            }
+          }
+          continue;
+        }
+        const opmath_t* in = plane_as_opmath(xp + plane * in_plane, in_plane, in_buffer);
         for (int64_t k = 0; k < g.multiplier; ++k) {
           const int64_t o = c * g.multiplier + k;
           const opmath_t* wo = w.data() + o * g.kh * g.kw;
-          wide_acc.assign(wide.span, opmath_t(0));
-          for (int64_t i = 0; i < g.kh; ++i) {
-            for (int64_t j = 0; j < g.kw; ++j) {
-              axpy(wide_acc.data(), in_buffer.data() + tap_offset(g, wide, i, j), wo[i * g.kw + j],
-                   wide.span);
-            }
-          }
           scalar_t* y = yp + (n * g.out_channels() + o) * out_plane;
           for (int64_t oh = 0; oh < g.oh; ++oh) {
+            std::fill(acc.begin(), acc.end(), opmath_t(0));
+            for (int64_t i = 0; i < g.kh; ++i) {
+              const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+              if (ih < 0 || ih >= g.h) continue;
+              for (int64_t j = 0; j < g.kw; ++j) {
+                axpy_row(acc.data(), in + ih * g.w, wo[i * g.kw + j], j * g.dw - g.pw, g.sw, g.w,
+                         g.ow);
+              }
+            }
+            scalar_t* yrow = y + oh * g.ow;
             for (int64_t ow = 0; ow < g.ow; ++ow) {
-              opmath_t v = wide_acc[oh * wide.wp + ow] + ep.bias[o];
+              opmath_t v = acc[ow] + ep.bias[o];
               if (ep.has_affine) v = v * ep.scale[o] + ep.shift[o];
-              y[oh * g.ow + ow] = static_cast<scalar_t>(act.forward(v));
+              yrow[ow] = static_cast<scalar_t>(act.forward(v));
             }
           }
         }
-        continue;
       }
-      const opmath_t* in = plane_as_opmath(xp + plane * in_plane, in_plane, in_buffer);
-      for (int64_t k = 0; k < g.multiplier; ++k) {
-        const int64_t o = c * g.multiplier + k;
-        const opmath_t* wo = w.data() + o * g.kh * g.kw;
-        scalar_t* y = yp + (n * g.out_channels() + o) * out_plane;
-        for (int64_t oh = 0; oh < g.oh; ++oh) {
-          std::fill(acc.begin(), acc.end(), opmath_t(0));
-          for (int64_t i = 0; i < g.kh; ++i) {
-            const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-            if (ih < 0 || ih >= g.h) continue;
-            for (int64_t j = 0; j < g.kw; ++j) {
-              axpy_row(acc.data(), in + ih * g.w, wo[i * g.kw + j], j * g.dw - g.pw, g.sw, g.w,
-                       g.ow);
-            }
-          }
-          scalar_t* yrow = y + oh * g.ow;
-          for (int64_t ow = 0; ow < g.ow; ++ow) {
-            opmath_t v = acc[ow] + ep.bias[o];
-            if (ep.has_affine) v = v * ep.scale[o] + ep.shift[o];
-            yrow[ow] = static_cast<scalar_t>(act.forward(v));
-          }
-        }
-      }
-    }
+    });
   });
 }
 
@@ -249,35 +261,37 @@ void forward_channels_last(const at::Tensor& x, const at::Tensor& weight,
   const scalar_t* xp = x.const_data_ptr<scalar_t>();  // [N][H][W][C]
   scalar_t* yp = out.mutable_data_ptr<scalar_t>();    // [N][OH][OW][C*m]
   at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> acc(cm), pixel(g.c);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / g.oh, oh = row % g.oh;
-      for (int64_t ow = 0; ow < g.ow; ++ow) {
-        std::fill(acc.begin(), acc.end(), opmath_t(0));
-        for (int64_t i = 0; i < g.kh; ++i) {
-          const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-          if (ih < 0 || ih >= g.h) continue;
-          for (int64_t j = 0; j < g.kw; ++j) {
-            const int64_t iw = ow * g.sw - g.pw + j * g.dw;
-            if (iw < 0 || iw >= g.w) continue;
-            const scalar_t* src = xp + ((n * g.h + ih) * g.w + iw) * g.c;
-            const opmath_t* wij = w.data() + (i * g.kw + j) * cm;
-            if (m == 1) {
-              for (int64_t o = 0; o < cm; ++o) acc[o] += wij[o] * static_cast<opmath_t>(src[o]);
-            } else {
-              for (int64_t c = 0; c < g.c; ++c) pixel[c] = static_cast<opmath_t>(src[c]);
-              for (int64_t o = 0; o < cm; ++o) acc[o] += wij[o] * pixel[o / m];
+    cpu::run_with_best_isa([&] {
+      std::vector<opmath_t> acc(cm), pixel(g.c);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / g.oh, oh = row % g.oh;
+        for (int64_t ow = 0; ow < g.ow; ++ow) {
+          std::fill(acc.begin(), acc.end(), opmath_t(0));
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+            if (ih < 0 || ih >= g.h) continue;
+            for (int64_t j = 0; j < g.kw; ++j) {
+              const int64_t iw = ow * g.sw - g.pw + j * g.dw;
+              if (iw < 0 || iw >= g.w) continue;
+              const scalar_t* src = xp + ((n * g.h + ih) * g.w + iw) * g.c;
+              const opmath_t* wij = w.data() + (i * g.kw + j) * cm;
+              if (m == 1) {
+                for (int64_t o = 0; o < cm; ++o) acc[o] += wij[o] * static_cast<opmath_t>(src[o]);
+              } else {
+                for (int64_t c = 0; c < g.c; ++c) pixel[c] = static_cast<opmath_t>(src[c]);
+                for (int64_t o = 0; o < cm; ++o) acc[o] += wij[o] * pixel[o / m];
+              }
             }
           }
-        }
-        scalar_t* dst = yp + ((n * g.oh + oh) * g.ow + ow) * cm;
-        for (int64_t o = 0; o < cm; ++o) {
-          opmath_t v = acc[o] + ep.bias[o];
-          if (ep.has_affine) v = v * ep.scale[o] + ep.shift[o];
-          dst[o] = static_cast<scalar_t>(act.forward(v));
+          scalar_t* dst = yp + ((n * g.oh + oh) * g.ow + ow) * cm;
+          for (int64_t o = 0; o < cm; ++o) {
+            opmath_t v = acc[o] + ep.bias[o];
+            if (ep.has_affine) v = v * ep.scale[o] + ep.shift[o];
+            dst[o] = static_cast<scalar_t>(act.forward(v));
+          }
         }
       }
-    }
+    });
   });
 }
 
@@ -351,48 +365,50 @@ at::Tensor depthwise_conv2d_backward_input_cpu(const at::Tensor& grad_output,
     const bool unit_stride = use_wide_planes(g);
     const WidePlane wide = wide_plane(g);
     at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
-      std::vector<opmath_t> acc(in_plane), go_buffer, wide_grad;
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t n = plane / g.c, c = plane % g.c;
-        scalar_t* dst = dx + plane * in_plane;
-        if (unit_stride) {  // the transpose of the forward's wide taps
-          wide_grad.assign(wide.hp * wide.wp, opmath_t(0));
+      cpu::run_with_best_isa([&] {
+        std::vector<opmath_t> acc(in_plane), go_buffer, wide_grad;
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t n = plane / g.c, c = plane % g.c;
+          scalar_t* dst = dx + plane * in_plane;
+          if (unit_stride) {  // the transpose of the forward's wide taps
+            wide_grad.assign(wide.hp * wide.wp, opmath_t(0));
+            for (int64_t k = 0; k < g.multiplier; ++k) {
+              const int64_t o = c * g.multiplier + k;
+              widen_output_plane(gp + (n * g.out_channels() + o) * out_plane, g, wide, go_buffer);
+              const opmath_t* wo = w.data() + o * g.kh * g.kw;
+              for (int64_t i = 0; i < g.kh; ++i) {
+                for (int64_t j = 0; j < g.kw; ++j) {
+                  axpy(wide_grad.data() + tap_offset(g, wide, i, j), go_buffer.data(),
+                       wo[i * g.kw + j], wide.span);
+                }
+              }
+            }
+            for (int64_t ih = 0; ih < g.h; ++ih) {
+              const opmath_t* row = wide_grad.data() + (ih + g.ph) * wide.wp + g.pw;
+              for (int64_t iw = 0; iw < g.w; ++iw) dst[ih * g.w + iw] = static_cast<scalar_t>(row[iw]);
+            }
+            continue;
+          }
+          std::fill(acc.begin(), acc.end(), opmath_t(0));
           for (int64_t k = 0; k < g.multiplier; ++k) {
             const int64_t o = c * g.multiplier + k;
-            widen_output_plane(gp + (n * g.out_channels() + o) * out_plane, g, wide, go_buffer);
+            const opmath_t* gop = plane_as_opmath(
+                gp + (n * g.out_channels() + o) * out_plane, out_plane, go_buffer);
             const opmath_t* wo = w.data() + o * g.kh * g.kw;
-            for (int64_t i = 0; i < g.kh; ++i) {
-              for (int64_t j = 0; j < g.kw; ++j) {
-                axpy(wide_grad.data() + tap_offset(g, wide, i, j), go_buffer.data(),
-                     wo[i * g.kw + j], wide.span);
+            for (int64_t oh = 0; oh < g.oh; ++oh) {
+              for (int64_t i = 0; i < g.kh; ++i) {
+                const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+                if (ih < 0 || ih >= g.h) continue;
+                for (int64_t j = 0; j < g.kw; ++j) {
+                  scatter_row(acc.data() + ih * g.w, gop + oh * g.ow, wo[i * g.kw + j],
+                              j * g.dw - g.pw, g.sw, g.w, g.ow);
+                }
               }
             }
           }
-          for (int64_t ih = 0; ih < g.h; ++ih) {
-            const opmath_t* row = wide_grad.data() + (ih + g.ph) * wide.wp + g.pw;
-            for (int64_t iw = 0; iw < g.w; ++iw) dst[ih * g.w + iw] = static_cast<scalar_t>(row[iw]);
-          }
-          continue;
+          for (int64_t e = 0; e < in_plane; ++e) dst[e] = static_cast<scalar_t>(acc[e]);
         }
-        std::fill(acc.begin(), acc.end(), opmath_t(0));
-        for (int64_t k = 0; k < g.multiplier; ++k) {
-          const int64_t o = c * g.multiplier + k;
-          const opmath_t* gop = plane_as_opmath(
-              gp + (n * g.out_channels() + o) * out_plane, out_plane, go_buffer);
-          const opmath_t* wo = w.data() + o * g.kh * g.kw;
-          for (int64_t oh = 0; oh < g.oh; ++oh) {
-            for (int64_t i = 0; i < g.kh; ++i) {
-              const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-              if (ih < 0 || ih >= g.h) continue;
-              for (int64_t j = 0; j < g.kw; ++j) {
-                scatter_row(acc.data() + ih * g.w, gop + oh * g.ow, wo[i * g.kw + j],
-                            j * g.dw - g.pw, g.sw, g.w, g.ow);
-              }
-            }
-          }
-        }
-        for (int64_t e = 0; e < in_plane; ++e) dst[e] = static_cast<scalar_t>(acc[e]);
-      }
+      });
     });
   });
   return grad_input.contiguous(format);
@@ -421,39 +437,41 @@ at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad_output, c
     const bool unit_stride = use_wide_planes(g);
     const WidePlane wide = wide_plane(g);
     at::parallel_for(0, g.out_channels(), 1, [&](int64_t begin, int64_t end) {
-      std::vector<opmath_t> x_buffer, go_buffer;
-      std::vector<double> sums(taps);  // rows (planes) are summed in opmath_t, then in double
-      for (int64_t o = begin; o < end; ++o) {
-        const int64_t c = o / g.multiplier;
-        std::fill(sums.begin(), sums.end(), 0.0);
-        for (int64_t n = 0; n < g.n; ++n) {
-          if (unit_stride) {
-            pad_plane(xp + (n * g.c + c) * in_plane, g, wide, x_buffer);
-            widen_output_plane(gp + (n * g.out_channels() + o) * out_plane, g, wide, go_buffer);
-            for (int64_t i = 0; i < g.kh; ++i) {
-              for (int64_t j = 0; j < g.kw; ++j) {
-                sums[i * g.kw + j] += dot(go_buffer.data(),
-                                          x_buffer.data() + tap_offset(g, wide, i, j), wide.span);
+      cpu::run_with_best_isa([&] {
+        std::vector<opmath_t> x_buffer, go_buffer;
+        std::vector<double> sums(taps);  // rows (planes) are summed in opmath_t, then in double
+        for (int64_t o = begin; o < end; ++o) {
+          const int64_t c = o / g.multiplier;
+          std::fill(sums.begin(), sums.end(), 0.0);
+          for (int64_t n = 0; n < g.n; ++n) {
+            if (unit_stride) {
+              pad_plane(xp + (n * g.c + c) * in_plane, g, wide, x_buffer);
+              widen_output_plane(gp + (n * g.out_channels() + o) * out_plane, g, wide, go_buffer);
+              for (int64_t i = 0; i < g.kh; ++i) {
+                for (int64_t j = 0; j < g.kw; ++j) {
+                  sums[i * g.kw + j] += dot(go_buffer.data(),
+                                            x_buffer.data() + tap_offset(g, wide, i, j), wide.span);
+                }
+              }
+              continue;
+            }
+            const opmath_t* in = plane_as_opmath(xp + (n * g.c + c) * in_plane, in_plane, x_buffer);
+            const opmath_t* gop = plane_as_opmath(gp + (n * g.out_channels() + o) * out_plane,
+                                                  out_plane, go_buffer);
+            for (int64_t oh = 0; oh < g.oh; ++oh) {
+              for (int64_t i = 0; i < g.kh; ++i) {
+                const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+                if (ih < 0 || ih >= g.h) continue;
+                for (int64_t j = 0; j < g.kw; ++j) {
+                  sums[i * g.kw + j] += dot_row(gop + oh * g.ow, in + ih * g.w, j * g.dw - g.pw,
+                                                g.sw, g.w, g.ow);
+                }
               }
             }
-            continue;
           }
-          const opmath_t* in = plane_as_opmath(xp + (n * g.c + c) * in_plane, in_plane, x_buffer);
-          const opmath_t* gop = plane_as_opmath(gp + (n * g.out_channels() + o) * out_plane,
-                                                out_plane, go_buffer);
-          for (int64_t oh = 0; oh < g.oh; ++oh) {
-            for (int64_t i = 0; i < g.kh; ++i) {
-              const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-              if (ih < 0 || ih >= g.h) continue;
-              for (int64_t j = 0; j < g.kw; ++j) {
-                sums[i * g.kw + j] += dot_row(gop + oh * g.ow, in + ih * g.w, j * g.dw - g.pw,
-                                              g.sw, g.w, g.ow);
-              }
-            }
-          }
+          for (int64_t t = 0; t < taps; ++t) dw[o * taps + t] = static_cast<scalar_t>(sums[t]);
         }
-        for (int64_t t = 0; t < taps; ++t) dw[o * taps + t] = static_cast<scalar_t>(sums[t]);
-      }
+      });
     });
   });
   return grad_weight;

@@ -180,6 +180,28 @@ void map2_baseline(const T* a, const T* b, T* out, int64_t n, F f) {
   map2_body<false>(a, b, out, n, f);
 }
 
+// Runs f() compiled for the best instruction set this CPU has. `flatten` inlines everything f
+// calls into the target-specific copy, so loops anywhere below f are vectorised for that ISA.
+// Each lambda type gets its own three copies: wrap a whole task (e.g. the body of a
+// parallel_for), not an inner loop.
+template <typename F>
+__attribute__((flatten)) CNNKERNELS_TARGET_AVX512 void run_avx512(const F& f) { f(); }
+template <typename F>
+__attribute__((flatten)) CNNKERNELS_TARGET_AVX2 void run_avx2(const F& f) { f(); }
+template <typename F>
+__attribute__((flatten)) void run_baseline(const F& f) { f(); }
+
+template <typename F>
+void run_with_best_isa(const F& f) {
+  if (has_avx512()) {
+    run_avx512(f);
+  } else if (has_avx2()) {
+    run_avx2(f);
+  } else {
+    run_baseline(f);
+  }
+}
+
 // out[i] = f(x[i]); `out` may equal `x`. f takes and returns float (double for double).
 template <typename T, typename F>
 void map1(const T* x, T* out, int64_t n, F f) {
