@@ -28,7 +28,9 @@ CONFIGS = [
     (1, 2, 15, 14, 1, (3, 5), 1, (1, 2), 1),
     (1, 3, 10, 10, 1, 9, 3, 4, 1),
     (2, 1, 6, 5, 3, 3, 1, 0, 1),
-    # wider than 64 columns: the CPU kernels' per-row path at stride 1 (narrower planes go wide)
+    # 17..64 output columns at stride 1: the CPU kernels' wide-plane path (<= 16: channel blocks)
+    (1, 3, 6, 24, 1, 3, 1, 1, 1),
+    # wider than 64 columns: the CPU kernels' per-row path at stride 1
     (1, 2, 7, 70, 1, 3, 1, 1, 1),
     (1, 2, 5, 67, 2, 5, 1, 2, 2),
 ]
