@@ -167,6 +167,13 @@ template <typename opmath_t>
 struct Epilogue {
   std::vector<opmath_t> bias, scale, shift;
   bool has_affine;
+
+  template <typename Act>
+  opmath_t apply(int64_t o, opmath_t acc, const Act& act) const {
+    opmath_t v = acc + bias[o];
+    if (has_affine) v = v * scale[o] + shift[o];
+    return act.forward(v);
+  }
 };
 
 // A plane of `count` values as opmath_t: the data itself when no conversion is needed, else a
@@ -213,9 +220,7 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& weight, const Epilogue<
             scalar_t* y = yp + (n * g.out_channels() + o) * out_plane;
             for (int64_t oh = 0; oh < g.oh; ++oh) {
               for (int64_t ow = 0; ow < g.ow; ++ow) {
-                opmath_t v = wide_acc[oh * wide.wp + ow] + ep.bias[o];
-                if (ep.has_affine) v = v * ep.scale[o] + ep.shift[o];
-                y[oh * g.ow + ow] = static_cast<scalar_t>(act.forward(v));
+                y[oh * g.ow + ow] = static_cast<scalar_t>(ep.apply(o, wide_acc[oh * wide.wp + ow], act));
               }
             }
           }
@@ -238,9 +243,7 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& weight, const Epilogue<
             }
             scalar_t* yrow = y + oh * g.ow;
             for (int64_t ow = 0; ow < g.ow; ++ow) {
-              opmath_t v = acc[ow] + ep.bias[o];
-              if (ep.has_affine) v = v * ep.scale[o] + ep.shift[o];
-              yrow[ow] = static_cast<scalar_t>(act.forward(v));
+              yrow[ow] = static_cast<scalar_t>(ep.apply(o, acc[ow], act));
             }
           }
         }
@@ -275,7 +278,7 @@ void forward_nchw_channel_blocks(const at::Tensor& x, const at::Tensor& weight,
   const int64_t blocks = (g.c + B - 1) / B, in_plane = g.h * g.w, out_plane = g.oh * g.ow;
   at::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
     cpu::run_with_best_isa([&] {
-      std::vector<opmath_t> in(hp * wp * B), wt(taps * B), bias(B), scale(B), shift(B);
+      std::vector<opmath_t> in(hp * wp * B), wt(taps * B);
       opmath_t acc[B];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / blocks, c0 = (task % blocks) * B;
@@ -289,9 +292,6 @@ void forward_nchw_channel_blocks(const at::Tensor& x, const at::Tensor& weight,
             for (int64_t iw = 0; iw < g.w; ++iw) row[iw * B] = static_cast<opmath_t>(plane[ih * g.w + iw]);
           }
           for (int64_t t = 0; t < taps; ++t) wt[t * B + l] = w[(c0 + l) * taps + t];
-          bias[l] = ep.bias[c0 + l];
-          scale[l] = ep.scale[c0 + l];
-          shift[l] = ep.shift[c0 + l];
         }
         for (int64_t oh = 0; oh < g.oh; ++oh) {
           for (int64_t ow = 0; ow < g.ow; ++ow) {
@@ -306,9 +306,7 @@ void forward_nchw_channel_blocks(const at::Tensor& x, const at::Tensor& weight,
             }
             scalar_t* dst = yp + (n * g.c + c0) * out_plane + oh * g.ow + ow;
             for (int64_t l = 0; l < lanes; ++l) {
-              opmath_t v = acc[l] + bias[l];
-              if (ep.has_affine) v = v * scale[l] + shift[l];
-              dst[l * out_plane] = static_cast<scalar_t>(act.forward(v));
+              dst[l * out_plane] = static_cast<scalar_t>(ep.apply(c0 + l, acc[l], act));
             }
           }
         }
@@ -354,9 +352,7 @@ void forward_channels_last(const at::Tensor& x, const at::Tensor& weight,
           }
           scalar_t* dst = yp + ((n * g.oh + oh) * g.ow + ow) * cm;
           for (int64_t o = 0; o < cm; ++o) {
-            opmath_t v = acc[o] + ep.bias[o];
-            if (ep.has_affine) v = v * ep.scale[o] + ep.shift[o];
-            dst[o] = static_cast<scalar_t>(act.forward(v));
+            dst[o] = static_cast<scalar_t>(ep.apply(o, acc[o], act));
           }
         }
       }
