@@ -2,6 +2,7 @@
 
     cnnkernels info                      what was built, the device, the active backend
     cnnkernels bench kernels [--quick]   our kernels vs PyTorch on shapes from real models
+    cnnkernels report [--quick]          the same, written to report/report.md with JSON and plots
 """
 from __future__ import annotations
 
@@ -72,13 +73,15 @@ def _bench_case(case, device, dtype, backends, direction, reps, with_compile):
     return profile.compare_times(fns, device, reps=reps)
 
 
-def cmd_bench_kernels(args: argparse.Namespace) -> int:
+def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
+    """Time every selected case, printing one line per case; returns the JSON-ready results."""
     device, dtype = _device(args.device), _DTYPES[args.dtype]
     backends = _our_backends(device)
     selected = tuple(args.ops.split(",")) if args.ops else bench_cases.known_ops()
     # convolutions at batch 8 on a CPU, where batch 32 takes seconds per layer and side
     todo = [case for op in selected for case in bench_cases.cases(
-        (op,), quick=args.quick, batch=8 if device.type == "cpu" and op.endswith("conv2d") else None)]
+        (op,), quick=args.quick,
+        batch=args.batch or (8 if device.type == "cpu" and op.endswith("conv2d") else None))]
     reps = args.reps or (10 if args.quick else 30)
     info = package_info()
     steady = device.type == "cpu" and profile.keep_cpu_memory_mapped()
@@ -97,14 +100,39 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
             for side in sides:
                 line += f" {medians[side] * 1e3:>20.3f} {medians['torch'] / medians[side]:>8.2f}x"
             print(line, flush=True)
-            rows.append({"op": case.op, "shape": case.shape, "source": case.source,
-                         "kernel": case.kernel, "stride": case.stride,
+            rows.append({"op": case.op, "shape": case.shape, "label": case.label,
+                         "source": case.source, "kernel": case.kernel, "stride": case.stride,
                          "direction": direction, "dtype": args.dtype,
                          "median_s": medians,
                          "speedup_vs_torch": {s: medians["torch"] / medians[s] for s in sides}})
     print("speed-up = torch eager median / ours (> 1 means faster than PyTorch)")
-    _write_json(args.json, {"info": info, "cpu_heap_kept": steady, "reps": reps, "results": rows})
+    return {"info": info, "cpu_heap_kept": steady, "reps": reps, "sides": sides, "results": rows}
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    _write_json(args.json, run_kernel_benchmarks(args))
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report  # late: matplotlib is only needed here
+
+    out_dir = args.out
+    results = run_kernel_benchmarks(args)
+    paths = report.write(results, out_dir)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def kernels_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ops", help=f"comma-separated subset of {','.join(bench_cases.known_ops())}")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    parser.add_argument("--reps", type=int, help="timed repetitions per side (median reported)")
+    parser.add_argument("--batch", type=int, help="batch size of every case (default: the model's)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,14 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="what", required=True)
     kernels = bench_sub.add_parser("kernels", help="our kernels vs PyTorch, op by op")
-    kernels.add_argument("--ops", help=f"comma-separated subset of {','.join(bench_cases.known_ops())}")
-    kernels.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    kernels.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    kernels.add_argument("--dtype", choices=list(_DTYPES), default="float32")
-    kernels.add_argument("--reps", type=int, help="timed repetitions per side (median reported)")
-    kernels.add_argument("--compile", action="store_true", help="also time torch.compile")
+    kernels_options(kernels)
     kernels.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     kernels.set_defaults(run=cmd_bench_kernels)
+
+    rep = sub.add_parser("report", help="benchmark every kernel and write report.md, JSON and "
+                                        "PNG plots")
+    rep.add_argument("--out", default="report", metavar="DIR", help="output folder (./report)")
+    kernels_options(rep)
+    rep.set_defaults(run=cmd_report, json=None)
     return parser
 
 

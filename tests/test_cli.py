@@ -41,3 +41,22 @@ def test_errors_are_one_line_with_exit_code_2(args, message):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_report_quick_writes_markdown_json_and_plots(tmp_path):
+    """`report --quick` on tiny shapes: every file exists and the tables parse."""
+    out = tmp_path / "report"
+    assert cli.main(["report", "--quick", "--batch", "1", "--reps", "1", "--device", "cpu",
+                     "--ops", "hardswish,depthwise_conv2d", "--out", str(out)]) == 0
+    results = json.loads((out / "kernels.json").read_text())
+    assert {row["op"] for row in results["results"]} == {"hardswish", "depthwise_conv2d"}
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    text = (out / "report.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    header, rows = table[0], table[1:]
+    assert len(rows) == len(results["results"])
+    assert all(row.count("|") == header.count("|") for row in rows)
+    assert all(row.rstrip(" |").endswith("x") for row in rows)  # the speed-up column
+    for png in pngs:
+        assert f"]({png.name})" in text

@@ -1,0 +1,82 @@
+"""The report written by `cnnkernels report`: report.md, kernels.json and one PNG bar chart of speed
+-ups per pass (forward, forward+backward), from the results of cli.run_kernel_benchmarks."""
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+_PASSES = {"fwd": "forward", "fwd+bwd": "forward+backward"}
+
+
+def markdown_table(results: dict) -> str:
+    sides = results["sides"]
+    header = ["op", "shape", "pass", "torch ms"] + [f"{s} ms" for s in sides] + [
+        f"{s} speed-up" for s in sides]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in results["results"]:
+        medians = row["median_s"]
+        cells = [row["op"], row["label"], row["direction"], f"{medians['torch'] * 1e3:.3f}"]
+        cells += [f"{medians[s] * 1e3:.3f}" for s in sides]
+        cells += [f"{row['speedup_vs_torch'][s]:.2f}x" for s in sides]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def speedup_plot(results: dict, direction: str, path: str) -> None:
+    rows = [r for r in results["results"] if r["direction"] == direction]
+    sides = results["sides"]
+    labels = [f"{r['op']} {r['label']}" for r in rows]
+    height = 0.8 / max(len(sides), 1)
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) * max(len(sides), 1) + 1.5))
+    for k, side in enumerate(sides):
+        ax.barh([i + k * height for i in range(len(rows))],
+                [r["speedup_vs_torch"][side] for r in rows], height=height, label=side)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v:g}x" if f"{v:.0e}"[0] in "25" else ""))  # label 0.2, 0.5, 2, 5...
+    ax.set_yticks([i + height * (len(sides) - 1) / 2 for i in range(len(rows))], labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over PyTorch eager (torch median / ours; > 1 is faster)")
+    info = results["info"]
+    ax.set_title(f"{_PASSES[direction]}, {info['device']}, torch {info['torch']}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: dict, out_dir: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    info = results["info"]
+    paths = []
+    json_path = os.path.join(out_dir, "kernels.json")
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=2)
+    paths.append(json_path)
+    pictures = []
+    for direction in _PASSES:
+        png = os.path.join(out_dir, f"speedup_{direction.replace('+', '_')}.png")
+        speedup_plot(results, direction, png)
+        pictures.append(os.path.basename(png))
+        paths.append(png)
+    lines = [
+        "# cnnkernels report", "",
+        f"cnnkernels {info['version']}, torch {info['torch']}, device {info['device']}, "
+        f"backend {info['backend']}; median of {results['reps']} round-robin repetitions per side"
+        + ("; CPU heap kept mapped while timing" if results["cpu_heap_kept"] else "") + ".", "",
+        "Speed-up = PyTorch eager median / ours: above 1 we are faster.", "",
+        "## Kernels", "", markdown_table(results), "",
+    ] + [f"![{p}]({p})" for p in pictures]
+    md_path = os.path.join(out_dir, "report.md")
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    paths.append(md_path)
+    return paths
