@@ -266,3 +266,26 @@ def test_torch_compile_inplace_without_grad():
 
     x = torch.randn(4, 5)
     assert_same(f(x), F.hardswish(x * 2))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_streaming_stores_past_the_cache_threshold(op, dtype):
+    """Outputs beyond 32 MiB of traffic are written with streaming stores (csrc/include/cnnkernels/
+    cpu/map.h). An odd length split between threads starts the second thread's run off a 32-byte
+    boundary and ends it mid-chunk: the scalar head and tail around the streamed chunks."""
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ CPU extension is not built")
+    ours, theirs = OPS[op]
+    n = 9_000_011  # 36 MB in float32: past the threshold for forward and backward alike
+    x = (torch.randn(n + 1, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
+    x = x[1:].requires_grad_()  # storage offset of one element: the output is allocated aligned
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with cnnkernels.use_backend("cpu"):
+        y = ours(x)
+        (dx,) = torch.autograd.grad(y, x, grad)
+    x_ref = x.detach().requires_grad_()
+    y_ref = theirs(x_ref)
+    (dx_ref,) = torch.autograd.grad(y_ref, x_ref, grad)
+    assert_same(y, y_ref)
+    assert_same(dx, dx_ref)

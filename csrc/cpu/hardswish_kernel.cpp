@@ -27,24 +27,27 @@ inline bool is_contiguous_run(const int64_t* strides, int ntensors) {
 }
 
 template <typename scalar_t, typename Act>
-void forward_run(const scalar_t* x, scalar_t* y, int64_t n, Act act) {
+void forward_run(const scalar_t* x, scalar_t* y, int64_t n, Act act, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
-  cpu::map1(x, y, n, [act](opmath_t v) { return act.forward(v); });
+  cpu::map1(x, y, n, [act](opmath_t v) { return act.forward(v); }, stream);
 }
 
 template <typename scalar_t, typename Act>
-void backward_run(const scalar_t* g, const scalar_t* x, scalar_t* out, int64_t n, Act act) {
+void backward_run(const scalar_t* g, const scalar_t* x, scalar_t* out, int64_t n, Act act,
+                  bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
-  cpu::map2(g, x, out, n, [act](opmath_t gv, opmath_t xv) { return act.backward(gv, xv); });
+  cpu::map2(g, x, out, n, [act](opmath_t gv, opmath_t xv) { return act.backward(gv, xv); },
+            stream);
 }
 
 template <typename scalar_t, typename Act>
 void forward_loop(at::TensorIteratorBase& iter, Act act) {
   using opmath_t = at::opmath_type<scalar_t>;
-  iter.for_each([act](char** data, const int64_t* strides, int64_t n) {
+  const bool stream = cpu::streaming_pays_off(2 * iter.numel() * int64_t(sizeof(scalar_t)));
+  iter.for_each([act, stream](char** data, const int64_t* strides, int64_t n) {
     if (is_contiguous_run<scalar_t>(strides, 2)) {
       forward_run(reinterpret_cast<const scalar_t*>(data[1]), reinterpret_cast<scalar_t*>(data[0]),
-                  n, act);
+                  n, act, stream);
       return;
     }
     for (int64_t i = 0; i < n; ++i) {
@@ -58,11 +61,12 @@ void forward_loop(at::TensorIteratorBase& iter, Act act) {
 template <typename scalar_t, typename Act>
 void backward_loop(at::TensorIteratorBase& iter, Act act) {
   using opmath_t = at::opmath_type<scalar_t>;
-  iter.for_each([act](char** data, const int64_t* strides, int64_t n) {
+  const bool stream = cpu::streaming_pays_off(3 * iter.numel() * int64_t(sizeof(scalar_t)));
+  iter.for_each([act, stream](char** data, const int64_t* strides, int64_t n) {
     if (is_contiguous_run<scalar_t>(strides, 3)) {
       backward_run(reinterpret_cast<const scalar_t*>(data[1]),
                    reinterpret_cast<const scalar_t*>(data[2]), reinterpret_cast<scalar_t*>(data[0]),
-                   n, act);
+                   n, act, stream);
       return;
     }
     for (int64_t i = 0; i < n; ++i) {
