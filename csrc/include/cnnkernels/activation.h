@@ -62,7 +62,7 @@ struct ReLU6 {
 
 struct LeakyReLU {
   static constexpr const char* name = "leaky_relu";
-  float negative_slope = 0.01f;
+  double negative_slope = 0.01;  // rounded to T where used, as ATen rounds its scalar
   template <typename T> C10_HOST_DEVICE T forward(T x) const {
     return x > T(0) ? x : x * T(negative_slope);
   }
@@ -119,7 +119,7 @@ decltype(auto) dispatch_activation(int64_t code, double negative_slope, Body&& b
     case Activation::Identity: return body(Identity{});
     case Activation::ReLU: return body(ReLU{});
     case Activation::ReLU6: return body(ReLU6{});
-    case Activation::LeakyReLU: return body(LeakyReLU{static_cast<float>(negative_slope)});
+    case Activation::LeakyReLU: return body(LeakyReLU{negative_slope});
     case Activation::HardSwish: return body(HardSwish{});
     case Activation::HardSigmoid: return body(HardSigmoid{});
   }
