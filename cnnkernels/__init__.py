@@ -24,6 +24,7 @@ from .backend import (
 )
 from . import ops  # noqa: E402  (registers autograd and fake kernels of the compiled ops)
 from . import nn  # noqa: E402
+from . import models  # noqa: E402
 
 
 def _triton_version() -> str | None:

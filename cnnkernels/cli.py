@@ -2,7 +2,8 @@
 
     cnnkernels info                      what was built, the device, the active backend
     cnnkernels bench kernels [--quick]   our kernels vs PyTorch on shapes from real models
-    cnnkernels report [--quick]          the same, written to report/report.md with JSON and plots
+    cnnkernels memory densenet           DenseNet-BC memory and step time per memory mode
+    cnnkernels report [--quick]          the kernels, written to report/report.md with JSON and plots
 """
 from __future__ import annotations
 
@@ -119,10 +120,95 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out_dir = args.out
     results = run_kernel_benchmarks(args)
-    paths = report.write(results, out_dir)
+    memory = None
+    if args.densenet_depths:
+        memory_args = argparse.Namespace(
+            depths=args.densenet_depths, growth_rate=args.densenet_growth_rate,
+            batch_size=args.densenet_batch or (16 if args.quick else 64),
+            image_size=args.densenet_image_size, impls="naive,checkpoint,shared",
+            device=args.device, dtype=args.dtype, steps=2 if args.quick else 3)
+        memory = run_memory_densenet(memory_args)
+        from . import memory as memory_module
+
+        print(memory["title"])
+        print(memory_module.format_table(memory["rows"]))
+    paths = report.write(results, out_dir, memory)
     for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{what} is empty")
+    return values
+
+
+def memory_configs(args: argparse.Namespace) -> list:
+    from . import memory
+
+    depths = _int_list(args.depths, "--depths")
+    for depth in depths:
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise UsageError(f"--depths: DenseNet-BC depth must be 6n + 4 (40, 100, 160, 250, ...), "
+                             f"got {depth}")
+    impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    unknown = [name for name in impls if name not in memory.IMPLS]
+    if unknown or not impls:
+        raise UsageError(f"--impls: unknown implementation {', '.join(unknown) or '(none)'}; "
+                         f"choose from {','.join(memory.IMPLS)}")
+    device = _device(args.device)
+    return [memory.MemoryConfig(depth, args.growth_rate, args.batch_size, impl, str(device),
+                                args.dtype, args.image_size, args.steps)
+            for depth in depths for impl in impls]
+
+
+def run_memory_densenet(args: argparse.Namespace) -> dict:
+    from . import memory
+    from .progress import progress
+
+    configs = memory_configs(args)
+    results = []
+    labels = [f"L={c.depth} {c.impl}" for c in configs]
+    for label in progress(labels, len(labels), "memory densenet"):
+        results.append(memory.run_in_subprocess(configs[labels.index(label)]))
+    rows = memory.rows_with_ratios(results)
+    first = configs[0]
+    title = (f"DenseNet-BC k={first.growth_rate}, batch {first.batch_size}, "
+             f"{first.image_size}x{first.image_size}, {first.device} {first.dtype}")
+    return {"title": title, "device": first.device, "torch": torch.__version__,
+            "cnnkernels": package_info()["version"], "rows": rows,
+            "samples": [r.step_samples for r in results]}
+
+
+def cmd_memory_densenet(args: argparse.Namespace) -> int:
+    from . import memory
+
+    result = run_memory_densenet(args)
+    print(result["title"])
+    print(memory.format_table(result["rows"]))
+    _write_json(args.json, result)
+    if args.plot:
+        memory.plot(result["rows"], args.plot, result["title"])
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def memory_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--depths", default="40,100,160,250",
+                        help="comma-separated DenseNet-BC depths, each 6n + 4 (default 40,100,160,250)")
+    parser.add_argument("--growth-rate", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--impls", default="naive,checkpoint,shared",
+                        help="comma-separated subset of naive,checkpoint,shared")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps (median reported)")
 
 
 def kernels_options(parser: argparse.ArgumentParser) -> None:
@@ -151,10 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     kernels.set_defaults(run=cmd_bench_kernels)
 
+    mem = sub.add_parser("memory", help="memory profiles")
+    mem_sub = mem.add_subparsers(dest="what", required=True)
+    dense = mem_sub.add_parser("densenet", help="DenseNet-BC training-step memory and time for "
+                                                "the naive, checkpoint and shared memory modes")
+    memory_options(dense)
+    dense.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    dense.add_argument("--plot", metavar="PATH", default="densenet_memory.png",
+                       help="PNG of peak memory vs depth (default densenet_memory.png; '' for none)")
+    dense.set_defaults(run=cmd_memory_densenet)
+
     rep = sub.add_parser("report", help="benchmark every kernel and write report.md, JSON and "
                                         "PNG plots")
     rep.add_argument("--out", default="report", metavar="DIR", help="output folder (./report)")
     kernels_options(rep)
+    rep.add_argument("--densenet-depths", default=None, metavar="LIST",
+                     help="DenseNet-BC depths for the memory section (default 40,100 with --quick, "
+                          "else 40,100,160,250; '' skips it)")
+    rep.add_argument("--densenet-batch", type=int, help="its batch size (16 with --quick, else 64)")
+    rep.add_argument("--densenet-growth-rate", type=int, default=12)
+    rep.add_argument("--densenet-image-size", type=int, default=32)
     rep.set_defaults(run=cmd_report, json=None)
     return parser
 
@@ -165,9 +267,11 @@ class UsageError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "report" and args.densenet_depths is None:
+        args.densenet_depths = "40,100" if args.quick else "40,100,160,250"
     try:
         return args.run(args)
-    except (UsageError, ValueError, BackendUnavailableError) as err:
+    except (UsageError, ValueError, BackendUnavailableError, RuntimeError) as err:
         print(f"cnnkernels: error: {err}", file=sys.stderr)
         return 2
 

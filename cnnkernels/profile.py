@@ -67,3 +67,95 @@ def compare_times(fns: Mapping[str, Callable[[], object]], device: torch.device 
         for name, fn in fns.items():
             samples[name].append(_time_once(fn, device))
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_cpu_memory() -> bool:
+    """Make glibc give every large freed block back to the kernel at once, so the resident set
+    size follows the bytes PyTorch holds. (By default glibc raises its mmap threshold after the
+    first large free and then serves tensors from a heap it keeps, so peak RSS would depend on the
+    allocation history.) Call before measuring CPU memory; returns False where this is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024))
+    except (OSError, AttributeError):
+        return False
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"cnnkernels: /proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def peak_memory(step_fn: Callable[[], object], device: torch.device | str) -> int:
+    """Bytes a call of `step_fn` needs at its peak beyond what was held before it.
+
+    CUDA: peak allocated bytes of the caching allocator around the call. CPU: peak resident set
+    size (Linux VmHWM, reset before the call) minus the resident size before it; run this in a
+    fresh process per configuration, after `return_freed_cpu_memory()` and one warm-up call, as
+    `cnnkernels memory densenet` does, or earlier configurations' heap pollutes the numbers."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step_fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu":
+        raise ValueError(f"cnnkernels: peak_memory measures 'cpu' or 'cuda', not {device.type!r}")
+    if not sys.platform.startswith("linux"):
+        raise RuntimeError("cnnkernels: CPU peak memory is read from /proc (Linux only)")
+    _reset_peak_rss()
+    before = _proc_status_kib("VmRSS")
+    step_fn()
+    return (_proc_status_kib("VmHWM") - before) * 1024
+
+
+def saved_activation_bytes(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Bytes of the distinct tensor storages that a forward of `model` leaves alive for backward.
+
+    Every tensor an operator creates during the forward is noted (a dispatch mode below
+    autograd sees them all, inside custom autograd Functions and checkpoints too); what is still
+    alive when the forward has returned is exactly what the autograd graph holds: the tensors
+    nodes saved, plus inputs that torch.utils.checkpoint keeps for its recomputation (which
+    saved-tensor hooks never see, so counting through those hooks alone would flatter
+    checkpointing). Parameters, buffers and the output itself are not counted."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    created: list[tuple[StorageWeakRef, int, int]] = []
+
+    class NoteStorages(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for leaf in tree_leaves(result):
+                if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                    storage = leaf.untyped_storage()
+                    created.append((StorageWeakRef(storage), storage.data_ptr(), storage.nbytes()))
+            return result
+
+    with NoteStorages():
+        output = model(*inputs)
+    excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    excluded.update(t.untyped_storage().data_ptr() for t in tree_leaves(output)
+                    if isinstance(t, torch.Tensor))
+    alive = {ptr: nbytes for ref, ptr, nbytes in created if not ref.expired() and ptr not in excluded}
+    del output
+    return sum(alive.values())

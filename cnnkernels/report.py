@@ -1,5 +1,6 @@
 """The report written by `cnnkernels report`: report.md, kernels.json and one PNG bar chart of speed
--ups per pass (forward, forward+backward), from the results of cli.run_kernel_benchmarks."""
+-ups per pass (forward, forward+backward), from the results of cli.run_kernel_benchmarks; and, when
+given, the DenseNet memory section (densenet_memory.json and a PNG of peak memory vs depth)."""
 from __future__ import annotations
 
 import json
@@ -53,7 +54,37 @@ def speedup_plot(results: dict, direction: str, path: str) -> None:
     plt.close(fig)
 
 
-def write(results: dict, out_dir: str) -> list[str]:
+def memory_markdown(memory: dict) -> str:
+    header = ["depth", "params", "impl", "peak MiB", "saved MiB", "step s", "peak / naive",
+              "time / naive"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for row in memory["rows"]:
+        lines.append(f"| {row['depth']} | {row['params']:,} | {row['impl']} | {row['peak_mib']:.1f} | "
+                     f"{row['saved_mib']:.1f} | {row['step_s']:.3f} | {ratio(row['peak_vs_naive'])} | "
+                     f"{ratio(row['time_vs_naive'])} |")
+    return "\n".join(lines)
+
+
+def write_memory(memory: dict, out_dir: str) -> tuple[list[str], list[str]]:
+    """densenet_memory.json, the plot, and report.md's lines for them."""
+    from .memory import plot
+
+    json_path = os.path.join(out_dir, "densenet_memory.json")
+    with open(json_path, "w") as f:
+        json.dump(memory, f, indent=2)
+    png = os.path.join(out_dir, "densenet_memory.png")
+    plot(memory["rows"], png, memory["title"])
+    lines = ["", "## DenseNet memory", "",
+             f"{memory['title']}: one training step (forward, cross-entropy, backward) per "
+             "configuration, each in a fresh process. Peak = peak memory of the step beyond what was "
+             "held before it; saved = bytes autograd keeps after the forward; step time is the "
+             "median of a few steps.", "", memory_markdown(memory), "",
+             f"![{os.path.basename(png)}]({os.path.basename(png)})"]
+    return [json_path, png], lines
+
+
+def write(results: dict, out_dir: str, memory: dict | None = None) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     info = results["info"]
     paths = []
@@ -75,6 +106,10 @@ def write(results: dict, out_dir: str) -> list[str]:
         "Speed-up = PyTorch eager median / ours: above 1 we are faster.", "",
         "## Kernels", "", markdown_table(results), "",
     ] + [f"![{p}]({p})" for p in pictures]
+    if memory is not None:
+        memory_paths, memory_lines = write_memory(memory, out_dir)
+        paths += memory_paths
+        lines += memory_lines
     md_path = os.path.join(out_dir, "report.md")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -47,13 +47,19 @@ def test_report_quick_writes_markdown_json_and_plots(tmp_path):
     """`report --quick` on tiny shapes: every file exists and the tables parse."""
     out = tmp_path / "report"
     assert cli.main(["report", "--quick", "--batch", "1", "--reps", "1", "--device", "cpu",
-                     "--ops", "hardswish,depthwise_conv2d", "--out", str(out)]) == 0
+                     "--ops", "hardswish,depthwise_conv2d", "--out", str(out),
+                     "--densenet-depths", "10", "--densenet-batch", "2",
+                     "--densenet-image-size", "8"]) == 0
     results = json.loads((out / "kernels.json").read_text())
     assert {row["op"] for row in results["results"]} == {"hardswish", "depthwise_conv2d"}
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert len(pngs) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     text = (out / "report.md").read_text()
-    table = [line for line in text.splitlines() if line.startswith("| ")]
+    kernels_text, memory_text = text.split("## DenseNet memory")
+    memory_rows = [line for line in memory_text.splitlines() if line.startswith("| 10 ")]
+    assert [row.split("|")[3].strip() for row in memory_rows] == ["naive", "checkpoint", "shared"]
+    assert len(json.loads((out / "densenet_memory.json").read_text())["rows"]) == 3
+    table = [line for line in kernels_text.splitlines() if line.startswith("| ")]
     header, rows = table[0], table[1:]
     assert len(rows) == len(results["results"])
     assert all(row.count("|") == header.count("|") for row in rows)

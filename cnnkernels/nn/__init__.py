@@ -1,5 +1,6 @@
 """Drop-in nn.Module layers whose parameters, buffers and state_dict keys match PyTorch's."""
 from .activation import HardSigmoid, HardSwish
 from .conv import DepthwiseConv2d
+from .densenet import DenseBlock, DenseLayer
 
-__all__ = ["HardSwish", "HardSigmoid", "DepthwiseConv2d"]
+__all__ = ["HardSwish", "HardSigmoid", "DepthwiseConv2d", "DenseBlock", "DenseLayer"]

@@ -1,0 +1,409 @@
+"""DenseNet layers and blocks with three memory strategies (seed 004 §8.4; Pleiss et al., 2017).
+
+A dense block of L layers feeds layer l the concatenation of the block input and all l earlier
+outputs. Written naively, every layer's concatenation and its BatchNorm output are fresh tensors
+that autograd keeps for backward, so memory grows with the square of depth. `DenseBlock(memory=...)`:
+
+* ``"naive"``: the textbook layer, ``cat → BN → ReLU → conv1×1 → BN → ReLU → conv3×3``.
+* ``"checkpoint"``: what torchvision's ``memory_efficient=True`` does, ``cat → BN → ReLU → conv1×1``
+  under ``torch.utils.checkpoint``, but with running statistics updated once per step (torchvision
+  updates them again when the checkpoint recomputes: pytorch issue 96136).
+* ``"shared"``: the block's output ``[N, C0 + L·k, H, W]`` is allocated once and each layer writes its
+  k new channels into its slice, so there are no concatenation copies to keep. The concatenation a
+  1×1 conv reads and the BN+ReLU outputs live in two scratch storages shared by all layers of the
+  block, overwritten layer after layer, and recomputed in backward. Per layer autograd keeps only the
+  bottleneck (the 1×1 conv's 4k-channel output) and the dropout mask: memory is linear in depth.
+  Recomputed batch statistics come from the same input with the same kernel, so they are
+  bit-identical to the forward's; running statistics are updated exactly once, in forward.
+
+All three compute the same outputs, gradients and running statistics. Parameter names (and hence
+state_dict keys) are torchvision's: ``denselayer{i}.norm1/conv1/norm2/conv2``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+MEMORY_MODES = ("naive", "checkpoint", "shared")
+
+
+def check_memory_mode(memory: str) -> str:
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"cnnkernels: memory must be one of {', '.join(MEMORY_MODES)}; got {memory!r}")
+    return memory
+
+
+class DenseLayer(nn.Module):
+    """One DenseNet-B layer: BN-ReLU-conv1×1 (to bn_size·k channels), BN-ReLU-conv3×3 (to k).
+
+    Called with a list of feature maps (or one tensor), it returns its k new channels, computed
+    from their concatenation. Stand-alone it runs ``"naive"`` (or ``"checkpoint"``); the shared
+    storage of ``"shared"`` is a property of the block that owns the layer."""
+
+    def __init__(self, in_channels: int, growth_rate: int, bn_size: int = 4, drop_rate: float = 0.0,
+                 memory: str = "naive") -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("growth_rate", growth_rate),
+                            ("bn_size", bn_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"cnnkernels: DenseLayer {name} must be a positive int, got {value!r}")
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"cnnkernels: DenseLayer drop_rate must be in [0, 1), got {drop_rate!r}")
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_channels, bn_size * growth_rate, kernel_size=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, padding=1,
+                               bias=False)
+        self.drop_rate = float(drop_rate)
+        self.memory = check_memory_mode(memory)
+
+    def bottleneck(self, features: Sequence[Tensor]) -> Tensor:
+        return self.conv1(self.relu1(self.norm1(torch.cat(list(features), 1))))
+
+    def checkpointed_bottleneck(self, features: Sequence[Tensor]) -> Tensor:
+        norm = self.norm1
+        calls = [0]
+
+        def run(*inputs: Tensor) -> Tensor:
+            calls[0] += 1
+            concat = torch.cat(inputs, 1)
+            if calls[0] > 1 and norm.training:
+                # The recomputation in backward: the same batch statistics (same input, same
+                # kernel), but the running statistics must not move a second time. Momentum 0
+                # leaves them bit for bit (running·1 + batch·0); passing them keeps the saved
+                # tensors the same as in forward, which checkpoint verifies.
+                normed = F.batch_norm(concat, norm.running_mean, norm.running_var, norm.weight,
+                                      norm.bias, True, 0.0, norm.eps)
+            else:
+                normed = norm(concat)
+            return self.conv1(self.relu1(normed))
+
+        return checkpoint(run, *features, use_reentrant=False)
+
+    def forward(self, features: Tensor | Sequence[Tensor]) -> Tensor:
+        if isinstance(features, Tensor):
+            features = [features]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in features)
+        if self.memory == "checkpoint" and needs_grad:
+            bottleneck = self.checkpointed_bottleneck(features)
+        else:
+            bottleneck = self.bottleneck(features)
+        new = self.conv2(self.relu2(self.norm2(bottleneck)))
+        if self.drop_rate > 0 and self.training:
+            new, _ = dropout_with_mask(new, self.drop_rate)
+        return new
+
+
+def dropout_with_mask(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """Training dropout that also returns its keep-mask, drawing the same random numbers as
+    F.dropout on the same device, so every memory mode gets the same masks from the same seed."""
+    if x.is_cuda:  # ATen's fused CUDA dropout
+        return torch.ops.aten.native_dropout(x, p, True)
+    noise = torch.empty_like(x).bernoulli_(1 - p)  # ATen's CPU dropout, step by step
+    mask = noise.bool()
+    noise.div_(1 - p)
+    return x * noise, mask
+
+
+def _dropout_scale(mask: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    return mask.to(dtype).div_(1 - p)
+
+
+def _momentum_and_count(norm: nn.BatchNorm2d) -> float:
+    """What nn.BatchNorm2d.forward does to its buffers before normalising a training batch."""
+    if norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:  # cumulative moving average
+            return 1.0 / float(norm.num_batches_tracked)
+    return 0.0 if norm.momentum is None else float(norm.momentum)
+
+
+def _scratch(storage: Tensor, like_shape: Sequence[int], channels_last: bool) -> Tensor:
+    """A dense [N, C, H, W] view at the start of a flat shared storage."""
+    n, c, h, w = like_shape
+    numel = n * c * h * w
+    if channels_last:
+        return storage[:numel].as_strided((n, c, h, w), (h * w * c, 1, w * c, c))
+    return storage[:numel].view(n, c, h, w)
+
+
+def is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class _BlockPlan:
+    """Shapes and scratch storages of one pass over a block."""
+
+    def __init__(self, block: "DenseBlock", like: Tensor, batch: int, height: int, width: int,
+                 channels_last: bool) -> None:
+        self.n, self.c0, self.h, self.w = batch, block.in_channels, height, width
+        self.k = block.growth_rate
+        self.num_layers = block.num_layers
+        self.channels_last = channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        widest_input = self.c0 + (self.num_layers - 1) * self.k
+        bottleneck = block.bn_size * self.k
+        self.concat_storage = like.new_empty(self.n * widest_input * self.h * self.w)
+        self.norm1_storage = like.new_empty(self.n * widest_input * self.h * self.w)
+        self.norm2_storage = like.new_empty(self.n * bottleneck * self.h * self.w)
+
+    def layer_input_channels(self, index: int) -> int:
+        return self.c0 + index * self.k
+
+    def concat(self, out: Tensor, index: int) -> Tensor:
+        """Layer `index`'s input, copied from the block output into the shared concat storage."""
+        channels = self.layer_input_channels(index)
+        view = _scratch(self.concat_storage, (self.n, channels, self.h, self.w), self.channels_last)
+        return view.copy_(out[:, :channels])
+
+    def norm1_output(self, like: Tensor) -> Tensor:
+        return _scratch(self.norm1_storage, like.shape, self.channels_last)
+
+    def norm2_output(self, like: Tensor) -> Tensor:
+        return _scratch(self.norm2_storage, like.shape, self.channels_last)
+
+
+_STATS_DTYPES: dict[tuple, torch.dtype] = {}
+
+
+def _saved_stats_dtype(x: Tensor, weight: Tensor | None) -> torch.dtype:
+    """The dtype ATen gives batch norm's saved mean/invstd (it varies by device and by whether
+    input and parameters share a dtype); learnt once per combination from a tiny batch."""
+    key = (x.device.type, x.dtype, None if weight is None else weight.dtype)
+    if key not in _STATS_DTYPES:
+        probe = torch.ones(2, 1, 1, 1, dtype=x.dtype, device=x.device)
+        one = None if weight is None else weight.new_ones(1)
+        _, mean, _ = torch.ops.aten.native_batch_norm(probe, one, one, None, None, True, 0.0, 1e-5)
+        _STATS_DTYPES[key] = mean.dtype
+    return _STATS_DTYPES[key]
+
+
+def _bn_relu_into(out: Tensor, x: Tensor, norm: nn.BatchNorm2d, weight: Tensor | None,
+                  bias: Tensor | None, update_running: bool) -> tuple[Tensor, Tensor]:
+    """relu(batch_norm(x)) in training mode, written into `out`; returns (mean, invstd)."""
+    mean = x.new_empty(x.shape[1], dtype=_saved_stats_dtype(x, weight))
+    invstd = torch.empty_like(mean)
+    if update_running:
+        momentum = _momentum_and_count(norm)
+        running_mean, running_var = norm.running_mean, norm.running_var
+    else:
+        momentum, running_mean, running_var = 0.0, None, None
+    torch.ops.aten.native_batch_norm.out(x, weight, bias, running_mean, running_var, True, momentum,
+                                         norm.eps, out=out, save_mean=mean, save_invstd=invstd)
+    out.relu_()
+    return mean, invstd
+
+
+def _layer_params(layer: DenseLayer) -> list[Tensor]:
+    return [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight,
+            layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
+
+
+_PARAMS_PER_LAYER = 6
+
+
+def _forward_shared(block: "DenseBlock", x: Tensor, params: Sequence[Tensor], save: bool
+                    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """The block's forward into one preallocated output; returns it and what backward needs
+    besides it: the bottlenecks (when `save` and the block does not recompute them), the dropout
+    masks, and each BatchNorm's batch mean and inverse std. Runs without autograd."""
+    plan = _BlockPlan(block, x, x.shape[0], x.shape[2], x.shape[3], is_channels_last(x))
+    out = torch.empty((plan.n, plan.c0 + plan.num_layers * plan.k, plan.h, plan.w), dtype=x.dtype,
+                      device=x.device, memory_format=plan.memory_format)
+    out[:, :plan.c0].copy_(x)
+    bottlenecks: list[Tensor] = []
+    masks: list[Tensor] = []
+    stats: list[Tensor] = []
+    for index, layer in enumerate(block.layers):
+        w1, b1, conv1, w2, b2, conv2 = params[index * _PARAMS_PER_LAYER:(index + 1) * _PARAMS_PER_LAYER]
+        concat = plan.concat(out, index)
+        normed1 = plan.norm1_output(concat)
+        stats += _bn_relu_into(normed1, concat, layer.norm1, w1, b1, update_running=True)
+        bottleneck = F.conv2d(normed1, conv1)
+        normed2 = plan.norm2_output(bottleneck)
+        stats += _bn_relu_into(normed2, bottleneck, layer.norm2, w2, b2, update_running=True)
+        new = F.conv2d(normed2, conv2, padding=1)
+        if layer.drop_rate > 0:
+            new, mask = dropout_with_mask(new, layer.drop_rate)
+            masks.append(mask)
+        channels = plan.layer_input_channels(index)
+        out[:, channels:channels + plan.k].copy_(new)
+        if save and not block.recompute_bottleneck:
+            bottlenecks.append(bottleneck)
+    return out, bottlenecks, masks, stats
+
+
+def _relu_backward_(grad: Tensor, relu_output: Tensor) -> Tensor:
+    """ReLU's backward (autograd's threshold_backward) written over `grad`: no extra input-sized
+    tensor. (masked_fill_ would do the same but is 5x slower on CPU.)"""
+    return torch.ops.aten.threshold_backward.grad_input(grad, relu_output, 0, grad_input=grad)
+
+
+def _affine_relu_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                      invstd: Tensor) -> None:
+    """relu(batch_norm(x)) again from the forward's batch statistics: one elementwise pass
+    (cnnkernels.ops.affine_act) instead of BatchNorm's statistics pass, normalising pass and ReLU
+    pass. ATen's CPU BatchNorm computes alpha = invstd·weight, beta = fma(−mean, alpha, bias) and
+    fma(x, alpha, beta); we fold the statistics the same way (the float32 fma as an exact float64
+    product and one subtraction), so on the CPU the recomputed values equal the forward's in
+    float32 (to the last bit, but for a double rounding once in ~2^29 channels)."""
+    from ..ops import affine_act
+
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = invstd.to(compute) * weight.to(compute)
+    shift = (bias.double() - mean.double() * scale.double()).to(compute)
+    affine_act(x, scale, shift, "relu", out=out)
+
+
+def _backward_shared(block: "DenseBlock", out: Tensor, grad_out: Tensor, params: Sequence[Tensor],
+                     bottlenecks: Sequence[Tensor], masks: Sequence[Tensor], stats: Sequence[Tensor]
+                     ) -> tuple[Tensor, list[Tensor]]:
+    """Gradients of the block input and of every parameter, last layer first, recomputing the
+    overwritten concatenation and BN+ReLU outputs (and the bottleneck, unless it was saved)."""
+    plan = _BlockPlan(block, out, out.shape[0], out.shape[2], out.shape[3], is_channels_last(out))
+    grad = grad_out.clone(memory_format=plan.memory_format)  # accumulates every layer's input gradient
+    param_grads: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    mask_iter = iter(reversed(masks))
+    all_three = [True, True, True]
+    for index in reversed(range(block.num_layers)):
+        layer = block.layers[index]
+        w1, b1, conv1, w2, b2, conv2 = params[index * _PARAMS_PER_LAYER:(index + 1) * _PARAMS_PER_LAYER]
+        channels = plan.layer_input_channels(index)
+        grad_new = grad[:, channels:channels + plan.k]
+        if layer.drop_rate > 0:
+            grad_new = grad_new * _dropout_scale(next(mask_iter), layer.drop_rate, grad.dtype)
+        # Recompute the layer's overwritten tensors from its input and the saved statistics.
+        mean1, invstd1, mean2, invstd2 = stats[4 * index:4 * index + 4]
+        concat = plan.concat(out, index)
+        normed1 = plan.norm1_output(concat)
+        _affine_relu_into(normed1, concat, w1, b1, mean1, invstd1)
+        bottleneck = F.conv2d(normed1, conv1) if block.recompute_bottleneck else bottlenecks[index]
+        normed2 = plan.norm2_output(bottleneck)
+        _affine_relu_into(normed2, bottleneck, w2, b2, mean2, invstd2)
+        # Then back through it.
+        grad_normed2, grad_conv2, _ = torch.ops.aten.convolution_backward(
+            grad_new, normed2, conv2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [True, True, False])
+        del grad_new
+        grad_bottleneck, grad_w2, grad_b2 = torch.ops.aten.native_batch_norm_backward(
+            _relu_backward_(grad_normed2, normed2), bottleneck, w2, None, None, mean2, invstd2, True,
+            layer.norm2.eps, all_three)
+        del grad_normed2, bottleneck
+        grad_normed1, grad_conv1, _ = torch.ops.aten.convolution_backward(
+            grad_bottleneck, normed1, conv1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [True, True, False])
+        del grad_bottleneck
+        grad_concat, grad_w1, grad_b1 = torch.ops.aten.native_batch_norm_backward(
+            _relu_backward_(grad_normed1, normed1), concat, w1, None, None, mean1, invstd1, True,
+            layer.norm1.eps, all_three)
+        del grad_normed1
+        grad[:, :channels] += grad_concat
+        del grad_concat
+        param_grads[index * _PARAMS_PER_LAYER:(index + 1) * _PARAMS_PER_LAYER] = [
+            grad_w1, grad_b1, grad_conv1, grad_w2, grad_b2, grad_conv2]
+    return grad[:, :plan.c0], param_grads
+
+
+class _SharedDenseBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, block: "DenseBlock", x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
+        out, bottlenecks, masks, stats = _forward_shared(block, x, params, save=True)
+        ctx.block = block
+        ctx.counts = (len(params), len(bottlenecks), len(masks), len(stats))
+        ctx.save_for_backward(out, *params, *bottlenecks, *masks, *stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        out, *rest = ctx.saved_tensors
+        groups = []
+        for count in ctx.counts:  # params, bottlenecks, masks, stats
+            groups.append(rest[:count])
+            rest = rest[count:]
+        grad_x, param_grads = _backward_shared(ctx.block, out, grad_out, *groups)
+        return (None, grad_x, *param_grads)
+
+
+class DenseBlock(nn.Module):
+    """A dense block: ``num_layers`` DenseLayers, output = input ⧺ every layer's k new channels.
+
+    ``memory`` picks how the concatenations are stored (see the module docstring). Children are
+    named ``denselayer1…denselayerL`` like torchvision's ``_DenseBlock``, so state_dicts are
+    interchangeable."""
+
+    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int = 4,
+                 drop_rate: float = 0.0, memory: str = "shared", recompute_bottleneck: bool = True
+                 ) -> None:
+        super().__init__()
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"cnnkernels: DenseBlock num_layers must be a positive int, got {num_layers!r}")
+        self.num_layers = num_layers
+        self.in_channels = in_channels
+        self.growth_rate = growth_rate
+        self.bn_size = bn_size
+        self.memory = check_memory_mode(memory)
+        self.recompute_bottleneck = bool(recompute_bottleneck)
+        for index in range(num_layers):
+            layer = DenseLayer(in_channels + index * growth_rate, growth_rate, bn_size, drop_rate,
+                               memory="checkpoint" if memory == "checkpoint" else "naive")
+            self.add_module(f"denselayer{index + 1}", layer)
+
+    @property
+    def layers(self) -> list[DenseLayer]:
+        return list(self.children())  # type: ignore[return-value]
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels + self.num_layers * self.growth_rate
+
+    def extra_repr(self) -> str:
+        return (f"num_layers={self.num_layers}, in_channels={self.in_channels}, "
+                f"growth_rate={self.growth_rate}, memory={self.memory!r}")
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError("cnnkernels: DenseBlock expects a 4-D [N, C, H, W] tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"cnnkernels: DenseBlock expects {self.in_channels} input channels, "
+                             f"got {x.shape[1]}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if self.memory != "shared":
+            return self._forward_naive(x)
+        params = [p for layer in self.layers for p in _layer_params(layer)]
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        if not self.training:
+            if needs_grad:  # gradients in eval mode (rare): autograd through the plain layers
+                return self._forward_naive(x)
+            return self._forward_eval(x)
+        F._verify_batch_size(x.size())  # the error nn.BatchNorm2d raises for one value per channel
+        if not needs_grad:  # e.g. recalibrating BN statistics: update them, save nothing
+            with torch.no_grad():
+                return _forward_shared(self, x, params, save=False)[0]
+        return _SharedDenseBlock.apply(self, x, *params)
+
+    def _forward_naive(self, x: Tensor) -> Tensor:
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+    def _forward_eval(self, x: Tensor) -> Tensor:
+        """Inference: each layer writes its new channels into the preallocated output."""
+        n, c0, h, w = x.shape
+        memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+        out = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device,
+                          memory_format=memory_format)
+        out[:, :c0].copy_(x)
+        for index, layer in enumerate(self.layers):
+            channels = c0 + index * self.growth_rate
+            out[:, channels:channels + self.growth_rate].copy_(layer([out[:, :channels]]))
+        return out

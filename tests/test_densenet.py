@@ -1,0 +1,342 @@
+"""Memory-efficient DenseNet: the three memory modes agree, shared mode saves what it promises,
+the models match torchvision's, and the memory profiler / command line work."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnkernels import models, profile
+from cnnkernels.nn import DenseBlock, DenseLayer
+
+MODES = ["naive", "checkpoint", "shared"]
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def make_blocks(drop_rate=0.0, dtype=torch.float32, momentum=0.1, num_layers=4, in_channels=10,
+                growth_rate=6, bn_size=2):
+    """One block per mode with the same weights (random affine BN parameters and statistics)."""
+    torch.manual_seed(0)
+    reference = DenseBlock(num_layers, in_channels, growth_rate, bn_size, drop_rate, memory="naive")
+    for name, tensor in reference.state_dict().items():
+        if name.endswith(("weight", "bias", "running_mean")):
+            tensor.copy_(torch.randn_like(tensor) * 0.5 + (1.0 if name.endswith("norm1.weight") else 0))
+        elif name.endswith("running_var"):
+            tensor.copy_(torch.rand_like(tensor) + 0.5)
+    blocks = {}
+    for mode in MODES:
+        block = DenseBlock(num_layers, in_channels, growth_rate, bn_size, drop_rate, memory=mode)
+        block.load_state_dict(reference.state_dict())
+        for module in block.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = momentum
+        blocks[mode] = block.to(dtype)
+    return blocks
+
+
+def train_steps(block, inputs, seed=1):
+    """Several training steps; returns outputs, input gradients, parameter gradients, buffers."""
+    torch.manual_seed(seed)  # the same dropout masks in every mode
+    outputs, input_grads = [], []
+    for step, x0 in enumerate(inputs):
+        x = x0.clone().requires_grad_()
+        y = block(x)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(step)).to(y.dtype)
+        y.backward(g)
+        outputs.append(y.detach())
+        input_grads.append(x.grad)
+    params = {n: p.grad.clone() for n, p in block.named_parameters()}
+    buffers = {n: b.clone() for n, b in block.named_buffers()}
+    return outputs, input_grads, params, buffers
+
+
+def tolerances(dtype, gradients=False):
+    """Outputs and running statistics come from the same ATen kernels in every mode. Gradients in
+    "shared" mode use BN+ReLU outputs recomputed by one fused pass from the saved statistics,
+    which may differ from ATen's in the last bit; weight gradients sum many such products."""
+    if dtype == torch.float32:
+        return dict(rtol=1e-4, atol=1e-4) if gradients else dict(rtol=1e-5, atol=1e-5)
+    return {torch.float64: dict(rtol=1e-10, atol=1e-10),
+            torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
+
+
+def assert_same_training(a, b, dtype):
+    tol, grad_tol = tolerances(dtype), tolerances(dtype, gradients=True)
+    for ya, yb in zip(a[0], b[0]):
+        torch.testing.assert_close(yb, ya, **tol)
+    for ga, gb in zip(a[1], b[1]):
+        torch.testing.assert_close(gb, ga, **grad_tol)
+    assert a[2].keys() == b[2].keys()
+    for name in a[2]:
+        torch.testing.assert_close(b[2][name], a[2][name], **grad_tol, msg=lambda m: f"{name}: {m}")
+    for name in a[3]:
+        torch.testing.assert_close(b[3][name], a[3][name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+def inputs_for(layout, dtype, steps=3, shape=(3, 10, 7, 9)):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(shape, generator=g) * 2 + 0.5).to(dtype).contiguous(
+        memory_format=LAYOUTS[layout]) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "shared"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_modes_agree_over_training_steps(mode, layout, drop_rate, dtype):
+    blocks = make_blocks(drop_rate, dtype)
+    inputs = inputs_for(layout, dtype)
+    expected = train_steps(blocks["naive"], inputs)
+    actual = train_steps(blocks[mode], inputs)
+    assert_same_training(expected, actual, dtype)
+    assert actual[0][0].is_contiguous(memory_format=LAYOUTS[layout])
+    # running statistics moved exactly once per forward
+    for name, value in actual[3].items():
+        if name.endswith("num_batches_tracked"):
+            assert value.item() == len(inputs)
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "shared"])
+def test_cumulative_average_momentum_none(mode):
+    blocks = make_blocks(momentum=None)
+    inputs = inputs_for("nchw", torch.float32, steps=4)
+    assert_same_training(train_steps(blocks["naive"], inputs), train_steps(blocks[mode], inputs),
+                         torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "shared"])
+def test_shared_mode_updates_running_stats_once_like_batchnorm(mode):
+    """Against nn.BatchNorm2d itself: the first layer's norm1 sees the block input unchanged."""
+    blocks = make_blocks()
+    block = blocks[mode]
+    norm = copy.deepcopy(block.denselayer1.norm1)
+    x = inputs_for("nchw", torch.float32, steps=1)[0].requires_grad_()
+    block(x).sum().backward()
+    norm(x.detach())
+    torch.testing.assert_close(block.denselayer1.norm1.running_mean, norm.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(block.denselayer1.norm1.running_var, norm.running_var, rtol=0, atol=0)
+    assert block.denselayer1.norm1.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "shared"])
+def test_two_forwards_before_one_backward(mode):
+    blocks = make_blocks(drop_rate=0.2)
+    x1, x2 = inputs_for("nchw", torch.float32, steps=2)
+    results = {}
+    for name in ("naive", mode):
+        block = blocks[name]
+        torch.manual_seed(3)
+        a, b = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+        y1, y2 = block(a), block(b)
+        (y1.square().sum() + (3 * y2).sum()).backward()
+        results[name] = (y1.detach(), y2.detach(), a.grad, b.grad,
+                         {n: p.grad.clone() for n, p in block.named_parameters()})
+    expected, actual = results["naive"], results[mode]
+    for e, a in zip(expected[:4], actual[:4]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    for name in expected[4]:
+        torch.testing.assert_close(actual[4][name], expected[4][name], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "shared"])
+def test_eval_mode_with_and_without_grad(mode):
+    blocks = make_blocks(drop_rate=0.3)
+    x = inputs_for("nchw", torch.float32, steps=1)[0]
+    for block in blocks.values():
+        block.eval()
+    with torch.no_grad():
+        expected = blocks["naive"](x)
+        torch.testing.assert_close(blocks[mode](x), expected, rtol=1e-6, atol=1e-6)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    blocks["naive"](a).sum().backward()
+    blocks[mode](b).sum().backward()
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_training_forward_updates_stats_and_saves_nothing():
+    blocks = make_blocks()
+    x = inputs_for("nchw", torch.float32, steps=1)[0]
+    with torch.no_grad():
+        expected = blocks["naive"](x)
+        actual = blocks["shared"](x)
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    for (name, a), b in zip(blocks["naive"].named_buffers(), blocks["shared"].buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    with torch.no_grad():
+        assert profile.saved_activation_bytes(blocks["shared"], x) == 0
+
+
+def test_gradcheck_shared_block_float64():
+    """Input and every parameter gradient of the shared block's autograd Function."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    block = DenseBlock(2, 3, 2, bn_size=2, drop_rate=0.0, memory="shared").double()
+    names = [name for name, _ in block.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in block.parameters()]
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *ps):
+        return functional_call(block, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_saved_activation_bytes_orders_the_modes():
+    x = torch.randn(8, 3, 32, 32)
+    saved = {}
+    for mode in MODES:
+        torch.manual_seed(0)
+        saved[mode] = profile.saved_activation_bytes(models.densenet_bc(40, 12, memory=mode), x)
+    assert saved["shared"] < saved["checkpoint"] < saved["naive"]
+    assert saved["shared"] <= 0.35 * saved["naive"]
+
+
+def test_saved_activation_bytes_counts_what_autograd_keeps():
+    lin = torch.nn.Linear(100, 100)  # saves its input (the caller's, not counted) only
+    x = torch.randn(10, 100)
+    assert profile.saved_activation_bytes(lin, x) == 0
+    seq = torch.nn.Sequential(torch.nn.Linear(100, 50), torch.nn.Tanh())
+    # Linear's output feeds tanh (saves its output, which is the model output: excluded), and
+    # Linear saves x (not created inside): nothing of the model's own is kept but tanh's output.
+    assert profile.saved_activation_bytes(seq, x) == 0
+    seq = torch.nn.Sequential(torch.nn.Linear(100, 50), torch.nn.Tanh(), torch.nn.Linear(50, 5))
+    assert profile.saved_activation_bytes(seq, x) == 10 * 50 * 4  # tanh output, saved by both
+
+
+def test_peak_memory_cpu_sees_a_large_temporary():
+    if not profile.return_freed_cpu_memory():
+        pytest.skip("needs glibc")
+
+    def step():
+        big = torch.ones(64 * 2**20 // 4)  # 64 MiB, freed at once
+        return float(big[0])
+
+    peak = profile.peak_memory(step, "cpu")
+    assert 48 * 2**20 <= peak <= 96 * 2**20
+
+
+def test_densenet121_matches_torchvision_both_ways():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    theirs = torchvision.models.densenet121()
+    for mode in MODES:
+        ours = models.densenet121(memory=mode)
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+        ours.load_state_dict(theirs.state_dict())
+        theirs.load_state_dict(ours.state_dict())
+        assert sum(p.numel() for p in ours.parameters()) == 7_978_856
+        x = torch.randn(2, 3, 64, 64)
+        theirs.eval(), ours.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    # Training mode too: outputs and the first conv's gradient.
+    ours = models.densenet121(memory="shared")
+    ours.load_state_dict(theirs.state_dict())
+    theirs.train(), ours.train()
+    x = torch.randn(2, 3, 64, 64)
+    y_ours, y_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-4, atol=1e-5)
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    # 121 layers of rounding differences: compare every gradient normwise
+    for (name, p_ours), p_theirs in zip(ours.named_parameters(), theirs.parameters()):
+        error = (p_ours.grad - p_theirs.grad).norm() / p_theirs.grad.norm().clamp_min(1e-12)
+        assert error < 1e-4, (name, error.item())
+
+
+@pytest.mark.parametrize("name, params", [("densenet161", 28_681_000), ("densenet169", 14_149_480),
+                                          ("densenet201", 20_013_928)])
+def test_imagenet_densenets_have_torchvision_keys_and_sizes(name, params):
+    torchvision = pytest.importorskip("torchvision")
+    ours = getattr(models, name)(memory="shared")
+    theirs = getattr(torchvision.models, name)()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert sum(p.numel() for p in ours.parameters()) == params
+
+
+def test_densenet264_is_torchvision_densenet_with_6_12_64_48():
+    torchvision = pytest.importorskip("torchvision")
+    ours = models.densenet264()
+    theirs = torchvision.models.DenseNet(32, (6, 12, 64, 48), 64)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+def test_densenet121_macs():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = models.densenet121().eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 224, 224))
+    macs = counter.get_total_flops() / 2
+    assert abs(macs / 2.83e9 - 1) < 0.02, macs  # torchvision's 2.83 "GFLOPS" are MACs
+
+
+def test_densenet_bc_100_12_size_and_output():
+    model = models.densenet_bc(100, 12)
+    assert sum(p.numel() for p in model.parameters()) == 769_162  # the paper's "0.8M"
+    assert [m.num_layers for m in model.modules() if isinstance(m, DenseBlock)] == [16, 16, 16]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: DenseBlock(2, 4, 2, memory="fast"), "memory must be one of"),
+    (lambda: models.densenet_bc(99), "depth must be 6n \\+ 4"),
+    (lambda: DenseLayer(4, 0), "growth_rate must be a positive int"),
+    (lambda: DenseLayer(4, 2, drop_rate=1.0), "drop_rate must be in"),
+    (lambda: models.densenet121(fused=True), None),
+])
+def test_bad_construction_arguments(make, message):
+    if message is None:
+        with pytest.raises(NotImplementedError, match="fused=True"):
+            make()
+        return
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_inputs(mode):
+    block = DenseBlock(2, 4, 2, memory=mode)
+    with pytest.raises(ValueError, match="expects 4 input channels, got 5"):
+        block(torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match="4-D"):
+        block(torch.randn(4, 3, 3))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        block(torch.randn(1, 4, 1, 1, requires_grad=True))
+
+
+def test_memory_cli_writes_table_json_and_plot(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out_json, out_png = tmp_path / "m.json", tmp_path / "m.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "cnnkernels", "memory", "densenet", "--depths", "10,16",
+         "--growth-rate", "4", "--batch-size", "4", "--image-size", "8", "--steps", "1",
+         "--device", "cpu", "--json", str(out_json), "--plot", str(out_png)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
+    assert len(lines) == 6 and {line.split()[2] for line in lines} == set(MODES)
+    rows = json.loads(out_json.read_text())["rows"]
+    assert len(rows) == 6 and all(row["peak_mib"] >= 0 and row["step_s"] > 0 for row in rows)
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--impls", "naive,fast"), "--impls: unknown implementation fast"),
+    (("--depths", "41"), "--depths: DenseNet-BC depth must be 6n + 4"),
+    (("--depths", "a,b"), "--depths must be comma-separated integers"),
+])
+def test_memory_cli_errors_are_one_line(args, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "cnnkernels", "memory", "densenet", *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cnnkernels: error: {message}"), lines
