@@ -83,8 +83,11 @@ def return_freed_cpu_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024))
+        ok = bool(libc.mallopt(_M_MMAP_MAX, 65536)  # glibc's default; keep_cpu_memory_mapped sets 0
+                  and libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+                  and libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024))
+        libc.malloc_trim(0)  # and give back what a kept heap still holds
+        return ok
     except (OSError, AttributeError):
         return False
 
@@ -121,10 +124,10 @@ def peak_memory(step_fn: Callable[[], object], device: torch.device | str) -> in
         raise ValueError(f"cnnkernels: peak_memory measures 'cpu' or 'cuda', not {device.type!r}")
     if not sys.platform.startswith("linux"):
         raise RuntimeError("cnnkernels: CPU peak memory is read from /proc (Linux only)")
-    _reset_peak_rss()
     before = _proc_status_kib("VmRSS")
+    _reset_peak_rss()
     step_fn()
-    return (_proc_status_kib("VmHWM") - before) * 1024
+    return max(0, _proc_status_kib("VmHWM") - before) * 1024
 
 
 def saved_activation_bytes(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
