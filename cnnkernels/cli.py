@@ -172,10 +172,20 @@ def run_memory_densenet(args: argparse.Namespace) -> dict:
     from .progress import progress
 
     configs = memory_configs(args)
-    results = []
-    labels = [f"L={c.depth} {c.impl}" for c in configs]
-    for label in progress(labels, len(labels), "memory densenet"):
-        results.append(memory.run_in_subprocess(configs[labels.index(label)]))
+    depths = sorted({c.depth for c in configs}, key=[c.depth for c in configs].index)
+    # per depth: one fresh process per implementation for memory, then one timing them round-robin
+    tasks = [(f"L={c.depth} {c.impl} memory", [c]) for c in configs]
+    tasks += [(f"L={d} step times", [c for c in configs if c.depth == d]) for d in depths]
+    memory_results: dict[int, memory.MemoryResult] = {}
+    times: dict[int, list[float]] = {}
+    for label, group in progress(tasks, len(tasks), "memory densenet", label=lambda t: t[0]):
+        if label.endswith("memory"):
+            memory_results[id(group[0])] = memory.run_in_subprocess(group[0])
+        else:
+            for config, samples in zip(group, memory.times_in_subprocess(group)):
+                times[id(config)] = samples
+    results = memory.with_times([memory_results[id(c)] for c in configs],
+                                [times[id(c)] for c in configs])
     rows = memory.rows_with_ratios(results)
     first = configs[0]
     title = (f"DenseNet-BC k={first.growth_rate}, batch {first.batch_size}, "

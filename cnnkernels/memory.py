@@ -1,10 +1,12 @@
 """Memory and time of DenseNet-BC training steps per memory mode (`cnnkernels memory densenet`).
 
-Each configuration (depth × implementation) runs in a fresh Python process, so one
-configuration's heap never pollutes another's numbers: it builds the model, takes one warm-up
-step, measures the peak memory of one training step (forward, cross-entropy, backward), counts the
-bytes autograd keeps after a forward, and times a few more steps. Peak memory and step time are the
-numbers of the paper's Figure 4 and Table 1 (Pleiss et al., 2017).
+Memory: each configuration (depth × implementation) runs in a fresh Python process, so one
+configuration's heap never pollutes another's numbers: it builds the model, takes one warm-up step,
+measures the peak memory of one training step (forward, cross-entropy, backward) and counts the bytes
+autograd keeps after a forward. Time: for each depth, one more process builds the model once per
+implementation (same weights) and times their steps round-robin (A, B, C, A, B, C, ...), so drifts
+of the machine hit every implementation alike; medians are reported. These are the numbers of the
+paper's Figure 4 and Table 1 (Pleiss et al., 2017).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -39,7 +41,7 @@ class MemoryResult:
     params: int
     peak_bytes: int
     saved_bytes: int
-    step_seconds: float
+    step_seconds: float = float("nan")
     step_samples: list[float] = field(default_factory=list)
 
 
@@ -48,16 +50,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(config: MemoryConfig) -> MemoryResult:
-    """Runs one configuration in this process (the worker side)."""
-    from . import profile
+def _training_step(config: MemoryConfig):
+    """The model, its input and a training step for one configuration."""
     from .models import densenet_bc
 
-    device = torch.device(config.device)
-    if device.type == "cpu":
-        profile.return_freed_cpu_memory()
+    device, dtype = torch.device(config.device), getattr(torch, config.dtype)
     torch.manual_seed(config.seed)
-    dtype = getattr(torch, config.dtype)
     model = densenet_bc(config.depth, config.growth_rate, memory=config.impl).to(device, dtype)
     model.train()
     x = torch.randn(config.batch_size, 3, config.image_size, config.image_size, device=device,
@@ -69,34 +67,70 @@ def measure(config: MemoryConfig) -> MemoryResult:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    return model, x, step
+
+
+def measure_memory(config: MemoryConfig) -> MemoryResult:
+    """Peak and saved bytes of one configuration, in this (fresh) process."""
+    from . import profile
+
+    device = torch.device(config.device)
+    if device.type == "cpu":
+        profile.return_freed_cpu_memory()
+    model, x, step = _training_step(config)
     step()  # warm-up: lazy initialisation, kernel caches
     _sync(device)
     peak = profile.peak_memory(step, device)
     saved = profile.saved_activation_bytes(model, x)
+    return MemoryResult(config, sum(p.numel() for p in model.parameters()), peak, saved)
+
+
+def measure_times(configs: list[MemoryConfig]) -> list[list[float]]:
+    """Step times of several configurations (one depth, several implementations), round-robin
+    in this process; returns the samples per configuration."""
+    from . import profile
+
+    device = torch.device(configs[0].device)
     if device.type == "cpu":
         profile.keep_cpu_memory_mapped()  # time kernels, not page faults
-        step()  # grows the now-kept heap to the step's peak once, untimed
-    samples = []
-    for _ in range(config.steps):
-        _sync(device)
-        begin = time.perf_counter()
-        step()
-        _sync(device)
-        samples.append(time.perf_counter() - begin)
-    return MemoryResult(config, sum(p.numel() for p in model.parameters()), peak, saved,
-                        statistics.median(samples), samples)
+    steps = [_training_step(config)[2] for config in configs]
+    for step in steps:
+        step()  # warm-up; on the CPU also grows the kept heap to the step's peak
+    samples: list[list[float]] = [[] for _ in configs]
+    for _ in range(configs[0].steps):
+        for index, step in enumerate(steps):
+            _sync(device)
+            begin = time.perf_counter()
+            step()
+            _sync(device)
+            samples[index].append(time.perf_counter() - begin)
+    return samples
 
 
-def run_in_subprocess(config: MemoryConfig, timeout: float | None = None) -> MemoryResult:
-    """Runs `measure(config)` in a fresh interpreter and returns its result."""
-    proc = subprocess.run([sys.executable, "-m", "cnnkernels.memory", json.dumps(asdict(config))],
-                          capture_output=True, text=True, timeout=timeout)
+def _run_worker(mode: str, payload) -> object:
+    proc = subprocess.run([sys.executable, "-m", "cnnkernels.memory", mode, json.dumps(payload)],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"cnnkernels: the memory worker for {config} failed:\n{tail}")
-    payload = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"cnnkernels: the memory worker ({mode}) failed:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_in_subprocess(config: MemoryConfig) -> MemoryResult:
+    """`measure_memory(config)` in a fresh interpreter."""
+    payload = _run_worker("memory", asdict(config))
     payload["config"] = MemoryConfig(**payload["config"])
     return MemoryResult(**payload)
+
+
+def times_in_subprocess(configs: list[MemoryConfig]) -> list[list[float]]:
+    """`measure_times(configs)` in a fresh interpreter."""
+    return _run_worker("times", [asdict(c) for c in configs])  # type: ignore[return-value]
+
+
+def with_times(results: list[MemoryResult], samples: list[list[float]]) -> list[MemoryResult]:
+    return [replace(r, step_seconds=statistics.median(s), step_samples=s)
+            for r, s in zip(results, samples)]
 
 
 def rows_with_ratios(results: list[MemoryResult]) -> list[dict]:
@@ -150,9 +184,13 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def _worker_main(argv: list[str]) -> int:
-    config = MemoryConfig(**json.loads(argv[0]))
-    result = measure(config)
-    print(json.dumps(asdict(result)))
+    mode, payload = argv[0], json.loads(argv[1])
+    if mode == "memory":
+        print(json.dumps(asdict(measure_memory(MemoryConfig(**payload)))))
+    elif mode == "times":
+        print(json.dumps(measure_times([MemoryConfig(**c) for c in payload])))
+    else:
+        raise SystemExit(f"unknown worker mode {mode!r}")
     return 0
 
 

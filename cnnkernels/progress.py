@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
-    """Yields `items`, showing progress on stderr (never on stdout, which carries the tables)."""
+def progress(items: Iterable[T], total: int, desc: str, label: Callable[[T], str] = str
+             ) -> Iterator[T]:
+    """Yields `items`, showing progress and `label(item)` on stderr (never on stdout, which
+    carries the tables)."""
     try:
         from tqdm import tqdm
     except ImportError:
         for index, item in enumerate(items, 1):
-            print(f"{desc} [{index}/{total}] {item}", file=sys.stderr, flush=True)
+            print(f"{desc} [{index}/{total}] {label(item)}", file=sys.stderr, flush=True)
             yield item
         return
     with tqdm(items, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True) as bar:
         for item in bar:
-            bar.set_postfix_str(str(item))
+            bar.set_postfix_str(label(item))
             yield item

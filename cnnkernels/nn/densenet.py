@@ -261,6 +261,21 @@ def _affine_relu_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean
     affine_act(x, scale, shift, "relu", out=out)
 
 
+def _back_through_bn_relu_conv(grad_out: Tensor, normed: Tensor, conv_weight: Tensor,
+                               padding: int, bn_input: Tensor, bn_weight: Tensor, mean: Tensor,
+                               invstd: Tensor, eps: float) -> tuple[Tensor, ...]:
+    """Gradients of conv(relu(batch_norm(bn_input))) given `normed` = relu(batch_norm(bn_input)):
+    (grad of bn_input, of the conv weight, of the BN weight, of the BN bias). The same ATen
+    backward kernels autograd would call for the naive layer."""
+    grad_normed, grad_conv, _ = torch.ops.aten.convolution_backward(
+        grad_out, normed, conv_weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+        [True, True, False])
+    grad_input, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+        _relu_backward_(grad_normed, normed), bn_input, bn_weight, None, None, mean, invstd, True,
+        eps, [True, True, True])
+    return grad_input, grad_conv, grad_bn_weight, grad_bn_bias
+
+
 def _backward_shared(block: "DenseBlock", out: Tensor, grad_out: Tensor, params: Sequence[Tensor],
                      bottlenecks: Sequence[Tensor], masks: Sequence[Tensor], stats: Sequence[Tensor]
                      ) -> tuple[Tensor, list[Tensor]]:
@@ -270,7 +285,6 @@ def _backward_shared(block: "DenseBlock", out: Tensor, grad_out: Tensor, params:
     grad = grad_out.clone(memory_format=plan.memory_format)  # accumulates every layer's input gradient
     param_grads: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
     mask_iter = iter(reversed(masks))
-    all_three = [True, True, True]
     for index in reversed(range(block.num_layers)):
         layer = block.layers[index]
         w1, b1, conv1, w2, b2, conv2 = params[index * _PARAMS_PER_LAYER:(index + 1) * _PARAMS_PER_LAYER]
@@ -287,22 +301,12 @@ def _backward_shared(block: "DenseBlock", out: Tensor, grad_out: Tensor, params:
         normed2 = plan.norm2_output(bottleneck)
         _affine_relu_into(normed2, bottleneck, w2, b2, mean2, invstd2)
         # Then back through it.
-        grad_normed2, grad_conv2, _ = torch.ops.aten.convolution_backward(
-            grad_new, normed2, conv2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [True, True, False])
-        del grad_new
-        grad_bottleneck, grad_w2, grad_b2 = torch.ops.aten.native_batch_norm_backward(
-            _relu_backward_(grad_normed2, normed2), bottleneck, w2, None, None, mean2, invstd2, True,
-            layer.norm2.eps, all_three)
-        del grad_normed2, bottleneck
-        grad_normed1, grad_conv1, _ = torch.ops.aten.convolution_backward(
-            grad_bottleneck, normed1, conv1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [True, True, False])
+        grad_bottleneck, grad_conv2, grad_w2, grad_b2 = _back_through_bn_relu_conv(
+            grad_new, normed2, conv2, 1, bottleneck, w2, mean2, invstd2, layer.norm2.eps)
+        del grad_new, bottleneck
+        grad_concat, grad_conv1, grad_w1, grad_b1 = _back_through_bn_relu_conv(
+            grad_bottleneck, normed1, conv1, 0, concat, w1, mean1, invstd1, layer.norm1.eps)
         del grad_bottleneck
-        grad_concat, grad_w1, grad_b1 = torch.ops.aten.native_batch_norm_backward(
-            _relu_backward_(grad_normed1, normed1), concat, w1, None, None, mean1, invstd1, True,
-            layer.norm1.eps, all_three)
-        del grad_normed1
         grad[:, :channels] += grad_concat
         del grad_concat
         param_grads[index * _PARAMS_PER_LAYER:(index + 1) * _PARAMS_PER_LAYER] = [
