@@ -411,3 +411,42 @@ class DenseBlock(nn.Module):
             channels = c0 + index * self.growth_rate
             out[:, channels:channels + self.growth_rate].copy_(layer([out[:, :channels]]))
         return out
+
+
+def _is_torchvision_dense_block(module: nn.Module) -> bool:
+    return type(module).__name__ == "_DenseBlock" and type(module).__module__.startswith(
+        "torchvision.models.densenet")
+
+
+def dense_block_from(block: nn.Module, memory: str = "shared") -> DenseBlock:
+    """Ours, holding copies of the parameters and buffers of a torchvision ``_DenseBlock`` (or of
+    another DenseBlock), with the same state_dict keys, mode, device and dtype."""
+    layers = list(block.children())
+    if not layers or not all(hasattr(layer, name) for layer in layers
+                             for name in ("norm1", "conv1", "norm2", "conv2")):
+        raise TypeError(f"cnnkernels: expected a DenseNet block of layers with norm1/conv1/norm2/"
+                        f"conv2, got {type(block).__name__}")
+    first = layers[0]
+    growth_rate = first.conv2.out_channels
+    ours = DenseBlock(len(layers), first.norm1.num_features, growth_rate,
+                      first.conv1.out_channels // growth_rate, float(getattr(first, "drop_rate", 0.0)),
+                      memory=memory)
+    for layer, source in zip(ours.layers, layers):
+        for norm, source_norm in ((layer.norm1, source.norm1), (layer.norm2, source.norm2)):
+            norm.eps, norm.momentum = source_norm.eps, source_norm.momentum
+    ours.load_state_dict(block.state_dict())
+    parameter = first.conv1.weight
+    ours.to(device=parameter.device, dtype=parameter.dtype)
+    return ours.train(block.training)
+
+
+def dense_block_to_torchvision(block: DenseBlock) -> nn.Module:
+    """torchvision's ``_DenseBlock`` with our parameters (for export)."""
+    from torchvision.models.densenet import _DenseBlock
+
+    first = block.layers[0]
+    theirs = _DenseBlock(block.num_layers, block.in_channels, block.bn_size, block.growth_rate,
+                         first.drop_rate)
+    theirs.load_state_dict(block.state_dict())
+    parameter = first.conv1.weight
+    return theirs.to(device=parameter.device, dtype=parameter.dtype).train(block.training)

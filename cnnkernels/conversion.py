@@ -1,0 +1,171 @@
+"""`cnnkernels.convert(model)`: swap cnnkernels' layers into an existing model; `revert` undoes it.
+
+The walk needs no tracing: it looks at each submodule and replaces the ones it recognises, copying
+every parameter and buffer and keeping train/eval mode, device, dtype and every state_dict key, so
+checkpoints load in both directions. Recognised today:
+
+=============  =====================================================  ==============================
+kind           replaced                                               by
+=============  =====================================================  ==============================
+hardswish      ``nn.Hardswish``                                       ``cnnkernels.nn.HardSwish``
+hardsigmoid    ``nn.Hardsigmoid``                                     ``cnnkernels.nn.HardSigmoid``
+depthwise      ``nn.Conv2d`` with ``groups == in_channels``           ``cnnkernels.nn.DepthwiseConv2d``
+densenet       torchvision ``_DenseBlock``                            ``DenseBlock(memory="shared")``
+=============  =====================================================  ==============================
+
+Conv-BN-Act runs, BatchNorm+activation and squeeze-and-excitation are swapped once their fused
+kernels exist (see the issues); they are left alone, and the report says so.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from torch import nn
+
+from .nn.activation import HardSigmoid, HardSwish
+from .nn.conv import DepthwiseConv2d
+from .nn.densenet import (DenseBlock, _is_torchvision_dense_block, dense_block_from,
+                          dense_block_to_torchvision)
+
+KINDS = ("hardswish", "hardsigmoid", "depthwise", "densenet")
+
+
+@dataclass
+class Swap:
+    name: str
+    kind: str
+    original: str
+    replacement: str | None  # None: left alone
+    reason: str = ""
+
+
+@dataclass
+class ConversionReport:
+    """What `convert` replaced and what it left alone (and why)."""
+
+    swaps: list[Swap] = field(default_factory=list)
+
+    @property
+    def replaced(self) -> list[Swap]:
+        return [s for s in self.swaps if s.replacement is not None]
+
+    @property
+    def left_alone(self) -> list[Swap]:
+        return [s for s in self.swaps if s.replacement is None]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for swap in self.replaced:
+            counts[swap.kind] = counts.get(swap.kind, 0) + 1
+        return counts
+
+    def __str__(self) -> str:
+        lines = [f"{'module':<40} {'kind':<12} {'was':<18} now / why not"]
+        for s in self.swaps:
+            outcome = s.replacement if s.replacement is not None else f"left alone: {s.reason}"
+            lines.append(f"{s.name:<40} {s.kind:<12} {s.original:<18} {outcome}")
+        summary = ", ".join(f"{n} {k}" for k, n in self.counts().items()) or "nothing"
+        lines.append(f"replaced: {summary}; left alone: {len(self.left_alone)}")
+        return "\n".join(lines)
+
+
+def _depthwise_problem(conv: nn.Conv2d) -> str | None:
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only 'zeros')"
+    if isinstance(conv.padding, str) and conv.padding != "valid" and any(s != 1 for s in conv.stride):
+        return "padding='same' with stride > 1"
+    return None
+
+
+def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, str] | None:
+    """(kind, factory of the replacement or None, reason when None) for modules we know."""
+    if type(module) is nn.Hardswish:
+        return "hardswish", lambda: HardSwish.from_torch(module), ""
+    if type(module) is nn.Hardsigmoid:
+        return "hardsigmoid", lambda: HardSigmoid.from_torch(module), ""
+    if type(module) is nn.Conv2d and module.groups == module.in_channels and module.groups > 1 \
+            and module.out_channels % module.in_channels == 0:
+        problem = _depthwise_problem(module)
+        if problem:
+            return "depthwise", None, problem
+        return "depthwise", lambda: DepthwiseConv2d.from_conv(module), ""
+    if _is_torchvision_dense_block(module):
+        return "densenet", lambda: dense_block_from(module, memory="shared"), ""
+    if isinstance(module, nn.BatchNorm2d):
+        return "batchnorm", None, "fused BatchNorm+activation is not built yet (issue 4)"
+    return None
+
+
+def _kinds(names: Iterable[str] | None, argument: str) -> set[str] | None:
+    if names is None:
+        return None
+    chosen = {names} if isinstance(names, str) else set(names)
+    unknown = chosen - set(KINDS)
+    if unknown:
+        raise ValueError(f"cnnkernels.convert: unknown kind(s) in {argument}: "
+                         f"{', '.join(sorted(unknown))}; choose from {', '.join(KINDS)}")
+    return chosen
+
+
+def convert(model: nn.Module, *, inplace: bool = False, include: Iterable[str] | None = None,
+            exclude: Iterable[str] | None = None, report: bool = False):
+    """Replace recognised submodules of `model` by cnnkernels' layers (see the module docstring).
+
+    Returns the new root (the same object with ``inplace=True``, else a deep copy), or
+    ``(root, ConversionReport)`` with ``report=True``. ``include``/``exclude`` take kinds from
+    ``cnnkernels.conversion.KINDS``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cnnkernels.convert expects an nn.Module, got {type(model).__name__}")
+    include_kinds, exclude_kinds = _kinds(include, "include"), _kinds(exclude, "exclude") or set()
+    root = model if inplace else copy.deepcopy(model)
+    result = ConversionReport()
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for child_name, child in list(parent.named_children()):
+            name = prefix + child_name
+            found = _classify(child)
+            if found is not None:
+                kind, factory, reason = found
+                wanted = kind in KINDS and (include_kinds is None or kind in include_kinds) \
+                    and kind not in exclude_kinds
+                if factory is not None and wanted:
+                    new = factory()
+                    setattr(parent, child_name, new)
+                    result.swaps.append(Swap(name, kind, type(child).__name__, type(new).__name__))
+                    continue  # the replacement's own children are ours
+                result.swaps.append(Swap(name, kind, type(child).__name__, None,
+                                         reason or "excluded by include/exclude"))
+            visit(child, name + ".")
+
+    if _classify(root) is not None:
+        raise ValueError("cnnkernels.convert: pass the model that contains the layer, not the "
+                         "layer itself (the root cannot be replaced in place)")
+    visit(root, "")
+    return (root, result) if report else root
+
+
+def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Replace cnnkernels' layers by the plain PyTorch (and torchvision) modules they stand for."""
+    root = model if inplace else copy.deepcopy(model)
+
+    def plain(module: nn.Module) -> nn.Module | None:
+        if isinstance(module, (HardSwish, HardSigmoid)):
+            return module.to_torch()
+        if isinstance(module, DepthwiseConv2d):
+            return module.to_conv().train(module.training)
+        if isinstance(module, DenseBlock):
+            return dense_block_to_torchvision(module)
+        return None
+
+    def visit(parent: nn.Module) -> None:
+        for child_name, child in list(parent.named_children()):
+            new = plain(child)
+            if new is not None:
+                setattr(parent, child_name, new)
+            else:
+                visit(child)
+
+    visit(root)
+    return root

@@ -1,0 +1,106 @@
+"""cnnkernels.convert / revert on torchvision models: same numbers, same keys, report."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import cnnkernels
+from cnnkernels.nn import DenseBlock, DepthwiseConv2d, HardSigmoid, HardSwish
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def check_same_model(original, converted, x, tol=1e-4):
+    """Eval outputs, train outputs and every parameter gradient agree; keys load both ways."""
+    assert list(converted.state_dict()) == list(original.state_dict())
+    converted.load_state_dict(original.state_dict())
+    original.load_state_dict(converted.state_dict())
+    for mode in (False, True):
+        original.train(mode), converted.train(mode)
+        torch.manual_seed(0)
+        y_ref = original(x)
+        torch.manual_seed(0)
+        y = converted(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        if mode:
+            y.square().sum().backward()
+            y_ref.square().sum().backward()
+            # normwise per parameter; gradients that are zero up to rounding (a BN bias before
+            # another BN) are compared against the model's largest gradient instead
+            scale = max(p.grad.norm() for p in original.parameters())
+            for (name, p), p_ref in zip(converted.named_parameters(), original.parameters()):
+                error = (p.grad - p_ref.grad).norm()
+                assert error <= tol * max(p_ref.grad.norm(), 1e-3 * scale), name
+
+
+def test_mobilenet_v3_small_activations_and_depthwise():
+    torch.manual_seed(0)
+    original = torchvision.models.mobilenet_v3_small()
+    converted, report = cnnkernels.convert(original, report=True)
+    assert report.counts() == {"hardswish": 19, "depthwise": 11, "hardsigmoid": 9}
+    assert all(s.kind == "batchnorm" for s in report.left_alone)
+    assert isinstance(converted.features[0][2], HardSwish)
+    assert isinstance(converted.features[1].block[0][0], DepthwiseConv2d)
+    assert type(original.features[0][2]) is nn.Hardswish  # the original is untouched
+    check_same_model(original, converted, torch.randn(2, 3, 64, 64))
+    assert "left alone: fused BatchNorm+activation is not built yet" in str(report)
+
+
+def test_densenet121_blocks_become_shared_and_revert():
+    torch.manual_seed(0)
+    original = torchvision.models.densenet121()
+    converted, report = cnnkernels.convert(original, report=True)
+    assert report.counts() == {"densenet": 4}
+    blocks = [m for m in converted.modules() if isinstance(m, DenseBlock)]
+    assert [b.num_layers for b in blocks] == [6, 12, 24, 16]
+    assert all(b.memory == "shared" for b in blocks)
+    check_same_model(original, converted, torch.randn(2, 3, 64, 64))
+    reverted = cnnkernels.revert(converted)
+    assert type(reverted.features.denseblock1).__name__ == "_DenseBlock"
+    reverted.eval(), original.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(reverted(x), original(x), rtol=0, atol=0)
+
+
+def test_include_exclude_and_inplace():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Hardswish(), nn.Hardsigmoid())
+    only_hs = cnnkernels.convert(model, include=["hardswish"])
+    assert [type(m) for m in only_hs] == [nn.Conv2d, HardSwish, nn.Hardsigmoid]
+    no_dw = cnnkernels.convert(model, exclude="depthwise")
+    assert [type(m) for m in no_dw] == [nn.Conv2d, HardSwish, HardSigmoid]
+    same = cnnkernels.convert(model, inplace=True)
+    assert same is model and isinstance(model[0], DepthwiseConv2d)
+    back = cnnkernels.revert(model, inplace=True)
+    assert back is model and [type(m) for m in model] == [nn.Conv2d, nn.Hardswish, nn.Hardsigmoid]
+
+
+def test_keeps_device_dtype_mode_and_pickles():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, groups=3, padding=1), nn.Hardswish()).double().eval()
+    converted = cnnkernels.convert(model)
+    assert converted[0].weight.dtype == torch.float64 and not converted[0].training
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), model(x))
+    torch.testing.assert_close(copy.deepcopy(converted)(x), model(x))
+
+
+def test_unsupported_depthwise_is_left_alone_with_the_reason():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4, padding=1, padding_mode="reflect"))
+    converted, report = cnnkernels.convert(model, report=True)
+    assert type(converted[0]) is nn.Conv2d
+    assert report.left_alone[0].reason == "padding_mode='reflect' (only 'zeros')"
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        cnnkernels.convert("resnet")
+    with pytest.raises(ValueError, match="unknown kind"):
+        cnnkernels.convert(nn.Sequential(), include=["gelu"])
+    with pytest.raises(ValueError, match="not the layer itself"):
+        cnnkernels.convert(nn.Hardswish())
