@@ -133,3 +133,21 @@ def test_bad_inputs():
                                             x.detach().view(-1)[:693].view(1, 7, 9, 11), scale, shift)
     with pytest.raises(RuntimeError, match="activation code must be in"):
         torch.ops.cnnkernels.affine_act(x.detach(), scale, shift, 9, 0.01)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("activation", list(activations.CODES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_kernel_matches_cpu_kernel(activation, layout):
+    """The Triton kernel (under TRITON_INTERPRET=1 without a GPU; float32: the interpreter has no
+    bf16 arithmetic) against the C++ kernel: both round one fma, then the activation."""
+    if not cnnkernels.backend.triton_available():
+        pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1 (set by conftest.py)")
+    skip_without_extension()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, scale, shift = make(layout, torch.float32, device)
+    with cnnkernels.use_backend("triton"):
+        y = affine_act(x, scale, shift, activation, 0.2)
+    expected = affine_act(x.cpu(), scale.cpu(), shift.cpu(), activation, 0.2)
+    torch.testing.assert_close(y.cpu(), expected, rtol=1e-6, atol=1e-6)
+    assert y.stride() == torch.empty_like(x).stride()

@@ -5,7 +5,8 @@ re-applying batch statistics computed earlier, as the shared-memory DenseNet doe
 fused with an activation from cnnkernels.activations. `scale` and `shift` are in the compute type
 (float32 for float32/float16/bfloat16 inputs, float64 for float64). `out=` writes into an existing
 tensor of x's shape and dtype (it may be x itself). No autograd: it raises when asked for
-gradients. Kernels: csrc/cpu and csrc/cuda/affine_act_kernel.*; reference: cnnkernels/reference.
+gradients. Kernels: csrc/cpu and csrc/cuda/affine_act_kernel.*, cnnkernels/triton/affine_act.py;
+reference: cnnkernels/reference.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .. import _extension, activations, backend
 from ..reference import affine_act as reference
 
 _OP = "affine_act"
-KERNELS = frozenset({"cpu", "cuda"})
+KERNELS = frozenset({"cpu", "cuda", "triton"})
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -58,8 +59,13 @@ def affine_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, shift)):
         raise RuntimeError(f"{_OP}: has no autograd (it is an inference / recomputation pass); "
                            "call it under torch.no_grad()")
-    kind = backend.select(x.device, KERNELS | {"triton"}, _OP)
-    if kind not in KERNELS or not _extension.cpu_ext:
+    kind = backend.select(x.device, KERNELS, _OP)
+    if kind == "triton":
+        from ..triton import affine_act as _triton  # noqa: F401  (lazy: registers the op)
+
+        y = torch.ops.cnnkernels.affine_act_triton(x, scale, shift, code, float(negative_slope))
+        return y if out is None else out.copy_(y)
+    if kind == "torch" or (kind == "cuda" and not _extension.cuda_ext) or not _extension.cpu_ext:
         y = reference.affine_act(x, scale, shift, code, float(negative_slope))
         return y if out is None else out.copy_(y)
     if out is None:
