@@ -2,6 +2,7 @@
 
     cnnkernels info                      what was built, the device, the active backend
     cnnkernels bench kernels [--quick]   our kernels vs PyTorch on shapes from real models
+    cnnkernels bench models [--quick]    torchvision models, plain vs cnnkernels.convert-ed
     cnnkernels memory densenet           DenseNet-BC memory and step time per memory mode
     cnnkernels report [--quick]          the kernels, written to report/report.md with JSON and plots
 """
@@ -195,6 +196,32 @@ def run_memory_densenet(args: argparse.Namespace) -> dict:
             "samples": [r.step_samples for r in results]}
 
 
+def cmd_bench_models(args: argparse.Namespace) -> int:
+    from . import models_bench
+    from .progress import progress
+
+    device, dtype = _device(args.device), _DTYPES[args.dtype]
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in models_bench.MODELS]
+    if unknown or not names:
+        raise UsageError(f"--models: unknown model {', '.join(unknown) or '(none)'}; choose from "
+                         f"{','.join(models_bench.MODELS)}")
+    batch = args.batch or (2 if args.quick else 8)
+    image = args.image_size or (128 if args.quick else 224)
+    reps = args.reps or (3 if args.quick else 5)
+    if device.type == "cpu":
+        profile.keep_cpu_memory_mapped()
+    rows = []
+    for name in progress(names, len(names), "bench models"):
+        rows += models_bench.bench_model(name, device, dtype, batch, image, reps)
+    print(f"torchvision models, plain vs cnnkernels.convert, {device} {args.dtype}, "
+          f"{image}x{image}, median of {reps} round-robin steps")
+    print(models_bench.format_table(rows))
+    print("speed-up = plain median / converted (> 1 means the converted model is faster)")
+    _write_json(args.json, {"info": package_info(), "rows": rows})
+    return 0
+
+
 def cmd_memory_densenet(args: argparse.Namespace) -> int:
     from . import memory
 
@@ -246,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     kernels_options(kernels)
     kernels.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     kernels.set_defaults(run=cmd_bench_kernels)
+
+    models = bench_sub.add_parser("models", help="torchvision models, plain vs converted: "
+                                                 "training step and inference")
+    models.add_argument("--models", default="mobilenet_v2,mobilenet_v3_large,resnet50,densenet121",
+                        help="comma-separated torchvision model names")
+    models.add_argument("--quick", action="store_true", help="batch 2 at 128x128, 3 steps")
+    models.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    models.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    models.add_argument("--batch", type=int, help="batch size (default 8; 2 with --quick)")
+    models.add_argument("--image-size", type=int, help="input size (default 224; 128 with --quick)")
+    models.add_argument("--reps", type=int, help="timed steps per side (default 5; 3 with --quick)")
+    models.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    models.set_defaults(run=cmd_bench_models)
 
     mem = sub.add_parser("memory", help="memory profiles")
     mem_sub = mem.add_subparsers(dest="what", required=True)

@@ -33,8 +33,22 @@ def test_bench_kernels_writes_ratios(tmp_path, capsys):
         assert row["median_s"]["torch"] > 0
 
 
+def test_bench_models_checks_outputs_and_prints_ratios(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    out = tmp_path / "models.json"
+    assert cli.main(["bench", "models", "--models", "mobilenet_v3_large", "--batch", "1",
+                     "--image-size", "64", "--reps", "1", "--device", "cpu",
+                     "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mobilenet_v3_large   inference" in printed and "21 hardswish" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["direction"] for r in rows] == ["inference", "training"]
+    assert all(r["speedup"] > 0 and r["relative_output_error"] < 1e-3 for r in rows)
+
+
 @pytest.mark.parametrize("args, message", [
     (("bench", "kernels", "--ops", "bogus"), "unknown op(s) bogus"),
+    (("bench", "models", "--models", "lenet"), "--models: unknown model lenet"),
 ])
 def test_errors_are_one_line_with_exit_code_2(args, message):
     result = run_cli(*args)

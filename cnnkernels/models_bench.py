@@ -1,0 +1,84 @@
+"""`cnnkernels bench models`: training-step and inference time of torchvision models, plain vs
+`cnnkernels.convert`-ed, timed round-robin on the same input (cnnkernels.profile.compare_times).
+
+The converted model holds copies of the plain one's weights; its outputs are checked against the
+plain model's before timing, so a speed-up can never come from computing something else.
+"""
+from __future__ import annotations
+
+import torch
+
+MODELS = ("mobilenet_v2", "mobilenet_v3_large", "resnet50", "densenet121")
+
+
+def build(name: str, device: torch.device, dtype: torch.dtype):
+    """(plain, converted, swap counts) for a torchvision model name."""
+    import torchvision
+
+    from .conversion import convert
+
+    if name not in MODELS and not hasattr(torchvision.models, name):
+        raise ValueError(f"unknown model {name!r}; try one of {', '.join(MODELS)}")
+    torch.manual_seed(0)
+    plain = getattr(torchvision.models, name)().to(device, dtype)
+    converted, report = convert(plain, report=True)
+    return plain, converted, report.counts()
+
+
+def _check_same_outputs(plain, converted, x) -> float:
+    plain.eval(), converted.eval()
+    with torch.no_grad():
+        y, y_ref = converted(x), plain(x)
+    error = ((y - y_ref).norm() / y_ref.norm().clamp_min(1e-12)).item()
+    if error > 1e-3:
+        raise RuntimeError(f"cnnkernels: the converted model's outputs differ from the original's "
+                           f"(relative error {error:.2e})")
+    return error
+
+
+def bench_model(name: str, device: torch.device, dtype: torch.dtype, batch: int, image: int,
+                reps: int) -> list[dict]:
+    from . import profile
+
+    plain, converted, counts = build(name, device, dtype)
+    x = torch.randn(batch, 3, image, image, device=device, dtype=dtype)
+    error = _check_same_outputs(plain, converted, x)
+    rows = []
+    for direction in ("inference", "training"):
+        def step(model):
+            if direction == "inference":
+                model.eval()
+                with torch.no_grad():
+                    return lambda: model(x)
+            model.train()
+
+            def train_step():
+                model(x).float().square().mean().backward()
+                model.zero_grad(set_to_none=True)
+            return train_step
+
+        fns = {"torch": step(plain), "cnnkernels": step(converted)}
+        if direction == "inference":
+            fns = {key: _no_grad(fn) for key, fn in fns.items()}
+        medians = profile.compare_times(fns, device, warmup=1, reps=reps)
+        rows.append({"model": name, "direction": direction, "batch": batch, "image": image,
+                     "median_s": medians, "speedup": medians["torch"] / medians["cnnkernels"],
+                     "swapped": counts, "relative_output_error": error})
+    return rows
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'model':<20} {'pass':<10} {'batch':>5} {'torch ms':>10} {'ours ms':>10} {'speed-up':>9}  swapped"]
+    for r in rows:
+        swapped = ", ".join(f"{n} {k}" for k, n in r["swapped"].items()) or "nothing"
+        lines.append(f"{r['model']:<20} {r['direction']:<10} {r['batch']:>5} "
+                     f"{r['median_s']['torch'] * 1e3:>10.1f} {r['median_s']['cnnkernels'] * 1e3:>10.1f} "
+                     f"{r['speedup']:>8.2f}x  {swapped}")
+    return "\n".join(lines)
