@@ -3,6 +3,7 @@
 # network needed): builds cnnkernels in place with that machine's torch, runs the whole test suite
 # (CUDA and Triton-on-GPU tests included), runs the benchmarks, and leaves everything in OUTDIR:
 #   env.txt  build.log  tests.log  tests.xml  bench.log  bench.json  bench.md  kernels.json  info.json
+#   models.json  densenet_memory.{json,png,log}
 # Usage: tools/gpu_check.sh OUTDIR        (PYTHON=... to pick the interpreter; default python3)
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR}
@@ -38,6 +39,13 @@ $PY bench/compare.py "$OUT/bench.json" > "$OUT/bench.md" 2>&1 || status=1
 
 echo "== cnnkernels bench kernels"
 $PY -m cnnkernels bench kernels --compile --json "$OUT/kernels.json" || status=1
+
+echo "== cnnkernels bench models (plain vs convert()-ed torchvision models)"
+$PY -m cnnkernels bench models --device cuda --batch 64 --json "$OUT/models.json" || status=1
+
+echo "== cnnkernels memory densenet (DenseNet-BC k=12, batch 64: naive / checkpoint / shared)"
+timeout 900 $PY -m cnnkernels memory densenet --device cuda --depths 40,100,160,250 \
+  --json "$OUT/densenet_memory.json" --plot "$OUT/densenet_memory.png" 2> "$OUT/densenet_memory.log" || status=1
 
 echo "== summary (torch eager median / ours; > 1 is faster)"
 cat "$OUT/bench.md"
