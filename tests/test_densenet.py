@@ -340,3 +340,21 @@ def test_memory_cli_errors_are_one_line(args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"cnnkernels: error: {message}"), lines
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3])
+def test_shared_mode_keeping_the_bottleneck_agrees_and_saves_more(drop_rate):
+    blocks = make_blocks(drop_rate)
+    keep = DenseBlock(4, 10, 6, 2, drop_rate, memory="shared", recompute_bottleneck=False)
+    keep.load_state_dict(blocks["naive"].state_dict())
+    for module in keep.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.1
+    inputs = inputs_for("nchw", torch.float32)
+    x = inputs[0].clone().requires_grad_()
+    saved_keep = profile.saved_activation_bytes(keep, x)
+    saved_recompute = profile.saved_activation_bytes(blocks["shared"], x)
+    assert saved_recompute < saved_keep
+    blocks = make_blocks(drop_rate)
+    keep.load_state_dict(blocks["naive"].state_dict())
+    assert_same_training(train_steps(blocks["naive"], inputs), train_steps(keep, inputs), torch.float32)

@@ -38,12 +38,15 @@ def _check_fused(fused: bool) -> None:
 
 class DenseNet(nn.Module):
     """DenseNet-BC. ``stem="imagenet"``: conv7×7/2, BN, ReLU, maxpool (torchvision's layout);
-    ``stem="cifar"``: one conv3×3 to ``num_init_features`` channels."""
+    ``stem="cifar"``: one conv3×3 to ``num_init_features`` channels. ``recompute_bottleneck``
+    (shared mode): recompute each layer's 4k-channel bottleneck in backward (least memory) or keep
+    it (less time); see cnnkernels.nn.DenseBlock."""
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0.0,
                  num_classes: int = 1000, memory: str = "shared", fused: bool = False,
-                 stem: str = "imagenet", compression: float = 0.5) -> None:
+                 stem: str = "imagenet", compression: float = 0.5,
+                 recompute_bottleneck: bool = True) -> None:
         super().__init__()
         check_memory_mode(memory)
         _check_fused(fused)
@@ -62,7 +65,8 @@ class DenseNet(nn.Module):
         self.features = nn.Sequential(OrderedDict(layers))
         channels = num_init_features
         for index, num_layers in enumerate(block_config):
-            block = DenseBlock(num_layers, channels, growth_rate, bn_size, drop_rate, memory=memory)
+            block = DenseBlock(num_layers, channels, growth_rate, bn_size, drop_rate, memory=memory,
+                               recompute_bottleneck=recompute_bottleneck)
             self.features.add_module(f"denseblock{index + 1}", block)
             channels = block.out_channels
             if index != len(block_config) - 1:

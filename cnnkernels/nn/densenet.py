@@ -337,9 +337,11 @@ class _SharedDenseBlock(torch.autograd.Function):
 class DenseBlock(nn.Module):
     """A dense block: ``num_layers`` DenseLayers, output = input ⧺ every layer's k new channels.
 
-    ``memory`` picks how the concatenations are stored (see the module docstring). Children are
-    named ``denselayer1…denselayerL`` like torchvision's ``_DenseBlock``, so state_dicts are
-    interchangeable."""
+    ``memory`` picks how the concatenations are stored (see the module docstring). In shared mode,
+    ``recompute_bottleneck=True`` also recomputes each layer's 1×1 conv output in backward instead of
+    keeping it (DenseNet-BC-100 on CPU: 0.19x instead of 0.29x the naive peak memory, for one more
+    1×1 conv per layer). Children are named ``denselayer1…denselayerL`` like torchvision's
+    ``_DenseBlock``, so state_dicts are interchangeable."""
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int = 4,
                  drop_rate: float = 0.0, memory: str = "shared", recompute_bottleneck: bool = True
