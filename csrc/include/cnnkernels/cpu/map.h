@@ -30,6 +30,8 @@
 #endif
 
 #define CNNKERNELS_ALWAYS_INLINE inline __attribute__((always_inline))
+// A lambda inlined into its (ISA-targeted) caller, so its loops vectorise for that ISA.
+#define CNNKERNELS_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace cnnkernels::cpu {
 
@@ -189,36 +191,31 @@ CNNKERNELS_ALWAYS_INLINE void map1_plain(const T* x, T* out, int64_t n, const F&
   }
 }
 
-// map1 with streaming stores: chunks are computed into L1 buffers, then streamed out.
-template <bool kAvx2, typename T, typename F>
-CNNKERNELS_ALWAYS_INLINE void map1_streaming(const T* x, T* out, int64_t n, const F& f) {
+// Writes out[0, n) with streaming stores: run(offset, dst, count) computes elements
+// [offset, offset + count) into dst. The unaligned head and the tail are computed in place; the
+// aligned middle goes through an L1 chunk that is then streamed out.
+template <bool kAvx2, typename T, typename Run>
+CNNKERNELS_ALWAYS_INLINE void streamed(T* out, int64_t n, const Run& run) {
   const int64_t head = head_to_alignment(out, n);
-  map1_plain<kAvx2>(x, out, head, f);
-  constexpr int64_t kStep = kChunk;  // kChunk elements of T: a multiple of 32 bytes
-  alignas(64) float buf[kChunk];
-  alignas(64) T converted[kChunk];
+  run(0, out, head);
+  alignas(64) T chunk[kChunk];  // kChunk elements of T: a multiple of 32 bytes
   int64_t i = head;
-  for (; i + kStep <= n; i += kStep) {
-    if constexpr (is_reduced_float<T>) {
-      load_floats<kAvx2>(x + i, buf, kStep);
-      for (int64_t j = 0; j < kStep; ++j) buf[j] = f(buf[j]);
-      store_floats<kAvx2>(buf, converted, kStep);
-      stream_chunk<kAvx2>(converted, out + i, kStep * sizeof(T));
-    } else {
-      for (int64_t j = 0; j < kStep; ++j) converted[j] = f(x[i + j]);
-      stream_chunk<kAvx2>(converted, out + i, kStep * sizeof(T));
-    }
+  for (; i + kChunk <= n; i += kChunk) {
+    run(i, chunk, kChunk);
+    stream_chunk<kAvx2>(chunk, out + i, kChunk * sizeof(T));
   }
 #if CNNKERNELS_X86
   _mm_sfence();  // streaming stores are weakly ordered: publish them before the op returns
 #endif
-  map1_plain<kAvx2>(x + i, out + i, n - i, f);
+  run(i, out + i, n - i);
 }
 
 template <bool kAvx2, typename T, typename F>
 CNNKERNELS_ALWAYS_INLINE void map1_body(const T* x, T* out, int64_t n, const F& f, bool stream) {
   if (should_stream<kAvx2>(stream, x, out, n)) {
-    map1_streaming<kAvx2>(x, out, n, f);
+    streamed<kAvx2>(out, n, [&](int64_t offset, T* dst, int64_t count) CNNKERNELS_ALWAYS_INLINE_LAMBDA {
+      map1_plain<kAvx2>(x + offset, dst, count, f);
+    });
   } else {
     map1_plain<kAvx2>(x, out, n, f);
   }
@@ -241,39 +238,13 @@ CNNKERNELS_ALWAYS_INLINE void map2_plain(const T* a, const T* b, T* out, int64_t
   }
 }
 
-// map2 with streaming stores, as map1_streaming.
-template <bool kAvx2, typename T, typename F>
-CNNKERNELS_ALWAYS_INLINE void map2_streaming(const T* a, const T* b, T* out, int64_t n,
-                                             const F& f) {
-  const int64_t head = head_to_alignment(out, n);
-  map2_plain<kAvx2>(a, b, out, head, f);
-  constexpr int64_t kStep = kChunk;
-  alignas(64) float buf_a[kChunk];
-  alignas(64) float buf_b[kChunk];
-  alignas(64) T converted[kChunk];
-  int64_t i = head;
-  for (; i + kStep <= n; i += kStep) {
-    if constexpr (is_reduced_float<T>) {
-      load_floats<kAvx2>(a + i, buf_a, kStep);
-      load_floats<kAvx2>(b + i, buf_b, kStep);
-      for (int64_t j = 0; j < kStep; ++j) buf_a[j] = f(buf_a[j], buf_b[j]);
-      store_floats<kAvx2>(buf_a, converted, kStep);
-    } else {
-      for (int64_t j = 0; j < kStep; ++j) converted[j] = f(a[i + j], b[i + j]);
-    }
-    stream_chunk<kAvx2>(converted, out + i, kStep * sizeof(T));
-  }
-#if CNNKERNELS_X86
-  _mm_sfence();
-#endif
-  map2_plain<kAvx2>(a + i, b + i, out + i, n - i, f);
-}
-
 template <bool kAvx2, typename T, typename F>
 CNNKERNELS_ALWAYS_INLINE void map2_body(const T* a, const T* b, T* out, int64_t n, const F& f,
                                         bool stream) {
   if (should_stream<kAvx2>(stream, a, out, n) && static_cast<const void*>(b) != out) {
-    map2_streaming<kAvx2>(a, b, out, n, f);
+    streamed<kAvx2>(out, n, [&](int64_t offset, T* dst, int64_t count) CNNKERNELS_ALWAYS_INLINE_LAMBDA {
+      map2_plain<kAvx2>(a + offset, b + offset, dst, count, f);
+    });
   } else {
     map2_plain<kAvx2>(a, b, out, n, f);
   }
