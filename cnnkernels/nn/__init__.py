@@ -1,6 +1,7 @@
 """Drop-in nn.Module layers whose parameters, buffers and state_dict keys match PyTorch's."""
 from .activation import HardSigmoid, HardSwish
+from .batchnorm import BatchNormAct2d
 from .conv import DepthwiseConv2d
 from .densenet import DenseBlock, DenseLayer
 
-__all__ = ["HardSwish", "HardSigmoid", "DepthwiseConv2d", "DenseBlock", "DenseLayer"]
+__all__ = ["HardSwish", "HardSigmoid", "DepthwiseConv2d", "DenseBlock", "DenseLayer", "BatchNormAct2d"]

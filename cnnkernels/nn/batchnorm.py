@@ -1,0 +1,72 @@
+"""BatchNormAct2d: nn.BatchNorm2d followed by an activation, as one module."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import activations
+from ..ops.batch_norm_act import batch_norm_act
+
+_TORCH_ACTIVATIONS = {nn.Identity: "identity", nn.ReLU: "relu", nn.ReLU6: "relu6",
+                      nn.LeakyReLU: "leaky_relu", nn.Hardswish: "hardswish",
+                      nn.Hardsigmoid: "hardsigmoid"}
+
+
+class BatchNormAct2d(nn.Module):
+    """``act(BatchNorm2d(x))`` with exactly nn.BatchNorm2d's parameters, buffers, state_dict keys
+    and running-statistics semantics (momentum, ``momentum=None`` cumulative average,
+    ``num_batches_tracked``, ``track_running_stats=False``). Training keeps only the input for
+    backward (PyTorch's pair keeps two input-sized tensors); evaluation is one fused pass.
+
+    Deliberately not a subclass of ``_BatchNorm``: converters that rewrite BatchNorm layers must not
+    drop the activation silently."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, activation: str = "relu",
+                 negative_slope: float = 0.01, device=None, dtype=None) -> None:
+        super().__init__()
+        activations.activation_code(activation)  # clear error for unknown names
+        reference = nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats,
+                                   device=device, dtype=dtype)
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        self.activation, self.negative_slope = activation, float(negative_slope)
+        self.weight, self.bias = reference.weight, reference.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer(name, getattr(reference, name))
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm2d, act: nn.Module | None = None) -> "BatchNormAct2d":
+        """Ours holding copies of `bn`'s parameters and buffers, applying `act` (an nn activation
+        module, or None for identity)."""
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"BatchNormAct2d.from_modules expects nn.BatchNorm2d, got {type(bn).__name__}")
+        name = "identity" if act is None else _TORCH_ACTIVATIONS.get(type(act))
+        if name is None:
+            raise TypeError(f"BatchNormAct2d.from_modules: unsupported activation {type(act).__name__}; "
+                            f"supported: {', '.join(t.__name__ for t in _TORCH_ACTIVATIONS)}")
+        slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.01
+        parameter = bn.weight if bn.weight is not None else bn.running_mean
+        module = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, name,
+                     slope, device=None if parameter is None else parameter.device,
+                     dtype=None if parameter is None else parameter.dtype)
+        module.load_state_dict(bn.state_dict())
+        return module.train(bn.training)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, activation={self.activation!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"BatchNormAct2d: expected a 4-D input, got {x.dim()}-D")
+        # nn.BatchNorm2d.forward's bookkeeping, verbatim in meaning
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return batch_norm_act(x, self.weight, self.bias, self.running_mean if track else None,
+                              self.running_var if track else None, use_batch_stats, factor,
+                              self.eps, self.activation, self.negative_slope)
