@@ -23,7 +23,8 @@ def check_same_model(original, converted, x, tol=1e-4):
         y_ref = original(x)
         torch.manual_seed(0)
         y = converted(x)
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        # (train mode: batch statistics amplify the depthwise kernels' different rounding)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4 if mode else 1e-5, atol=1e-4 if mode else 1e-5)
         if mode:
             y.square().sum().backward()
             y_ref.square().sum().backward()
@@ -45,7 +46,7 @@ def test_mobilenet_v3_small_activations_and_depthwise():
     assert isinstance(converted.features[1].block[0][0], DepthwiseConv2d)
     assert type(original.features[0][2]) is nn.Hardswish  # the original is untouched
     check_same_model(original, converted, torch.randn(2, 3, 64, 64))
-    assert "left alone: fused BatchNorm+activation is not built yet" in str(report)
+    assert "left alone: no activation follows it in a Sequential" in str(report)
 
 
 def test_densenet121_blocks_become_shared_and_revert():
@@ -104,3 +105,21 @@ def test_bad_arguments():
         cnnkernels.convert(nn.Sequential(), include=["gelu"])
     with pytest.raises(ValueError, match="not the layer itself"):
         cnnkernels.convert(nn.Hardswish())
+
+
+def test_batchnorm_act_is_opt_in_and_reverts_to_the_same_keys():
+    torch.manual_seed(0)
+    original = torchvision.models.mobilenet_v2()
+    default = cnnkernels.convert(original)
+    assert not any(isinstance(m, cnnkernels.nn.BatchNormAct2d) for m in default.modules())
+    converted, report = cnnkernels.convert(original, include=["depthwise", "batchnorm_act"],
+                                           report=True)
+    assert report.counts() == {"batchnorm_act": 35, "depthwise": 17}
+    assert isinstance(converted.features[0][1], cnnkernels.nn.BatchNormAct2d)
+    assert isinstance(converted.features[0][2], nn.Identity)
+    # float64: 52 train-mode BatchNorms over a batch of 2 amplify float32 rounding differences of
+    # the depthwise kernels to ~1e-4 in the first gradients; in float64 they stay at 1e-10
+    check_same_model(original.double(), converted.double(), torch.randn(2, 3, 64, 64).double())
+    reverted = cnnkernels.revert(converted)
+    assert type(reverted.features[0][1]) is nn.BatchNorm2d and type(reverted.features[0][2]) is nn.ReLU6
+    assert list(reverted.state_dict()) == list(original.state_dict())

@@ -53,6 +53,18 @@ class BatchNormAct2d(nn.Module):
         module.load_state_dict(bn.state_dict())
         return module.train(bn.training)
 
+    def to_modules(self) -> nn.Sequential:
+        """nn.BatchNorm2d → activation (keys "0.*": for export, not for loading our checkpoints)."""
+        bn = nn.BatchNorm2d(self.num_features, self.eps, self.momentum, self.affine,
+                            self.track_running_stats)
+        bn.load_state_dict(self.state_dict())
+        torch_type = {name: cls for cls, name in _TORCH_ACTIVATIONS.items()}[self.activation]
+        act = torch_type(self.negative_slope) if self.activation == "leaky_relu" else torch_type()
+        parameter = self.weight if self.weight is not None else self.running_mean
+        if parameter is not None:
+            bn = bn.to(device=parameter.device, dtype=parameter.dtype)
+        return nn.Sequential(bn, act).train(self.training)
+
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, activation={self.activation!r}")
