@@ -3,6 +3,7 @@
     cnnkernels info                      what was built, the device, the active backend
     cnnkernels bench kernels [--quick]   our kernels vs PyTorch on shapes from real models
     cnnkernels bench models [--quick]    torchvision models, plain vs cnnkernels.convert-ed
+    cnnkernels convert torchvision:NAME  swap our layers in, show the report, check, time both
     cnnkernels memory densenet           DenseNet-BC memory and step time per memory mode
     cnnkernels report [--quick]          the kernels, written to report/report.md with JSON and plots
 """
@@ -222,6 +223,47 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a torchvision model, print the swap report, check the outputs, time both."""
+    from . import models_bench
+    from .conversion import KINDS, convert
+
+    source, _, name = args.model.partition(":")
+    if source != "torchvision" or not name:
+        raise UsageError(f"MODEL must be torchvision:<name> (e.g. torchvision:mobilenet_v3_large), "
+                         f"got {args.model!r}")
+    import torchvision
+
+    if not callable(getattr(torchvision.models, name, None)) or name.startswith("_"):
+        raise UsageError(f"torchvision has no model {name!r}")
+    include = [k.strip() for k in args.include.split(",")] if args.include else None
+    unknown = [k for k in include or [] if k not in KINDS]
+    if unknown:
+        raise UsageError(f"--include: unknown kind {', '.join(unknown)}; choose from {','.join(KINDS)}")
+    device, dtype = _device(args.device), _DTYPES[args.dtype]
+    torch.manual_seed(0)
+    plain = getattr(torchvision.models, name)().to(device, dtype)
+    converted, report = convert(plain, include=include, report=True)
+    print(report)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device, dtype=dtype)
+    error = models_bench._check_same_outputs(plain, converted, x)
+    print(f"outputs match (eval, relative error {error:.1e})")
+    if device.type == "cpu":
+        profile.keep_cpu_memory_mapped()
+    rows = []
+    for direction in ("inference", "training"):
+        fns = {side: models_bench.step_fn(model, x, direction)
+               for side, model in (("torch", plain), ("cnnkernels", converted))}
+        medians = profile.compare_times(fns, device, warmup=1, reps=args.reps)
+        rows.append({"model": name, "direction": direction, "batch": args.batch,
+                     "image": args.image_size, "median_s": medians,
+                     "speedup": medians["torch"] / medians["cnnkernels"], "swapped": report.counts(),
+                     "relative_output_error": error})
+    print(models_bench.format_table(rows))
+    _write_json(args.json, {"info": package_info(), "rows": rows})
+    return 0
+
+
 def cmd_memory_densenet(args: argparse.Namespace) -> int:
     from . import memory
 
@@ -286,6 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--reps", type=int, help="timed steps per side (default 5; 3 with --quick)")
     models.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     models.set_defaults(run=cmd_bench_models)
+
+    conv = sub.add_parser("convert", help="convert a model, print what was swapped, check the "
+                                          "outputs and time both")
+    conv.add_argument("model", metavar="MODEL", help="torchvision:<name>, e.g. "
+                                                     "torchvision:mobilenet_v3_large")
+    conv.add_argument("--include", help="comma-separated kinds (default: all but batchnorm_act)")
+    conv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    conv.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    conv.add_argument("--batch", type=int, default=8)
+    conv.add_argument("--image-size", type=int, default=224)
+    conv.add_argument("--reps", type=int, default=5, help="timed steps per side")
+    conv.add_argument("--json", metavar="PATH", help="also write the timings as JSON")
+    conv.set_defaults(run=cmd_convert)
 
     mem = sub.add_parser("memory", help="memory profiles")
     mem_sub = mem.add_subparsers(dest="what", required=True)

@@ -45,21 +45,7 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, batch: int,
     error = _check_same_outputs(plain, converted, x)
     rows = []
     for direction in ("inference", "training"):
-        def step(model):
-            if direction == "inference":
-                model.eval()
-                with torch.no_grad():
-                    return lambda: model(x)
-            model.train()
-
-            def train_step():
-                model(x).float().square().mean().backward()
-                model.zero_grad(set_to_none=True)
-            return train_step
-
-        fns = {"torch": step(plain), "cnnkernels": step(converted)}
-        if direction == "inference":
-            fns = {key: _no_grad(fn) for key, fn in fns.items()}
+        fns = {"torch": step_fn(plain, x, direction), "cnnkernels": step_fn(converted, x, direction)}
         medians = profile.compare_times(fns, device, warmup=1, reps=reps)
         rows.append({"model": name, "direction": direction, "batch": batch, "image": image,
                      "median_s": medians, "speedup": medians["torch"] / medians["cnnkernels"],
@@ -67,11 +53,21 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, batch: int,
     return rows
 
 
-def _no_grad(fn):
-    def run():
-        with torch.no_grad():
-            return fn()
-    return run
+def step_fn(model, x, direction: str):
+    """One inference (eval, no_grad) or training (forward, backward) step of `model` on `x`."""
+    if direction == "inference":
+        model.eval()
+
+        def infer():
+            with torch.no_grad():
+                return model(x)
+        return infer
+    model.train()
+
+    def train_step():
+        model(x).float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+    return train_step
 
 
 def format_table(rows: list[dict]) -> str:

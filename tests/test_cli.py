@@ -46,8 +46,22 @@ def test_bench_models_checks_outputs_and_prints_ratios(tmp_path, capsys):
     assert all(r["speedup"] > 0 and r["relative_output_error"] < 1e-3 for r in rows)
 
 
+def test_convert_prints_report_check_and_timings(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    out = tmp_path / "convert.json"
+    assert cli.main(["convert", "torchvision:mobilenet_v3_small", "--batch", "1", "--image-size",
+                     "64", "--reps", "1", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "replaced: 19 hardswish, 11 depthwise, 9 hardsigmoid" in printed
+    assert "outputs match" in printed
+    assert [r["direction"] for r in json.loads(out.read_text())["rows"]] == ["inference", "training"]
+
+
 @pytest.mark.parametrize("args, message", [
     (("bench", "kernels", "--ops", "bogus"), "unknown op(s) bogus"),
+    (("convert", "resnet18"), "MODEL must be torchvision:<name>"),
+    (("convert", "torchvision:nope"), "torchvision has no model 'nope'"),
+    (("convert", "torchvision:resnet18", "--include", "gelu"), "--include: unknown kind gelu"),
     (("bench", "models", "--models", "lenet"), "--models: unknown model lenet"),
 ])
 def test_errors_are_one_line_with_exit_code_2(args, message):
