@@ -17,17 +17,6 @@ def test_model_step(benchmark, name, side, direction):
     plain, converted, counts = models_bench.build(name, DEVICE, torch.float32)
     model = converted if side == "cnnkernels" else plain
     x = torch.randn(BATCH, 3, IMAGE, IMAGE, device=DEVICE)
-    if direction == "inference":
-        model.eval()
-
-        def step():
-            with torch.no_grad():
-                model(x)
-    else:
-        model.train()
-
-        def step():
-            model(x).square().mean().backward()
-            model.zero_grad(set_to_none=True)
+    step = models_bench.step_fn(model, x, direction)
     benchmark.extra_info["swapped"] = counts
     benchmark.pedantic(run_synchronized(step), rounds=max(3, ROUNDS // 10), warmup_rounds=1)

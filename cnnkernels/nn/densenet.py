@@ -253,11 +253,10 @@ def _affine_relu_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean
     fma(x, alpha, beta); we fold the statistics the same way (the float32 fma as an exact float64
     product and one subtraction), so on the CPU the recomputed values equal the forward's in
     float32 (to the last bit, but for a double rounding once in ~2^29 channels)."""
-    from ..ops import affine_act
+    from ..ops.affine_act import _compute_dtype, affine_act
+    from ..ops.batch_norm_act import fold_statistics
 
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale = invstd.to(compute) * weight.to(compute)
-    shift = (bias.double() - mean.double() * scale.double()).to(compute)
+    scale, shift = fold_statistics(mean, invstd, weight, bias, _compute_dtype(x.dtype))
     affine_act(x, scale, shift, "relu", out=out)
 
 

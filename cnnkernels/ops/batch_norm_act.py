@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import activations
-from .affine_act import affine_act
+from .affine_act import _compute_dtype, affine_act
 
 
-def _fold(mean, invstd, weight, bias, compute):
+def fold_statistics(mean, invstd, weight, bias, compute):
     """(scale, shift) with which fma(x, scale, shift) is BatchNorm's output, folded as ATen's CPU
     kernel folds it: alpha = invstd·weight, beta = fma(−mean, alpha, bias) (float32: an exact
     float64 product and one subtraction)."""
@@ -70,7 +70,7 @@ class _BatchNormAct(torch.autograd.Function):
         _act_(y, code, negative_slope)
         if not training:  # backward folds the statistics used now, even if the buffers move later
             mean = running_mean.clone()
-            invstd = _eval_invstd(running_var, eps, _compute(x))
+            invstd = _eval_invstd(running_var, eps, _compute_dtype(x.dtype))
         ctx.config = (training, eps, code, negative_slope, weight is None, bias is None)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         return y
@@ -79,7 +79,7 @@ class _BatchNormAct(torch.autograd.Function):
     def backward(ctx, grad):
         training, eps, code, negative_slope, no_weight, no_bias = ctx.config
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        scale, shift = _fold(mean, invstd, weight, bias, _compute(x))
+        scale, shift = fold_statistics(mean, invstd, weight, bias, _compute_dtype(x.dtype))
         pre = affine_act(x, scale, shift, "identity")  # BatchNorm's output again, one pass
         grad_pre = _act_backward(grad.contiguous(memory_format=_format(x)), pre, code,
                                  negative_slope)
@@ -96,10 +96,6 @@ class _BatchNormAct(torch.autograd.Function):
             grad_w = None if no_weight else (grad_pre.to(scale.dtype) * x_hat).sum(dims).to(weight.dtype)
             grad_b = None if no_bias else grad_pre.sum(dims).to(bias.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
-
-
-def _compute(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _format(x):
@@ -125,8 +121,8 @@ def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     if not training and not needs_grad:  # one fused pass with the running statistics
-        compute = _compute(x)
-        scale, shift = _fold(running_mean, _eval_invstd(running_var, eps, compute), weight, bias,
+        compute = _compute_dtype(x.dtype)
+        scale, shift = fold_statistics(running_mean, _eval_invstd(running_var, eps, compute), weight, bias,
                              compute)
         return affine_act(x, scale, shift, activation, negative_slope)
     return _BatchNormAct.apply(x, weight, bias, running_mean, running_var, training, momentum,
