@@ -16,6 +16,8 @@ CODES = {
     "hardsigmoid": HARDSIGMOID,
 }
 
+NAMES = {code: name for name, code in CODES.items()}
+
 
 def activation_code(name: str) -> int:
     """The integer code of an activation name, with a clear error for unknown names."""

@@ -1,8 +1,10 @@
-// Schemas and argument checks of affine_act: y = act(x * scale[c] + shift[c]) over dim 1.
+// Schemas and argument checks of affine_act: y = act(x * scale[c] + shift[c] (+ residual)) over
+// dim 1.
 //
 // It is BatchNorm's elementwise pass with the statistics folded into scale and shift (inference, or
 // re-applying batch statistics computed earlier), fused with the activation: one read of x and
-// one write of y. Kernels: cpu/affine_act_kernel.cpp, cuda/affine_act_kernel.cu; Python front and
+// one write of y. The optional residual is added before the activation (ResNet's bn → +identity →
+// relu). Kernels: cpu/affine_act_kernel.cpp, cuda/affine_act_kernel.cu; Python front and
 // fake kernels: cnnkernels/ops/affine_act.py.
 #include "affine_act.h"
 
@@ -17,7 +19,8 @@
 namespace cnnkernels {
 
 void check_affine_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                      const at::Tensor& out, const char* op) {
+                      const std::optional<at::Tensor>& residual, const at::Tensor& out,
+                      const char* op) {
   check_floating(x, op, "x");
   TORCH_CHECK(x.dim() >= 2, op, ": expected argument 'x' to have a channel dimension ([N, C, ...]), "
               "got shape ", x.sizes());
@@ -31,6 +34,13 @@ void check_affine_act(const at::Tensor& x, const at::Tensor& scale, const at::Te
                 " (the compute type of ", x.scalar_type(), " x), got ", t->scalar_type());
     TORCH_CHECK(t->device() == x.device(), op, ": argument '", name, "' is on ", t->device(),
                 " but 'x' is on ", x.device());
+  }
+  if (residual.has_value() && residual->defined()) {
+    check_same_layout_args(*residual, "residual", x, "x", op);
+    if (out.defined()) {
+      TORCH_CHECK(at::get_overlap_status(out, *residual) != at::MemOverlapStatus::Partial, op,
+                  ": 'out' partially overlaps 'residual'; pass the same tensor or a separate one");
+    }
   }
   if (out.defined()) {
     check_same_layout_args(out, "out", x, "x", op);
@@ -51,7 +61,7 @@ at::Tensor channel_view(const at::Tensor& v, const at::Tensor& x) {
 
 TORCH_LIBRARY_FRAGMENT(cnnkernels, m) {
   m.def("affine_act(Tensor x, Tensor scale, Tensor shift, int activation=0, "
-        "float negative_slope=0.01) -> Tensor");
+        "float negative_slope=0.01, Tensor? residual=None) -> Tensor");
   m.def("affine_act_out(Tensor(a!) out, Tensor x, Tensor scale, Tensor shift, int activation=0, "
-        "float negative_slope=0.01) -> ()");
+        "float negative_slope=0.01, Tensor? residual=None) -> ()");
 }

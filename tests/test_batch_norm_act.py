@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+import cnnkernels
 from cnnkernels import activations
 from cnnkernels.nn import BatchNormAct2d
 from cnnkernels.nn.batchnorm import _TORCH_ACTIVATIONS
@@ -132,3 +133,262 @@ def test_errors():
     with pytest.raises(ValueError, match="4-D"):
         BatchNormAct2d(3)(torch.randn(2, 3, 4))
     assert activations.CODES  # the names BatchNormAct2d accepts
+
+
+# --- the kernels (statistics, backward reductions, backward elementwise) on every backend ---------
+
+import importlib  # noqa: E402
+
+bn_ops = importlib.import_module("cnnkernels.ops.batch_norm_act")  # the module, not the function
+from cnnkernels.reference import batch_norm_act as bn_reference  # noqa: E402
+
+
+def skip_without(name):
+    if name == "cuda":
+        pytest.skip("batch_norm_act has no CUDA C++ kernels yet (Triton runs on CUDA)")
+
+
+def kernel_inputs(layout, device, mean=1.0, residual=True, shape=(4, 6, 5, 7)):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g) * 3 + mean
+    grad, r = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    fmt = LAYOUTS[layout] if x.dim() == 4 else torch.contiguous_format
+    x, grad, r = (t.to(device).contiguous(memory_format=fmt) for t in (x, grad, r))
+    c = shape[1]
+    per_channel = [(torch.rand(c, generator=g) + 0.5), torch.randn(c, generator=g),
+                   torch.randn(c, generator=g) + mean]
+    return x, grad, r if residual else None, [t.to(device) for t in per_channel]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (3, 70, 2, 3), (9, 6)], ids=str)
+def test_statistics_kernel(impl, layout, shape):
+    name, device = impl
+    skip_without(name)
+    x, *_ = kernel_inputs(layout, device, mean=50.0, shape=shape)
+    stats, _, _ = bn_ops._kernels(x)
+    mean, var = stats(x)
+    var64, mean64 = torch.var_mean(x.double(), [d for d in range(x.dim()) if d != 1], correction=0)
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_stable_when_mean_dwarfs_std(impl):
+    """|mean| / std = 1e6: E[x²] − E[x]² in float32 would return noise (or a negative variance)."""
+    name, device = impl
+    skip_without(name)
+    g = torch.Generator().manual_seed(0)
+    x = (1e4 + 1e-2 * torch.randn(16, 3, 32, 32, generator=g, dtype=torch.float64)).float().to(device)
+    mean, var = bn_ops._kernels(x)[0](x)
+    var64, mean64 = torch.var_mean(x.double(), [0, 2, 3], correction=0)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-3, atol=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("name", list(ACTS))
+def test_backward_kernels(impl, layout, residual, name):
+    backend_name, device = impl
+    skip_without(backend_name)
+    code = activations.CODES[name]
+    x, grad, r, (scale, shift, mean) = kernel_inputs(layout, device, residual=residual)
+    _, reduce, elemt = bn_ops._kernels(x)
+    expected = bn_reference.backward_reduce(grad, x, scale, shift, mean, r, code, 0.2)
+    for a, e in zip(reduce(grad, x, scale, shift, mean, r, code, 0.2), expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
+    coefs = (scale * 0.7, shift * 0.1, mean * 0.01)
+    expected = bn_reference.backward_elemt(grad, x, scale, shift, mean, *coefs, r, code, 0.2, True)
+    actual = elemt(grad, x, scale, shift, mean, *coefs, r, code, 0.2, True)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    assert actual[0].is_contiguous(memory_format=LAYOUTS[layout])
+    assert actual[1].numel() == (x.numel() if residual else 0)
+
+
+def test_opcheck():
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    ops = torch.ops.cnnkernels
+    for layout in LAYOUTS:
+        x, grad, r, (scale, shift, mean) = kernel_inputs(layout, "cpu")
+        torch.library.opcheck(ops.batch_norm_act_stats.default, (x,))
+        for residual in (None, r):
+            torch.library.opcheck(ops.batch_norm_act_backward_reduce.default,
+                                  (grad, x, scale, shift, mean, residual, 4, 0.01))
+            torch.library.opcheck(ops.batch_norm_act_backward_elemt.default,
+                                  (grad, x, scale, shift, mean, scale, shift, mean, residual, 1,
+                                   0.01, residual is not None))
+        torch.library.opcheck(ops.affine_act.default, (x, scale, shift, 1, 0.01, r))
+
+
+# --- the module with a residual, reduced precision, options --------------------------------------
+
+def residual_reference(name, x, r, bn, act_kwargs=None):
+    act = ACTS[name](0.2) if name == "leaky_relu" else ACTS[name]()
+    return act(bn(x) + r)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", list(ACTS))
+def test_residual_matches_torch(impl, layout, name):
+    backend_name, device = impl
+    skip_without(backend_name)
+    reference, ours = make_pair(name)
+    reference, ours = reference.to(device), ours.to(device)
+    for train in (True, True, False):
+        reference.train(train), ours.train(train)
+        x, grad, r, _ = kernel_inputs(layout, device)
+        x1, r1 = x.clone().requires_grad_(), r.clone().requires_grad_()
+        x2, r2 = x.clone().requires_grad_(), r.clone().requires_grad_()
+        expected = residual_reference(name, x1, r1, reference[0])
+        actual = ours(x2, r2)
+        expected.backward(grad), actual.backward(grad)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        for a, e in ((x2.grad, x1.grad), (r2.grad, r1.grad), (ours.weight.grad, reference[0].weight.grad),
+                     (ours.bias.grad, reference[0].bias.grad), (ours.running_mean, reference[0].running_mean),
+                     (ours.running_var, reference[0].running_var)):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
+        assert actual.is_contiguous(memory_format=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reduced_precision_against_float32(dtype, layout):
+    """Half / bfloat16 inputs with float32 parameters (autocast's mix): float statistics, results
+    within the input type's rounding of the float32 computation."""
+    reference, ours = make_pair("relu6")
+    x, grad, r, _ = kernel_inputs(layout, "cpu")
+    x, grad, r = x.to(dtype), grad.to(dtype), r.to(dtype)
+    xr, rr = x.float().requires_grad_(), r.float().requires_grad_()
+    xo, ro = x.clone().requires_grad_(), r.clone().requires_grad_()
+    expected = residual_reference("relu6", xr, rr, reference[0])
+    actual = ours(xo, ro)
+    expected.backward(grad.float()), actual.backward(grad)
+    assert actual.dtype == dtype and xo.grad.dtype == dtype and ours.weight.grad.dtype == torch.float32
+    tol = dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(actual.float(), expected, **tol)
+    torch.testing.assert_close(xo.grad.float(), xr.grad, **tol)
+    torch.testing.assert_close(ro.grad.float(), rr.grad, **tol)
+    torch.testing.assert_close(ours.weight.grad, reference[0].weight.grad, rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(ours.running_var, reference[0].running_var, rtol=1e-3, atol=1e-3)
+
+
+def test_gradcheck_with_residual_float64(impl):
+    backend_name, device = impl
+    skip_without(backend_name)
+    if backend_name == "triton":
+        pytest.skip("the Triton interpreter is tested in float32 (no float64 gradcheck)")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 3, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    r = torch.randn(3, 4, 3, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    for training in (True, False):
+        stats = [torch.zeros(4, dtype=torch.float64, device=device),
+                 torch.ones(4, dtype=torch.float64, device=device)]
+        assert torch.autograd.gradcheck(
+            lambda x, r, w, b: bn_ops.batch_norm_act(x, w, b, *stats, training, 0.0, 1e-5,
+                                                     "leaky_relu", 0.1, residual=r),
+            (x, r, w, b))
+
+
+def test_empty_batch_leaves_running_statistics_alone():
+    reference, ours = make_pair("relu")
+    for module in (reference, ours):
+        x = torch.randn(0, 6, 4, 4, requires_grad=True)
+        module(x).sum().backward()
+        assert x.grad.shape == x.shape
+    assert torch.equal(ours.running_mean, reference[0].running_mean)
+    assert torch.equal(ours.running_var, reference[0].running_var)
+    assert torch.equal(ours.weight.grad, reference[0].weight.grad)
+    assert torch.equal(ours.bias.grad, reference[0].bias.grad)
+    assert int(ours.num_batches_tracked) == int(reference[0].num_batches_tracked) == 1
+
+
+def test_autograd_keeps_input_and_residual_only():
+    x = torch.randn(8, 6, 20, 20, requires_grad=True)
+    r = torch.randn(8, 6, 20, 20, requires_grad=True)
+    storages = set()
+
+    def pack(t):
+        if t.numel() >= x.numel():
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+
+    _, ours = make_pair("hardswish")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ours(x, r)
+    assert storages == {x.untyped_storage().data_ptr(), r.untyped_storage().data_ptr()}
+
+
+def test_torch_compile_matches_eager():
+    reference, ours = make_pair("hardswish")
+    compiled = torch.compile(make_pair("hardswish")[1], backend="aot_eager", fullgraph=False)
+    x, grad, r, _ = kernel_inputs("nchw", "cpu")
+    outputs = []
+    for module in (ours, compiled):
+        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+        y = module(xi, ri)
+        y.backward(grad)
+        outputs.append((y, xi.grad, ri.grad, module.weight.grad, module.running_var))
+    for a, e in zip(*outputs):
+        torch.testing.assert_close(a, e)
+
+
+def test_bad_input_errors():
+    _, ours = make_pair("relu")
+    x = torch.randn(2, 6, 3, 3)
+    with pytest.raises(ValueError, match="'residual' must have x's shape"):
+        ours(x, torch.randn(2, 6, 3, 4))
+    with pytest.raises(ValueError, match="'weight' to have shape \\[5\\]"):
+        bn_ops.batch_norm_act(torch.randn(2, 5, 3, 3), ours.weight, ours.bias, None, None, True)
+    with pytest.raises(ValueError, match="needs running_mean"):
+        bn_ops.batch_norm_act(x, None, None, None, None, False)
+    if cnnkernels.info()["cpu_ext"]:
+        scale = torch.ones(6)
+        with pytest.raises(RuntimeError, match="'mean' to have shape \\[6\\]"):
+            torch.ops.cnnkernels.batch_norm_act_backward_reduce(x, x, scale, scale, torch.ones(5))
+        with pytest.raises(RuntimeError, match="'scale' to be Float"):
+            torch.ops.cnnkernels.batch_norm_act_backward_reduce(x, x, scale.double(), scale, scale)
+        with pytest.raises(RuntimeError, match="'grad' and 'x' must have the same shape"):
+            torch.ops.cnnkernels.batch_norm_act_backward_reduce(x[:1], x, scale, scale, scale)
+
+
+# --- SyncBN: two processes with the gloo backend --------------------------------------------------
+
+def test_syncbn_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import syncbn_worker
+
+    world = 2
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    outs = [tmp_path / f"rank{rank}.pt" for rank in range(world)]
+    workers = [subprocess.Popen([sys.executable, syncbn_worker.__file__, str(rank), str(world),
+                                 str(tmp_path / "init"), str(outs[rank])], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+               for rank in range(world)]
+    for worker in workers:
+        output, _ = worker.communicate(timeout=300)
+        assert worker.returncode == 0, output.decode()
+    ranks = [torch.load(out) for out in outs]
+    for layout_name, layout in LAYOUTS.items():
+        whole = syncbn_worker.run(syncbn_worker.make_module(), 0, 1, layout)
+        for step, expected in enumerate(whole):
+            per_rank = [r[layout_name][step] for r in ranks]
+            for key in ("y", "x.grad", "residual.grad"):
+                torch.testing.assert_close(torch.cat([p[key] for p in per_rank]), expected[key],
+                                           rtol=1e-5, atol=1e-5)
+            for key in ("running_mean", "running_var"):
+                for p in per_rank:
+                    torch.testing.assert_close(p[key], expected[key], rtol=1e-6, atol=1e-6)
+            # parameter gradients stay per rank, as nn.SyncBatchNorm's (DDP then averages them)
+            for key in ("weight.grad", "bias.grad"):
+                torch.testing.assert_close(sum(p[key] for p in per_rank), expected[key],
+                                           rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import activations
-from ..ops.batch_norm_act import batch_norm_act
+from ..ops.batch_norm_act import WORLD, batch_norm_act
 
 _TORCH_ACTIVATIONS = {nn.Identity: "identity", nn.ReLU: "relu", nn.ReLU6: "relu6",
                       nn.LeakyReLU: "leaky_relu", nn.Hardswish: "hardswish",
@@ -13,17 +13,22 @@ _TORCH_ACTIVATIONS = {nn.Identity: "identity", nn.ReLU: "relu", nn.ReLU6: "relu6
 
 
 class BatchNormAct2d(nn.Module):
-    """``act(BatchNorm2d(x))`` with exactly nn.BatchNorm2d's parameters, buffers, state_dict keys
-    and running-statistics semantics (momentum, ``momentum=None`` cumulative average,
-    ``num_batches_tracked``, ``track_running_stats=False``). Training keeps only the input for
-    backward (PyTorch's pair keeps two input-sized tensors); evaluation is one fused pass.
+    """``act(BatchNorm2d(x) + residual)`` with exactly nn.BatchNorm2d's parameters, buffers,
+    state_dict keys and running-statistics semantics (momentum, ``momentum=None`` cumulative
+    average, ``num_batches_tracked``, ``track_running_stats=False``). Training keeps only the input
+    (and the residual) for backward — PyTorch's pair keeps two input-sized tensors; evaluation is
+    one fused pass. ``forward(x, residual=None)``: the optional residual is added before the
+    activation (ResNet's ``bn → +identity → relu``). ``process_group`` makes it SyncBN: in
+    training, statistics and gradient sums are combined over the group's ranks (as
+    nn.SyncBatchNorm), when torch.distributed is initialised.
 
     Deliberately not a subclass of ``_BatchNorm``: converters that rewrite BatchNorm layers must not
     drop the activation silently."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, activation: str = "relu",
-                 negative_slope: float = 0.01, device=None, dtype=None) -> None:
+                 negative_slope: float = 0.01, process_group=None, device=None,
+                 dtype=None) -> None:
         super().__init__()
         activations.activation_code(activation)  # clear error for unknown names
         reference = nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats,
@@ -31,6 +36,7 @@ class BatchNormAct2d(nn.Module):
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         self.activation, self.negative_slope = activation, float(negative_slope)
+        self.process_group = process_group
         self.weight, self.bias = reference.weight, reference.bias
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             self.register_buffer(name, getattr(reference, name))
@@ -47,8 +53,12 @@ class BatchNormAct2d(nn.Module):
                             f"supported: {', '.join(t.__name__ for t in _TORCH_ACTIVATIONS)}")
         slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.01
         parameter = bn.weight if bn.weight is not None else bn.running_mean
+        group = getattr(bn, "process_group", None)
+        if isinstance(bn, nn.SyncBatchNorm) and group is None:
+            group = WORLD  # nn.SyncBatchNorm's None: the default group, looked up when it runs
         module = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, name,
-                     slope, device=None if parameter is None else parameter.device,
+                     slope, process_group=group,
+                     device=None if parameter is None else parameter.device,
                      dtype=None if parameter is None else parameter.dtype)
         module.load_state_dict(bn.state_dict())
         return module.train(bn.training)
@@ -69,7 +79,7 @@ class BatchNormAct2d(nn.Module):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, activation={self.activation!r}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"BatchNormAct2d: expected a 4-D input, got {x.dim()}-D")
         # nn.BatchNorm2d.forward's bookkeeping, verbatim in meaning
@@ -81,4 +91,5 @@ class BatchNormAct2d(nn.Module):
         track = not self.training or self.track_running_stats
         return batch_norm_act(x, self.weight, self.bias, self.running_mean if track else None,
                               self.running_var if track else None, use_batch_stats, factor,
-                              self.eps, self.activation, self.negative_slope)
+                              self.eps, self.activation, self.negative_slope, residual=residual,
+                              process_group=self.process_group if self.training else None)

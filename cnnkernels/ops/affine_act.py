@@ -1,8 +1,9 @@
-"""affine_act: y = act(x * scale[c] + shift[c]), per channel (dim 1), in one pass.
+"""affine_act: y = act(x * scale[c] + shift[c] (+ residual)), per channel (dim 1), in one pass.
 
 BatchNorm's elementwise pass with the statistics folded into `scale` and `shift` (inference, or
 re-applying batch statistics computed earlier, as the shared-memory DenseNet does in backward),
-fused with an activation from cnnkernels.activations. `scale` and `shift` are in the compute type
+fused with an activation from cnnkernels.activations; `residual` (x's shape and dtype) is added
+before the activation, as ResNet's `bn → +identity → relu`. `scale` and `shift` are in the compute type
 (float32 for float32/float16/bfloat16 inputs, float64 for float64). `out=` writes into an existing
 tensor of x's shape and dtype (it may be x itself). No autograd: it raises when asked for
 gradients. Kernels: csrc/cpu and csrc/cuda/affine_act_kernel.*, cnnkernels/triton/affine_act.py;
@@ -24,8 +25,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check(x, scale, shift, out) -> None:
-    for name, t in (("x", x), ("scale", scale), ("shift", shift)) + ((("out", out),) if out is not None else ()):
+def _check(x, scale, shift, out, residual=None) -> None:
+    optional = tuple((name, t) for name, t in (("out", out), ("residual", residual)) if t is not None)
+    for name, t in (("x", x), ("scale", scale), ("shift", shift)) + optional:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{_OP}: expected argument '{name}' to be a torch.Tensor, got "
                             f"{type(t).__name__}")
@@ -45,41 +47,45 @@ def _check(x, scale, shift, out) -> None:
                             f"{x.dtype} x), got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{_OP}: argument '{name}' is on {t.device} but 'x' is on {x.device}")
-    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
-        raise ValueError(f"{_OP}: 'out' must have x's shape, dtype and device "
-                         f"({tuple(x.shape)}, {x.dtype}, {x.device}), got "
-                         f"({tuple(out.shape)}, {out.dtype}, {out.device})")
+    for name, t in optional:
+        if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{_OP}: '{name}' must have x's shape, dtype and device "
+                             f"({tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                             f"({tuple(t.shape)}, {t.dtype}, {t.device})")
 
 
 def affine_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                activation: str = "identity", negative_slope: float = 0.01, *,
+               residual: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    _check(x, scale, shift, out)
+    _check(x, scale, shift, out, residual)
     code = activations.activation_code(activation)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, shift)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, scale, shift, residual)):
         raise RuntimeError(f"{_OP}: has no autograd (it is an inference / recomputation pass); "
                            "call it under torch.no_grad()")
     kind = backend.select(x.device, KERNELS, _OP)
     if kind == "triton":
         from ..triton import affine_act as _triton  # noqa: F401  (lazy: registers the op)
 
-        y = torch.ops.cnnkernels.affine_act_triton(x, scale, shift, code, float(negative_slope))
+        y = torch.ops.cnnkernels.affine_act_triton(x, scale, shift, code, float(negative_slope),
+                                                   residual)
         return y if out is None else out.copy_(y)
     if kind == "torch" or (kind == "cuda" and not _extension.cuda_ext) or not _extension.cpu_ext:
-        y = reference.affine_act(x, scale, shift, code, float(negative_slope))
+        y = reference.affine_act(x, scale, shift, code, float(negative_slope), residual)
         return y if out is None else out.copy_(y)
     if out is None:
-        return torch.ops.cnnkernels.affine_act(x, scale, shift, code, float(negative_slope))
-    torch.ops.cnnkernels.affine_act_out(out, x, scale, shift, code, float(negative_slope))
+        return torch.ops.cnnkernels.affine_act(x, scale, shift, code, float(negative_slope), residual)
+    torch.ops.cnnkernels.affine_act_out(out, x, scale, shift, code, float(negative_slope), residual)
     return out
 
 
 if _extension.cpu_ext:
 
     @torch.library.register_fake("cnnkernels::affine_act")
-    def _affine_act_fake(x, scale, shift, activation=0, negative_slope=0.01):
+    def _affine_act_fake(x, scale, shift, activation=0, negative_slope=0.01, residual=None):
         return torch.empty_like(x)
 
     @torch.library.register_fake("cnnkernels::affine_act_out")
-    def _affine_act_out_fake(out, x, scale, shift, activation=0, negative_slope=0.01):
+    def _affine_act_out_fake(out, x, scale, shift, activation=0, negative_slope=0.01, residual=None):
         return None

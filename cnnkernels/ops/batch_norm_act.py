@@ -1,19 +1,32 @@
-"""batch_norm_act: act(BatchNorm(x)) with autograd that keeps only the input.
+"""batch_norm_act: act(BatchNorm(x) (+ residual)) whose autograd keeps only the input.
 
-PyTorch's `BatchNorm2d → activation` keeps two input-sized tensors for backward (the BN input and
-the activation's input or output). Here backward recomputes BatchNorm's output from the saved
-input and per-channel statistics in one `affine_act` pass, so autograd keeps x alone. Evaluation
-(running statistics) is a single fused pass. First version: forward statistics and the backward
-reductions are ATen's (native_batch_norm, native_batch_norm_backward) — the fused one-pass kernels,
-the residual input and SyncBN of the BN+act issue are still to come.
+Training forward: per-channel mean and variance in one pass over x (`batch_norm_act_stats`), the
+running statistics updated as nn.BatchNorm2d updates them, then one elementwise pass
+act(fma(x, scale, shift) + residual) (`affine_act`). Evaluation: the elementwise pass alone, with
+the running statistics folded into scale and shift.
+
+Backward, from the saved x (and residual) and per-channel mean / inverse std only — never the
+normalised tensor or the activation output: one pass for the per-channel sums Σdz and Σdz·(x − mean)
+with dz = act'(pre)·grad recomputed (`batch_norm_act_backward_reduce`), then one pass writing
+dx (and dresidual = dz) (`batch_norm_act_backward_elemt`). With `process_group` (SyncBN) the
+forward's statistics and the backward's sums are combined across ranks between the passes, so
+the result equals BatchNorm over the concatenated batch.
+
+Kernels: C++ (csrc/cpu/batch_norm_act_kernel.cpp), Triton (cnnkernels/triton/batch_norm_act.py);
+on CUDA without compiled CUDA kernels the Triton ones run. Reference: cnnkernels/reference.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .. import activations
+from .. import _extension, activations, backend
+from ..reference import batch_norm_act as reference
 from .affine_act import _compute_dtype, affine_act
+
+_OP = "batch_norm_act"
+KERNELS = frozenset({"cpu", "triton"})
+WORLD = "world"  # process_group: torch.distributed's default group (nn.SyncBatchNorm's None)
 
 
 def fold_statistics(mean, invstd, weight, bias, compute):
@@ -31,71 +44,123 @@ def _eval_invstd(running_var, eps, compute):
     return torch.reciprocal(torch.sqrt(running_var.to(compute) + eps))
 
 
-def _act_(y, code, negative_slope):
-    if code == activations.RELU:
-        y.relu_()
-    elif code == activations.RELU6:
-        F.relu6(y, inplace=True)
-    elif code == activations.LEAKY_RELU:
-        F.leaky_relu_(y, negative_slope)
-    elif code == activations.HARDSWISH:
-        F.hardswish(y, inplace=True)
-    elif code == activations.HARDSIGMOID:
-        F.hardsigmoid(y, inplace=True)
-    return y
+# --- the three kernels, on the active backend ----------------------------------------------------
+
+def _kernels(x: torch.Tensor):
+    """(stats, backward_reduce, backward_elemt) for x's device and the active backend."""
+    kind = backend.select(x.device, KERNELS, _OP)
+    if kind == "cpu" and _extension.cpu_ext:
+        ops = torch.ops.cnnkernels
+        return ops.batch_norm_act_stats, ops.batch_norm_act_backward_reduce, \
+            ops.batch_norm_act_backward_elemt
+    if kind == "triton":
+        from ..triton import batch_norm_act as _triton
+
+        return _triton.stats, _triton.backward_reduce, _triton.backward_elemt
+    return reference.stats, reference.backward_reduce, reference.backward_elemt
 
 
-def _act_backward(grad, pre, code, negative_slope):
-    """The activation's backward as autograd computes it, from its input."""
-    aten = torch.ops.aten
-    if code == activations.RELU:
-        return aten.threshold_backward(grad, pre, 0)
-    if code == activations.RELU6:
-        return aten.hardtanh_backward(grad, pre, 0.0, 6.0)
-    if code == activations.LEAKY_RELU:
-        return aten.leaky_relu_backward(grad, pre, negative_slope, False)
-    if code == activations.HARDSWISH:
-        return aten.hardswish_backward(grad, pre)
-    if code == activations.HARDSIGMOID:
-        return aten.hardsigmoid_backward(grad, pre)
-    return grad
+# --- SyncBN: combining per-rank statistics and sums ----------------------------------------------
 
+def _group(process_group):
+    """The group argument torch.distributed takes (None: its default group)."""
+    return None if process_group == WORLD else process_group
+
+
+def _world_size(process_group) -> int:
+    if process_group is None or not torch.distributed.is_available() or \
+            not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size(_group(process_group))
+
+
+def _combine_statistics(mean, var, count, process_group):
+    """Mean, biased variance and count over all ranks, from each rank's (Chan et al.'s parallel
+    combination: no cancellation, ranks with an empty batch count for nothing)."""
+    world = _world_size(process_group)
+    local = torch.cat([mean, var, mean.new_full((1,), float(count))])
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    torch.distributed.all_gather(gathered, local, group=_group(process_group))
+    gathered = torch.stack(gathered)
+    channels = mean.numel()
+    means, vars_, counts = gathered[:, :channels], gathered[:, channels:2 * channels], gathered[:, -1:]
+    means = torch.where(counts > 0, means, torch.zeros_like(means))
+    vars_ = torch.where(counts > 0, vars_, torch.zeros_like(vars_))
+    total = counts.sum()
+    mean_all = (counts * means).sum(0) / total
+    var_all = (counts * (vars_ + (means - mean_all) ** 2)).sum(0) / total
+    return mean_all, var_all, int(total.item())
+
+
+def _all_reduce_sums(sum_dz, sum_dz_xmu, process_group):
+    both = torch.cat([sum_dz, sum_dz_xmu])
+    torch.distributed.all_reduce(both, group=_group(process_group))
+    return both[:sum_dz.numel()], both[sum_dz.numel():]
+
+
+def _update_running(running, batch_value, momentum):
+    running.mul_(1.0 - momentum).add_(batch_value.to(running.dtype), alpha=momentum)
+
+
+# --- autograd ------------------------------------------------------------------------------------
 
 class _BatchNormAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, code,
-                negative_slope):
-        y, mean, invstd = torch.ops.aten.native_batch_norm(
-            x, weight, bias, running_mean, running_var, training, momentum, eps)
-        _act_(y, code, negative_slope)
-        if not training:  # backward folds the statistics used now, even if the buffers move later
-            mean = running_mean.clone()
-            invstd = _eval_invstd(running_var, eps, _compute_dtype(x.dtype))
-        ctx.config = (training, eps, code, negative_slope, weight is None, bias is None)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                code, negative_slope, process_group):
+        compute = _compute_dtype(x.dtype)
+        stats, _, _ = _kernels(x)
+        count = x.numel() // x.shape[1]
+        if training:
+            mean, var = stats(x)
+            if _world_size(process_group) > 1:
+                mean, var, count = _combine_statistics(mean, var, count, process_group)
+            invstd = torch.rsqrt(var + eps)
+            if count == 0:  # an empty batch: nothing to normalise, running statistics untouched
+                mean, invstd = torch.zeros_like(mean), torch.zeros_like(invstd)
+            elif running_mean is not None:
+                with torch.no_grad():
+                    _update_running(running_mean, mean, momentum)
+                    _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+        else:  # backward uses the statistics of now, even if the buffers move later
+            mean = running_mean.to(compute, copy=True)
+            invstd = _eval_invstd(running_var, eps, compute)
+        scale, shift = fold_statistics(mean, invstd, weight, bias, compute)
+        y = affine_act(x.detach(), scale, shift, activations.NAMES[code], negative_slope,
+                       residual=None if residual is None else residual.detach())
+        ctx.config = (training, count, code, negative_slope, process_group,
+                      None if bias is None else bias.dtype)
+        ctx.save_for_backward(x, weight, residual, mean, invstd, scale, shift)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        training, eps, code, negative_slope, no_weight, no_bias = ctx.config
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        scale, shift = fold_statistics(mean, invstd, weight, bias, _compute_dtype(x.dtype))
-        pre = affine_act(x, scale, shift, "identity")  # BatchNorm's output again, one pass
-        grad_pre = _act_backward(grad.contiguous(memory_format=_format(x)), pre, code,
-                                 negative_slope)
-        del pre
-        if training:
-            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-                grad_pre, x, weight, None, None, mean, invstd, True, eps,
-                [ctx.needs_input_grad[0], not no_weight, not no_bias])
-        else:  # running statistics are constants: dx = g·scale, dw = Σ g·x̂, db = Σ g
-            dims = [d for d in range(x.dim()) if d != 1]
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            grad_x = grad_pre * scale.view(shape).to(x.dtype)
-            x_hat = (x.to(scale.dtype) - mean.view(shape).to(scale.dtype)) * invstd.view(shape)
-            grad_w = None if no_weight else (grad_pre.to(scale.dtype) * x_hat).sum(dims).to(weight.dtype)
-            grad_b = None if no_bias else grad_pre.sum(dims).to(bias.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        training, count, code, negative_slope, process_group, bias_dtype = ctx.config
+        x, weight, residual, mean, invstd, scale, shift = ctx.saved_tensors
+        _, backward_reduce, backward_elemt = _kernels(x)
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        grad = grad.contiguous(memory_format=_format(x))
+        k_dz = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        sum_dz = sum_dz_xmu = None
+        if training or need_w or need_b:
+            sum_dz, sum_dz_xmu = backward_reduce(grad, x, scale, shift, mean, residual, code,
+                                                 negative_slope)
+        grad_w = None if not need_w else (sum_dz_xmu * invstd).to(weight.dtype)
+        grad_b = None if not need_b else sum_dz.to(bias_dtype)
+        grad_x = grad_r = None
+        if need_x or need_r:
+            if training:  # dx = k_dz·(dz − mean(dz) − x̂·mean(dz·x̂)), with the global sums in SyncBN
+                if _world_size(process_group) > 1:
+                    sum_dz, sum_dz_xmu = _all_reduce_sums(sum_dz, sum_dz_xmu, process_group)
+                k_xmu = -k_dz * invstd * invstd * sum_dz_xmu / count
+                k_1 = -k_dz * sum_dz / count
+            else:  # running statistics are constants
+                k_xmu = k_1 = torch.zeros_like(k_dz)
+            grad_x, grad_r = backward_elemt(grad, x, scale, shift, mean, k_dz, k_xmu, k_1,
+                                            residual, code, negative_slope, need_r)
+            grad_x = grad_x if need_x else None
+            grad_r = grad_r if need_r else None
+        return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None, None
 
 
 def _format(x):
@@ -104,26 +169,73 @@ def _format(x):
     return torch.contiguous_format
 
 
+def _check(x, weight, bias, residual, running_mean, running_var, training):
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"{_OP}: expected argument 'x' to be a tensor [N, C, ...], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != channels):
+            raise ValueError(f"{_OP}: expected argument '{name}' to have shape [{channels}] (one "
+                             f"value per channel of x), got {tuple(t.shape)}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{_OP}: argument '{name}' is on {t.device} but 'x' is on {x.device}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or
+                                 residual.device != x.device):
+        raise ValueError(f"{_OP}: 'residual' must have x's shape, dtype and device "
+                         f"({tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                         f"({tuple(residual.shape)}, {residual.dtype}, {residual.device})")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{_OP}: pass both running_mean and running_var, or neither")
+    if training:
+        F._verify_batch_size(x.size())
+    elif running_mean is None:
+        raise ValueError(f"{_OP}: evaluation (training=False) needs running_mean and running_var")
+
+
 def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                    training: bool, momentum: float = 0.1, eps: float = 1e-5,
-                   activation: str = "relu", negative_slope: float = 0.01) -> torch.Tensor:
-    """act(batch_norm(x, ...)) with F.batch_norm's arguments (training uses batch statistics and
-    updates the running ones in place with `momentum`)."""
+                   activation: str = "relu", negative_slope: float = 0.01, *,
+                   residual: torch.Tensor | None = None, process_group=None) -> torch.Tensor:
+    """act(batch_norm(x, ...) + residual) with F.batch_norm's arguments: training uses the batch
+    statistics and updates running_mean / running_var in place with `momentum` (unbiased variance),
+    evaluation uses them. `residual` (x's shape) is added before the activation. `process_group`
+    (a torch.distributed group, or WORLD for the default one) makes it SyncBN: statistics and
+    gradient sums over all its ranks, when torch.distributed is initialised."""
     code = activations.activation_code(activation)
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise ValueError("batch_norm_act: expected argument 'x' to be a tensor [N, C, ...], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if training:
-        F._verify_batch_size(x.size())
-    elif running_mean is None or running_var is None:
-        raise ValueError("batch_norm_act: evaluation needs running_mean and running_var")
+    _check(x, weight, bias, residual, running_mean, running_var, training)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
+        t is not None and t.requires_grad for t in (x, weight, bias, residual))
     if not training and not needs_grad:  # one fused pass with the running statistics
         compute = _compute_dtype(x.dtype)
-        scale, shift = fold_statistics(running_mean, _eval_invstd(running_var, eps, compute), weight, bias,
-                             compute)
-        return affine_act(x, scale, shift, activation, negative_slope)
-    return _BatchNormAct.apply(x, weight, bias, running_mean, running_var, training, momentum,
-                               eps, code, float(negative_slope))
+        scale, shift = fold_statistics(running_mean, _eval_invstd(running_var, eps, compute),
+                                       weight, bias, compute)
+        return affine_act(x, scale, shift, activation, negative_slope, residual=residual)
+    return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training,
+                               momentum, eps, code, float(negative_slope), process_group)
+
+
+if _extension.cpu_ext:
+
+    def _per_channel_like(x):
+        compute = _compute_dtype(x.dtype)
+        return x.new_empty(x.shape[1], dtype=compute)
+
+    @torch.library.register_fake("cnnkernels::batch_norm_act_stats")
+    def _stats_fake(x):
+        return _per_channel_like(x), _per_channel_like(x)
+
+    @torch.library.register_fake("cnnkernels::batch_norm_act_backward_reduce")
+    def _backward_reduce_fake(grad, x, scale, shift, mean, residual=None, activation=0,
+                              negative_slope=0.01):
+        return torch.empty_like(scale), torch.empty_like(scale)
+
+    @torch.library.register_fake("cnnkernels::batch_norm_act_backward_elemt")
+    def _backward_elemt_fake(grad, x, scale, shift, mean, coef_dz, coef_xmu, coef_1, residual=None,
+                             activation=0, negative_slope=0.01, residual_grad=False):
+        dx = torch.empty_like(x, memory_format=_format(x))
+        grad_residual = torch.empty_like(dx) if residual is not None and residual_grad \
+            else x.new_empty(0)
+        return dx, grad_residual

@@ -19,3 +19,22 @@ def apply_activation(y: torch.Tensor, code: int, negative_slope: float = 0.01) -
     if code == activations.HARDSIGMOID:
         return F.hardsigmoid(y)
     raise ValueError(f"unknown activation code {code}")
+
+
+def activation_backward(grad: torch.Tensor, pre: torch.Tensor, code: int,
+                        negative_slope: float = 0.01) -> torch.Tensor:
+    """grad · act'(pre) as autograd computes it for the activation's input `pre`."""
+    aten = torch.ops.aten
+    if code == activations.IDENTITY:
+        return grad
+    if code == activations.RELU:
+        return aten.threshold_backward(grad, pre, 0)
+    if code == activations.RELU6:
+        return aten.hardtanh_backward(grad, pre, 0.0, 6.0)
+    if code == activations.LEAKY_RELU:
+        return aten.leaky_relu_backward(grad, pre, negative_slope, False)
+    if code == activations.HARDSWISH:
+        return aten.hardswish_backward(grad, pre)
+    if code == activations.HARDSIGMOID:
+        return aten.hardsigmoid_backward(grad, pre)
+    raise ValueError(f"unknown activation code {code}")

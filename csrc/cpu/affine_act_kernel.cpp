@@ -1,18 +1,20 @@
-// CPU kernel of affine_act: y = act(x * scale[c] + shift[c]).
+// CPU kernel of affine_act: y = act(x * scale[c] + shift[c] (+ residual)).
 //
-// One TensorIterator over (y, x, scale, shift) with scale and shift broadcast along every dim but
-// the channel one, so any layout works without copies. Its inner loops are contiguous runs: in
-// NCHW a run lies inside one channel plane (scale and shift constant: a vectorised map), in
+// One TensorIterator over (y, x, scale, shift[, residual]) with scale and shift broadcast along
+// every dim but the channel one, so any layout works without copies. Its inner loops are contiguous
+// runs: in NCHW a run lies inside one channel plane (scale and shift constant: a vectorised map), in
 // channels_last a run walks the channels (scale and shift contiguous too). The arithmetic is one
 // fused multiply-add, fma(x, scale, shift), rounded once: what ATen's CPU BatchNorm computes for
 // `x * alpha + beta` (its vectorised code is compiled with FMA contraction), so given ATen's alpha
-// and beta our output equals its BatchNorm output bit for bit.
+// and beta our output equals its BatchNorm output bit for bit. The residual is added to that
+// rounded value, as `bn(x) + identity` rounds twice in PyTorch.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/TensorIterator.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 
 #include "../affine_act.h"
 #include "cnnkernels/activation.h"
@@ -21,7 +23,7 @@
 namespace cnnkernels {
 namespace {
 
-template <typename scalar_t, typename Act>
+template <typename scalar_t, bool kResidual, typename Act>
 void affine_act_loop(at::TensorIteratorBase& iter, const Act& act, bool stream) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int64_t kS = sizeof(scalar_t), kP = sizeof(opmath_t);
@@ -30,16 +32,24 @@ void affine_act_loop(at::TensorIteratorBase& iter, const Act& act, bool stream) 
     const auto* x = reinterpret_cast<const scalar_t*>(data[1]);
     const auto* scale = reinterpret_cast<const opmath_t*>(data[2]);
     const auto* shift = reinterpret_cast<const opmath_t*>(data[3]);
-    const bool dense = strides[0] == kS && strides[1] == kS;
+    const auto* res = kResidual ? reinterpret_cast<const scalar_t*>(data[4]) : nullptr;
+    const bool dense = strides[0] == kS && strides[1] == kS && (!kResidual || strides[4] == kS);
     if (dense && strides[2] == 0 && strides[3] == 0) {  // NCHW: one channel
       const opmath_t a = *scale, b = *shift;
-      cpu::map1(x, y, n, [a, b, act](opmath_t v) { return act.forward(std::fma(v, a, b)); },
-                stream);
+      if constexpr (kResidual) {
+        cpu::map2(x, res, y, n, [a, b, act](opmath_t v, opmath_t r) {
+          return act.forward(std::fma(v, a, b) + r);
+        }, stream);
+      } else {
+        cpu::map1(x, y, n, [a, b, act](opmath_t v) { return act.forward(std::fma(v, a, b)); },
+                  stream);
+      }
     } else if (dense && strides[2] == kP && strides[3] == kP) {  // channels_last: across channels
       cpu::run_with_best_isa([&] {
         for (int64_t i = 0; i < n; ++i) {
-          y[i] = static_cast<scalar_t>(
-              act.forward(std::fma(static_cast<opmath_t>(x[i]), scale[i], shift[i])));
+          opmath_t pre = std::fma(static_cast<opmath_t>(x[i]), scale[i], shift[i]);
+          if constexpr (kResidual) pre += static_cast<opmath_t>(res[i]);
+          y[i] = static_cast<scalar_t>(act.forward(pre));
         }
       });
     } else {
@@ -47,47 +57,57 @@ void affine_act_loop(at::TensorIteratorBase& iter, const Act& act, bool stream) 
         const auto v = static_cast<opmath_t>(*reinterpret_cast<const scalar_t*>(data[1] + i * strides[1]));
         const auto a = *reinterpret_cast<const opmath_t*>(data[2] + i * strides[2]);
         const auto b = *reinterpret_cast<const opmath_t*>(data[3] + i * strides[3]);
-        *reinterpret_cast<scalar_t*>(data[0] + i * strides[0]) =
-            static_cast<scalar_t>(act.forward(std::fma(v, a, b)));
+        opmath_t pre = std::fma(v, a, b);
+        if constexpr (kResidual) {
+          pre += static_cast<opmath_t>(*reinterpret_cast<const scalar_t*>(data[4] + i * strides[4]));
+        }
+        *reinterpret_cast<scalar_t*>(data[0] + i * strides[0]) = static_cast<scalar_t>(act.forward(pre));
       }
     }
   });
 }
 
 void affine_act_into(const at::Tensor& out, const at::Tensor& x, const at::Tensor& scale,
-                     const at::Tensor& shift, int64_t activation, double negative_slope) {
+                     const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                     int64_t activation, double negative_slope) {
   const at::Tensor scale_b = channel_view(scale, x), shift_b = channel_view(shift, x);
-  auto iter = at::TensorIteratorConfig()
-                  .check_all_same_dtype(false)
-                  .add_output(out)
-                  .add_const_input(x)
-                  .add_const_input(scale_b)
-                  .add_const_input(shift_b)
-                  .build();
+  const bool with_residual = residual.has_value() && residual->defined();
+  auto config = at::TensorIteratorConfig();
+  config.check_all_same_dtype(false).add_output(out).add_const_input(x).add_const_input(scale_b)
+      .add_const_input(shift_b);
+  if (with_residual) config.add_const_input(*residual);
+  auto iter = config.build();
   const int64_t bytes = x.numel() * static_cast<int64_t>(x.element_size());
-  const bool stream = !out.is_same(x) && cpu::streaming_pays_off(2 * bytes);
+  const bool in_place = out.is_same(x) || (with_residual && out.is_same(*residual));
+  const bool stream = !in_place && cpu::streaming_pays_off((with_residual ? 3 : 2) * bytes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cnnkernels_affine_act",
                                   [&] {
                                     dispatch_activation(activation, negative_slope, [&](auto act) {
-                                      affine_act_loop<scalar_t>(iter, act, stream);
+                                      if (with_residual) {
+                                        affine_act_loop<scalar_t, true>(iter, act, stream);
+                                      } else {
+                                        affine_act_loop<scalar_t, false>(iter, act, stream);
+                                      }
                                     });
                                   });
 }
 
 at::Tensor affine_act_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                          int64_t activation, double negative_slope) {
-  check_affine_act(x, scale, shift, at::Tensor(), "affine_act");
+                          int64_t activation, double negative_slope,
+                          const std::optional<at::Tensor>& residual) {
+  check_affine_act(x, scale, shift, residual, at::Tensor(), "affine_act");
   activation_from_int(activation);
   at::Tensor out = at::empty_like(x);
-  affine_act_into(out, x, scale, shift, activation, negative_slope);
+  affine_act_into(out, x, scale, shift, residual, activation, negative_slope);
   return out;
 }
 
 void affine_act_out_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& scale,
-                        const at::Tensor& shift, int64_t activation, double negative_slope) {
-  check_affine_act(x, scale, shift, out, "affine_act_out");
+                        const at::Tensor& shift, int64_t activation, double negative_slope,
+                        const std::optional<at::Tensor>& residual) {
+  check_affine_act(x, scale, shift, residual, out, "affine_act_out");
   activation_from_int(activation);
-  affine_act_into(out, x, scale, shift, activation, negative_slope);
+  affine_act_into(out, x, scale, shift, residual, activation, negative_slope);
 }
 
 }  // namespace

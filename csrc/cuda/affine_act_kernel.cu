@@ -1,4 +1,4 @@
-// CUDA kernel of affine_act: y = act(x * scale[c] + shift[c]).
+// CUDA kernel of affine_act: y = act(x * scale[c] + shift[c] (+ residual)).
 //
 // x and y dense in the same layout (NCHW-contiguous or channels_last) are walked as flat arrays in
 // storage order, the channel of element i being (i / inner) % C or i % C; other layouts are made
@@ -25,15 +25,17 @@ constexpr int kThreads = 256;
 template <typename scalar_t, bool kChannelsLast, typename Act>
 __global__ void affine_act_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                   const at::opmath_type<scalar_t>* __restrict__ scale,
-                                  const at::opmath_type<scalar_t>* __restrict__ shift, int64_t n,
+                                  const at::opmath_type<scalar_t>* __restrict__ shift,
+                                  const scalar_t* __restrict__ residual, int64_t n,
                                   int64_t channels, int64_t inner, Act act) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int64_t c = kChannelsLast ? i % channels : (i / inner) % channels;
     const opmath_t v = static_cast<opmath_t>(x[i]);
-    // one rounding, as the CPU kernel
-    y[i] = static_cast<scalar_t>(act.forward(fma(v, scale[c], shift[c])));
+    opmath_t pre = fma(v, scale[c], shift[c]);  // one rounding, as the CPU kernel
+    if (residual != nullptr) pre += static_cast<opmath_t>(residual[i]);
+    y[i] = static_cast<scalar_t>(act.forward(pre));
   }
 }
 
@@ -42,14 +44,19 @@ bool channels_last_dense(const at::Tensor& t) {
 }
 
 void launch(const at::Tensor& out, const at::Tensor& x, const at::Tensor& scale,
-            const at::Tensor& shift, int64_t activation, double negative_slope) {
+            const at::Tensor& shift, const at::Tensor& residual, int64_t activation,
+            double negative_slope) {
   const int64_t n = x.numel();
   if (n == 0) return;
-  const bool cl = channels_last_dense(x) && channels_last_dense(out);
-  const bool nchw = x.is_contiguous() && out.is_contiguous();
+  const bool has_residual = residual.defined();
+  const bool cl = channels_last_dense(x) && channels_last_dense(out) &&
+                  (!has_residual || channels_last_dense(residual));
+  const bool nchw = x.is_contiguous() && out.is_contiguous() &&
+                    (!has_residual || residual.is_contiguous());
   if (!cl && !nchw) {  // odd strides: compute densely, then copy into out
     at::Tensor dense = at::empty_like(x, at::MemoryFormat::Contiguous);
-    launch(dense, x.contiguous(), scale, shift, activation, negative_slope);
+    launch(dense, x.contiguous(), scale, shift, has_residual ? residual.contiguous() : residual,
+           activation, negative_slope);
     out.copy_(dense);
     return;
   }
@@ -64,32 +71,41 @@ void launch(const at::Tensor& out, const at::Tensor& x, const at::Tensor& scale,
       auto* yp = out.mutable_data_ptr<scalar_t>();
       const auto* sp = scale.const_data_ptr<opmath_t>();
       const auto* tp = shift.const_data_ptr<opmath_t>();
+      const scalar_t* rp = has_residual ? residual.const_data_ptr<scalar_t>() : nullptr;
       if (cl) {
-        affine_act_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, sp, tp, n, channels, inner, act);
+        affine_act_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, sp, tp, rp, n, channels, inner, act);
       } else {
-        affine_act_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(xp, yp, sp, tp, n, channels, inner, act);
+        affine_act_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(xp, yp, sp, tp, rp, n, channels, inner, act);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
 
+at::Tensor defined_or_empty(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
 at::Tensor affine_act_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                           int64_t activation, double negative_slope) {
-  check_affine_act(x, scale, shift, at::Tensor(), "affine_act");
+                           int64_t activation, double negative_slope,
+                           const std::optional<at::Tensor>& residual) {
+  check_affine_act(x, scale, shift, residual, at::Tensor(), "affine_act");
   activation_from_int(activation);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
-  launch(out, x, scale.contiguous(), shift.contiguous(), activation, negative_slope);
+  launch(out, x, scale.contiguous(), shift.contiguous(), defined_or_empty(residual), activation,
+         negative_slope);
   return out;
 }
 
 void affine_act_out_cuda(const at::Tensor& out, const at::Tensor& x, const at::Tensor& scale,
-                         const at::Tensor& shift, int64_t activation, double negative_slope) {
-  check_affine_act(x, scale, shift, out, "affine_act_out");
+                         const at::Tensor& shift, int64_t activation, double negative_slope,
+                         const std::optional<at::Tensor>& residual) {
+  check_affine_act(x, scale, shift, residual, out, "affine_act_out");
   activation_from_int(activation);
   c10::cuda::CUDAGuard guard(x.device());
-  launch(out, x, scale.contiguous(), shift.contiguous(), activation, negative_slope);
+  launch(out, x, scale.contiguous(), shift.contiguous(), defined_or_empty(residual), activation,
+         negative_slope);
 }
 
 }  // namespace

@@ -297,6 +297,26 @@ void run_with_best_isa(const F& f) {
   }
 }
 
+// As run_with_best_isa, for code that must know at compile time whether the vector ISA is there
+// (the F16C half conversions of load_floats/store_floats): f(std::bool_constant<kAvx2>{}).
+template <typename F>
+__attribute__((flatten)) CNNKERNELS_TARGET_AVX512 void run_avx512_flag(const F& f) { f(std::true_type{}); }
+template <typename F>
+__attribute__((flatten)) CNNKERNELS_TARGET_AVX2 void run_avx2_flag(const F& f) { f(std::true_type{}); }
+template <typename F>
+__attribute__((flatten)) void run_baseline_flag(const F& f) { f(std::false_type{}); }
+
+template <typename F>
+void run_with_best_isa_flag(const F& f) {
+  if (has_avx512()) {
+    run_avx512_flag(f);
+  } else if (has_avx2()) {
+    run_avx2_flag(f);
+  } else {
+    run_baseline_flag(f);
+  }
+}
+
 // out[i] = f(x[i]); `out` may equal `x`. f takes and returns float (double for double).
 // `stream`: write `out` with streaming stores (see streaming_pays_off).
 template <typename T, typename F>

@@ -1,0 +1,209 @@
+"""Triton kernels of batch_norm_act's statistics and backward passes, and the ops that launch them.
+
+The input is seen as a matrix of rows × channels: a row is an (n, h, w) position. In channels_last
+a row is C contiguous values; in NCHW the value of (row, c) lies at
+(row // HW)·C·HW + c·HW + row % HW. Both reductions are one kernel, `_pair_sums_kernel`: each
+program sums a range of rows for a block of channels into per-program partials (float32 tiles,
+the partials then added in float64 by torch), and computes either
+  MODE 0 (statistics):       (x − K, (x − K)²), K a value of the channel (stable variance), or
+  MODE 1 (backward sums):    (dz, dz·(x − mean)), dz = act'(fma(x, scale, shift) + residual)·grad.
+The elementwise backward pass is a flat kernel like affine_act's. Semantics and the math:
+csrc/batch_norm_act.cpp; reference: cnnkernels/reference/batch_norm_act.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import activation_backward
+from .hardswish import _block, _compute_dtype, _grid
+
+MOMENTS, GRAD_SUMS = 0, 1
+
+
+@triton.jit
+def _offsets(rows, cs, channels, inner, CHANNELS_LAST: tl.constexpr):
+    if CHANNELS_LAST:
+        return rows[:, None] * channels + cs[None, :]
+    return (rows // inner)[:, None] * channels * inner + cs[None, :] * inner + (rows % inner)[:, None]
+
+
+@triton.jit
+def _pair_sums_kernel(x_ptr, g_ptr, r_ptr, scale_ptr, shift_ptr, center_ptr, part_a_ptr, part_b_ptr,
+                      n_rows, channels, inner, rows_per_program, negative_slope,
+                      MODE: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                      CHANNELS_LAST: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    pid_r = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cs < channels
+    center = tl.load(center_ptr + cs, mask=c_mask, other=0.0)
+    if MODE == 1:
+        scale = tl.load(scale_ptr + cs, mask=c_mask, other=0.0)
+        shift = tl.load(shift_ptr + cs, mask=c_mask, other=0.0)
+    acc_a = tl.zeros([BLOCK_R, BLOCK_C], dtype=COMPUTE)
+    acc_b = tl.zeros([BLOCK_R, BLOCK_C], dtype=COMPUTE)
+    first = pid_r.to(tl.int64) * rows_per_program
+    last = tl.minimum(first + rows_per_program, n_rows)
+    for start in range(first, last, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask = (rows < last)[:, None] & c_mask[None, :]
+        offsets = _offsets(rows, cs, channels, inner, CHANNELS_LAST)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+        if MODE == 0:
+            d = tl.where(mask, x - center[None, :], 0.0)
+            acc_a += d
+            acc_b += d * d
+        else:
+            g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            pre = tl.fma(x, scale[None, :], shift[None, :])
+            if HAS_RESIDUAL:
+                pre += tl.load(r_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            dz = tl.where(mask, activation_backward(g, pre, ACT, negative_slope), 0.0)
+            acc_a += dz
+            acc_b += dz * (x - center[None, :])
+    out = pid_r * channels + cs
+    tl.store(part_a_ptr + out, tl.sum(acc_a, axis=0), mask=c_mask)
+    tl.store(part_b_ptr + out, tl.sum(acc_b, axis=0), mask=c_mask)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _dense(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _geometry(x: torch.Tensor):
+    """(rows, channels, inner): rows = N·H·W positions, inner = H·W (1 for 2-D x)."""
+    channels = x.shape[1]
+    rows = x.numel() // max(channels, 1)
+    inner = rows // max(x.shape[0], 1) if x.shape[0] else 1
+    return rows, channels, max(inner, 1)
+
+
+def _pair_sums(mode, x, grad, residual, scale, shift, center, activation, negative_slope):
+    """Per-channel (Σa, Σb) in float64."""
+    channels_last = _channels_last(x) or x.dim() == 2
+    x = _dense(x, channels_last and x.dim() == 4)
+    grad = None if grad is None else _dense(grad, channels_last and x.dim() == 4)
+    residual = None if residual is None else _dense(residual, channels_last and x.dim() == 4)
+    rows, channels, inner = _geometry(x)
+    block_c = min(64, triton.next_power_of_2(channels)) if channels_last else 2
+    block_r = (32 if channels_last else 512) if x.is_cuda else (256 if channels_last else 4096)
+    row_programs = max(1, min(triton.cdiv(rows, block_r), 1024 if x.is_cuda else 8))
+    rows_per_program = triton.cdiv(triton.cdiv(rows, row_programs), block_r) * block_r
+    row_programs = triton.cdiv(rows, rows_per_program)
+    part_a = torch.empty(row_programs, channels, device=x.device, dtype=center.dtype)
+    part_b = torch.empty_like(part_a)
+    torch.library.wrap_triton(_pair_sums_kernel)[(row_programs, triton.cdiv(channels, block_c))](
+        x, x if grad is None else grad, x if residual is None else residual,
+        center if scale is None else scale, center if shift is None else shift, center,
+        part_a, part_b, rows, channels, inner, rows_per_program, negative_slope,
+        MODE=mode, ACT=activation, HAS_RESIDUAL=residual is not None,
+        CHANNELS_LAST=channels_last, COMPUTE=_compute_dtype(x), BLOCK_R=block_r, BLOCK_C=block_c)
+    return part_a.double().sum(0), part_b.double().sum(0)
+
+
+def _anchor(x: torch.Tensor) -> torch.Tensor:
+    """K: each channel's first value (index 0 of every other dim)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.select(0, 0).reshape(x.shape[1], -1)[:, 0].to(compute).contiguous()
+
+
+@torch.library.triton_op("cnnkernels::batch_norm_act_stats_triton", mutates_args=())
+def batch_norm_act_stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    channels = x.shape[1]
+    count = x.numel() // max(channels, 1)
+    if count == 0 or channels == 0:
+        nan = torch.full((channels,), float("nan"), dtype=compute, device=x.device)
+        return nan, nan.clone()
+    anchor = _anchor(x)
+    s1, s2 = _pair_sums(MOMENTS, x, None, None, None, None, anchor, 0, 0.0)
+    shifted_mean = s1 / count
+    mean = (anchor.double() + shifted_mean).to(compute)
+    var = (s2 / count - shifted_mean * shifted_mean).clamp_min(0).to(compute)
+    return mean, var
+
+
+@torch.library.triton_op("cnnkernels::batch_norm_act_backward_reduce_triton", mutates_args=())
+def batch_norm_act_backward_reduce_triton(
+        grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+        mean: torch.Tensor, residual: torch.Tensor | None = None, activation: int = 0,
+        negative_slope: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.numel() == 0:
+        return torch.zeros_like(scale), torch.zeros_like(scale)
+    a, b = _pair_sums(GRAD_SUMS, x, grad, residual, scale.contiguous(), shift.contiguous(),
+                      mean.contiguous(), activation, negative_slope)
+    return a.to(scale.dtype), b.to(scale.dtype)
+
+
+@triton.jit
+def _elemt_kernel(x_ptr, g_ptr, r_ptr, dx_ptr, dr_ptr, scale_ptr, shift_ptr, mean_ptr, k_dz_ptr,
+                  k_xmu_ptr, k_1_ptr, n, channels, inner, negative_slope, ACT: tl.constexpr,
+                  HAS_RESIDUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                  COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    if CHANNELS_LAST:
+        c = offsets % channels
+    else:
+        c = (offsets // inner) % channels
+    x = tl.load(x_ptr + offsets, mask=mask).to(COMPUTE)
+    g = tl.load(g_ptr + offsets, mask=mask).to(COMPUTE)
+    pre = tl.fma(x, tl.load(scale_ptr + c, mask=mask), tl.load(shift_ptr + c, mask=mask))
+    if HAS_RESIDUAL:
+        pre += tl.load(r_ptr + offsets, mask=mask).to(COMPUTE)
+    dz = activation_backward(g, pre, ACT, negative_slope)
+    xmu = x - tl.load(mean_ptr + c, mask=mask)
+    dx = tl.load(k_dz_ptr + c, mask=mask) * dz + tl.load(k_xmu_ptr + c, mask=mask) * xmu \
+        + tl.load(k_1_ptr + c, mask=mask)
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if HAS_RESIDUAL:
+        tl.store(dr_ptr + offsets, dz.to(dr_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.triton_op("cnnkernels::batch_norm_act_backward_elemt_triton", mutates_args=())
+def batch_norm_act_backward_elemt_triton(
+        grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+        mean: torch.Tensor, coef_dz: torch.Tensor, coef_xmu: torch.Tensor, coef_1: torch.Tensor,
+        residual: torch.Tensor | None = None, activation: int = 0, negative_slope: float = 0.01,
+        residual_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    channels_last = _channels_last(x)
+    x = _dense(x, channels_last)
+    grad = _dense(grad, channels_last)
+    residual = None if residual is None else _dense(residual, channels_last)
+    dx = torch.empty_like(x)
+    dr = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    n = x.numel()
+    if n:
+        _, channels, inner = _geometry(x)
+        block = _block(x)
+        per_channel = [t.contiguous() for t in (scale, shift, mean, coef_dz, coef_xmu, coef_1)]
+        torch.library.wrap_triton(_elemt_kernel)[_grid(n, block)](
+            x, grad, x if residual is None else residual, dx, dx if residual is None else dr,
+            *per_channel, n, channels, inner, negative_slope, ACT=activation,
+            HAS_RESIDUAL=residual is not None, CHANNELS_LAST=channels_last,
+            COMPUTE=_compute_dtype(x), BLOCK=block)
+    if residual is not None and not residual_grad:
+        dr = x.new_empty(0)
+    return dx, dr
+
+
+def stats(x):
+    return torch.ops.cnnkernels.batch_norm_act_stats_triton(x)
+
+
+def backward_reduce(grad, x, scale, shift, mean, residual=None, activation=0, negative_slope=0.01):
+    return torch.ops.cnnkernels.batch_norm_act_backward_reduce_triton(
+        grad, x, scale, shift, mean, residual, activation, negative_slope)
+
+
+def backward_elemt(grad, x, scale, shift, mean, coef_dz, coef_xmu, coef_1, residual=None,
+                   activation=0, negative_slope=0.01, residual_grad=False):
+    return torch.ops.cnnkernels.batch_norm_act_backward_elemt_triton(
+        grad, x, scale, shift, mean, coef_dz, coef_xmu, coef_1, residual, activation,
+        negative_slope, residual_grad)

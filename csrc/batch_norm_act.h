@@ -1,0 +1,33 @@
+// batch_norm_act's statistics and backward passes: declarations shared by the schema file and the
+// per-device kernels. The forward's elementwise pass is affine_act (affine_act.h).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+#include <optional>
+#include <utility>
+
+namespace cnnkernels {
+
+// The layout the kernels walk: channels_last rows ([N·H·W, C]) for 4-D tensors that are dense in
+// channels_last and not in NCHW, else channel planes of a contiguous tensor. Every tensor an op
+// reads is made dense in this format (a no-op for the usual inputs) and its outputs are too.
+at::MemoryFormat kernel_memory_format(const at::Tensor& x);
+
+struct ChannelArg {
+  const at::Tensor* tensor;
+  const char* name;
+};
+
+// x: floating, [N, C, ...]. Per-channel arguments: 1-D of C values in the compute type (float32
+// for float32/float16/bfloat16 x, float64 for float64 x) on x's device. grad and residual (either
+// may be null): x's shape, dtype and device.
+void check_batch_norm_act_args(const at::Tensor& x, const at::Tensor* grad,
+                               const std::optional<at::Tensor>& residual,
+                               std::initializer_list<ChannelArg> per_channel, const char* op);
+
+// The empty tensor returned in place of grad_residual when it was not asked for.
+at::Tensor no_residual_grad(const at::Tensor& x);
+
+}  // namespace cnnkernels
