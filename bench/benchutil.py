@@ -50,12 +50,14 @@ def backend_of(impl: str) -> str:
     return impl[len("cnnkernels["):-1] if impl.startswith("cnnkernels[") else "auto"
 
 
-def run_case(benchmark, case, impl: str, direction: str, dtype=torch.float32) -> None:
+def run_case(benchmark, case, impl: str, direction: str, dtype=torch.float32,
+             channels_last: bool = False) -> None:
     """Time one case (cnnkernels.cases) on one side, forward or forward+backward, and record next
     to it the speed-up over PyTorch eager measured round-robin on the same tensors."""
     from cnnkernels import cases
 
-    prepared = cases.prepare(case, DEVICE, dtype, requires_grad=direction != "fwd")
+    prepared = cases.prepare(case, DEVICE, dtype, requires_grad=direction != "fwd",
+                             channels_last=channels_last)
     if impl == "torch":
         side = prepared.torch_fn
     elif impl == "torch.compile":
@@ -69,11 +71,12 @@ def run_case(benchmark, case, impl: str, direction: str, dtype=torch.float32) ->
             return run_synchronized(fn)
         return run_synchronized(lambda: torch.autograd.grad(fn(), prepared.leaves, grad))
 
-    benchmark.group = f"{case.op} {case.label} {str(dtype)[6:]} {direction} [{DEVICE.type}]"
+    layout = " channels_last" if channels_last else ""
+    benchmark.group = f"{case.op} {case.label}{layout} {str(dtype)[6:]} {direction} [{DEVICE.type}]"
     benchmark.extra_info.update(op=case.op, shape=case.shape, kernel=case.kernel,
                                 stride=case.stride, impl=impl, direction=direction,
                                 device=cnnkernels.info()["device"], source=case.source,
-                                cpu_heap_kept=CPU_HEAP_KEPT)
+                                channels_last=channels_last, cpu_heap_kept=CPU_HEAP_KEPT)
     with cnnkernels.use_backend(backend_of(impl)):
         target = make(side)
         target()  # warm-up (and compilation for torch.compile) outside the timed rounds

@@ -61,7 +61,19 @@ _DEPTHWISE_LAYERS = [
 _QUICK_DEPTHWISE = [(144, 56, 3, 1, "MobileNetV2 block 3"), (672, 14, 5, 1, "MobileNetV3-L block 12"),
                     (96, 56, 7, 1, "ConvNeXt-T stage 1")]
 
-_OPS = ("hardswish", "hardsigmoid", "depthwise_conv2d")
+# BatchNorm + ReLU: MobileNetV2 / ResNet-50 / DenseNet-121 activations (the BN+act issue's list).
+# "fwd" is evaluation (running statistics), "fwd+bwd" a training step (batch statistics).
+_BATCH_NORM_SHAPES = [
+    ((32, 96, 56, 56), "MobileNetV2 block 2 expand"),
+    ((32, 144, 56, 56), "MobileNetV2 block 3 expand"),
+    ((32, 256, 56, 56), "ResNet-50 layer1 output"),
+    ((32, 384, 14, 14), "MobileNetV2 block 8 expand"),
+    ((32, 1024, 14, 14), "ResNet-50 layer3 output"),
+]
+_QUICK_BATCH_NORM_SHAPES = [((32, 96, 56, 56), "MobileNetV2 block 2 expand"),
+                            ((8, 384, 14, 14), "MobileNetV2 block 8 expand, batch 8")]
+
+_OPS = ("hardswish", "hardsigmoid", "depthwise_conv2d", "batch_norm_act")
 
 
 def known_ops() -> tuple[str, ...]:
@@ -75,7 +87,11 @@ def cases(ops: tuple[str, ...] = _OPS, quick: bool = False, batch: int | None = 
         raise ValueError(f"unknown op(s) {', '.join(sorted(unknown))}; known: {', '.join(_OPS)}")
     result = []
     for op in ops:
-        if op == "depthwise_conv2d":
+        if op == "batch_norm_act":
+            for shape, source in (_QUICK_BATCH_NORM_SHAPES if quick else _BATCH_NORM_SHAPES):
+                shape = (batch, *shape[1:]) if batch else shape
+                result.append(Case(op, shape, source))
+        elif op == "depthwise_conv2d":
             n = batch or (8 if quick else 32)
             for c, size, k, s, source in (_QUICK_DEPTHWISE if quick else _DEPTHWISE_LAYERS):
                 result.append(Case(op, (n, c, size, size), source, kernel=k, stride=s))
@@ -116,4 +132,25 @@ def prepare(case: Case, device, dtype: torch.dtype, requires_grad: bool,
             [x, weight],
             lambda: F.conv2d(x, weight, bias, s, k // 2, 1, c),
             lambda: ops.depthwise_conv2d(x, weight, bias, s, k // 2))
+    if case.op == "batch_norm_act":
+        return _prepare_batch_norm_act(case, x, gen, requires_grad)
     raise ValueError(f"unknown op {case.op!r}")
+
+
+def _prepare_batch_norm_act(case: Case, x: torch.Tensor, gen: torch.Generator,
+                            training: bool) -> Prepared:
+    """BatchNorm → ReLU as torchvision writes it (nn.ReLU(inplace=True)) vs ours; float32
+    parameters and statistics whatever x's dtype (as under autocast). Each side updates its own
+    running statistics in training."""
+    from . import ops
+
+    c = case.shape[1]
+    weight = (torch.rand(c, generator=gen) + 0.5).to(x.device).requires_grad_(training)
+    bias = torch.randn(c, generator=gen).to(x.device).requires_grad_(training)
+    torch_stats = [torch.zeros(c, device=x.device), torch.ones(c, device=x.device)]
+    our_stats = [t.clone() for t in torch_stats]
+    return Prepared(
+        [x, weight, bias] if training else [x],
+        lambda: F.relu(F.batch_norm(x, *torch_stats, weight, bias, training, 0.1, 1e-5),
+                       inplace=True),
+        lambda: ops.batch_norm_act(x, weight, bias, *our_stats, training, 0.1, 1e-5, "relu"))

@@ -11,8 +11,11 @@ hardswish      ``nn.Hardswish``                                       ``cnnkerne
 hardsigmoid    ``nn.Hardsigmoid``                                     ``cnnkernels.nn.HardSigmoid``
 depthwise      ``nn.Conv2d`` with ``groups == in_channels``           ``cnnkernels.nn.DepthwiseConv2d``
 densenet       torchvision ``_DenseBlock``                            ``DenseBlock(memory="shared")``
-batchnorm_act  ``BatchNorm2d`` then an activation in an               ``BatchNormAct2d`` (+ ``nn.Identity``
-               ``nn.Sequential`` (e.g. ``Conv2dNormActivation``)      where the activation was)
+batchnorm_act  ``BatchNorm2d`` / ``SyncBatchNorm`` then an activation  ``BatchNormAct2d`` (+ ``nn.Identity``
+               in an ``nn.Sequential`` (``Conv2dNormActivation``)     where the activation was)
+resnet         torchvision ``BasicBlock`` / ``Bottleneck``            ``ResidualBlock``: every BN fused
+                                                                      with its ReLU, the last with the
+                                                                      residual add too
 =============  =====================================================  ==============================
 
 ``batchnorm_act`` is opt-in (``include=[..., "batchnorm_act"]``): its first version halves the memory
@@ -32,8 +35,9 @@ from .nn.batchnorm import _TORCH_ACTIVATIONS, BatchNormAct2d
 from .nn.conv import DepthwiseConv2d
 from .nn.densenet import (DenseBlock, _is_torchvision_dense_block, dense_block_from,
                           dense_block_to_torchvision)
+from .nn.resnet import ResidualBlock, is_torchvision_resnet_block
 
-KINDS = ("hardswish", "hardsigmoid", "depthwise", "densenet", "batchnorm_act")
+KINDS = ("hardswish", "hardsigmoid", "depthwise", "densenet", "batchnorm_act", "resnet")
 DEFAULT_KINDS = ("hardswish", "hardsigmoid", "depthwise", "densenet")
 
 
@@ -98,6 +102,11 @@ def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, s
         return "depthwise", lambda: DepthwiseConv2d.from_conv(module), ""
     if _is_torchvision_dense_block(module):
         return "densenet", lambda: dense_block_from(module, memory="shared"), ""
+    if is_torchvision_resnet_block(module):
+        norms = [module._modules.get(f"bn{i}") for i in (1, 2, 3) if f"bn{i}" in module._modules]
+        if not all(type(n) in (nn.BatchNorm2d, nn.SyncBatchNorm) for n in norms):
+            return "resnet", None, "its norm layers are not BatchNorm2d"
+        return "resnet", lambda: ResidualBlock.from_torchvision(module), ""
     if isinstance(module, nn.BatchNorm2d):
         return "batchnorm", None, "no activation follows it in a Sequential (or batchnorm_act not included)"
     return None
@@ -111,7 +120,7 @@ def _bn_act_pairs(parent: nn.Module) -> dict[str, str]:
     pairs = {}
     for first, second in zip(names, names[1:]):
         bn, act = parent._modules[first], parent._modules[second]
-        if type(bn) is nn.BatchNorm2d and type(act) in _TORCH_ACTIVATIONS and \
+        if type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and type(act) in _TORCH_ACTIVATIONS and \
                 type(act) is not nn.Identity:
             pairs[first] = second
     return pairs
@@ -152,7 +161,7 @@ def convert(model: nn.Module, *, inplace: bool = False, include: Iterable[str] |
                 act = parent._modules[act_name]
                 setattr(parent, child_name, BatchNormAct2d.from_modules(child, act))
                 setattr(parent, act_name, nn.Identity())
-                result.swaps.append(Swap(name, "batchnorm_act", f"BatchNorm2d+{type(act).__name__}",
+                result.swaps.append(Swap(name, "batchnorm_act", f"{type(child).__name__}+{type(act).__name__}",
                                          "BatchNormAct2d"))
                 continue
             if isinstance(child, nn.Identity) and child_name in pairs.values():
@@ -190,6 +199,8 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             return module.to_conv().train(module.training)
         if isinstance(module, DenseBlock):
             return dense_block_to_torchvision(module)
+        if isinstance(module, ResidualBlock):
+            return module.to_torchvision()
         return None
 
     def visit(parent: nn.Module) -> None:

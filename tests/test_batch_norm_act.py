@@ -143,11 +143,6 @@ bn_ops = importlib.import_module("cnnkernels.ops.batch_norm_act")  # the module,
 from cnnkernels.reference import batch_norm_act as bn_reference  # noqa: E402
 
 
-def skip_without(name):
-    if name == "cuda":
-        pytest.skip("batch_norm_act has no CUDA C++ kernels yet (Triton runs on CUDA)")
-
-
 def kernel_inputs(layout, device, mean=1.0, residual=True, shape=(4, 6, 5, 7)):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=g) * 3 + mean
@@ -164,7 +159,6 @@ def kernel_inputs(layout, device, mean=1.0, residual=True, shape=(4, 6, 5, 7)):
 @pytest.mark.parametrize("shape", [(4, 6, 5, 7), (3, 70, 2, 3), (9, 6)], ids=str)
 def test_statistics_kernel(impl, layout, shape):
     name, device = impl
-    skip_without(name)
     x, *_ = kernel_inputs(layout, device, mean=50.0, shape=shape)
     stats, _, _ = bn_ops._kernels(x)
     mean, var = stats(x)
@@ -177,7 +171,6 @@ def test_statistics_kernel(impl, layout, shape):
 def test_statistics_stable_when_mean_dwarfs_std(impl):
     """|mean| / std = 1e6: E[x²] − E[x]² in float32 would return noise (or a negative variance)."""
     name, device = impl
-    skip_without(name)
     g = torch.Generator().manual_seed(0)
     x = (1e4 + 1e-2 * torch.randn(16, 3, 32, 32, generator=g, dtype=torch.float64)).float().to(device)
     mean, var = bn_ops._kernels(x)[0](x)
@@ -191,7 +184,6 @@ def test_statistics_stable_when_mean_dwarfs_std(impl):
 @pytest.mark.parametrize("name", list(ACTS))
 def test_backward_kernels(impl, layout, residual, name):
     backend_name, device = impl
-    skip_without(backend_name)
     code = activations.CODES[name]
     x, grad, r, (scale, shift, mean) = kernel_inputs(layout, device, residual=residual)
     _, reduce, elemt = bn_ops._kernels(x)
@@ -234,7 +226,6 @@ def residual_reference(name, x, r, bn, act_kwargs=None):
 @pytest.mark.parametrize("name", list(ACTS))
 def test_residual_matches_torch(impl, layout, name):
     backend_name, device = impl
-    skip_without(backend_name)
     reference, ours = make_pair(name)
     reference, ours = reference.to(device), ours.to(device)
     for train in (True, True, False):
@@ -277,7 +268,6 @@ def test_reduced_precision_against_float32(dtype, layout):
 
 def test_gradcheck_with_residual_float64(impl):
     backend_name, device = impl
-    skip_without(backend_name)
     if backend_name == "triton":
         pytest.skip("the Triton interpreter is tested in float32 (no float64 gradcheck)")
     g = torch.Generator().manual_seed(0)

@@ -123,3 +123,35 @@ def test_batchnorm_act_is_opt_in_and_reverts_to_the_same_keys():
     reverted = cnnkernels.revert(converted)
     assert type(reverted.features[0][1]) is nn.BatchNorm2d and type(reverted.features[0][2]) is nn.ReLU6
     assert list(reverted.state_dict()) == list(original.state_dict())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_blocks_fuse_bn_relu_and_residual(name):
+    torch.manual_seed(0)
+    original = getattr(torchvision.models, name)(num_classes=10)
+    converted, report = cnnkernels.convert(original, include=["resnet", "batchnorm_act"],
+                                           report=True)
+    blocks = 8 if name == "resnet18" else 16
+    assert report.counts() == {"resnet": blocks}
+    block = converted.layer1[0]
+    assert isinstance(block, cnnkernels.nn.ResidualBlock)
+    assert all(isinstance(getattr(block, f"bn{i}"), cnnkernels.nn.BatchNormAct2d)
+               for i in range(1, block.depth + 1))
+    check_same_model(original.double(), converted.double(), torch.randn(2, 3, 64, 64).double())
+    reverted = cnnkernels.revert(converted)
+    assert type(reverted.layer1[0]) is type(original.layer1[0])
+    assert type(reverted.layer1[0].bn1) is nn.BatchNorm2d
+    assert list(reverted.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, 64, 64).double()
+    reverted.eval(), original.eval()
+    torch.testing.assert_close(reverted(x), original(x))
+
+
+def test_sync_batchnorm_becomes_batchnorm_act_with_the_default_group():
+    from cnnkernels.ops.batch_norm_act import WORLD
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU())
+    converted = cnnkernels.convert(model, include=["batchnorm_act"])
+    assert isinstance(converted[1], cnnkernels.nn.BatchNormAct2d)
+    assert converted[1].process_group == WORLD
+    assert list(converted.state_dict()) == list(model.state_dict())

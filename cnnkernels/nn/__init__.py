@@ -3,5 +3,7 @@ from .activation import HardSigmoid, HardSwish
 from .batchnorm import BatchNormAct2d
 from .conv import DepthwiseConv2d
 from .densenet import DenseBlock, DenseLayer
+from .resnet import ResidualBlock
 
-__all__ = ["HardSwish", "HardSigmoid", "DepthwiseConv2d", "DenseBlock", "DenseLayer", "BatchNormAct2d"]
+__all__ = ["HardSwish", "HardSigmoid", "DepthwiseConv2d", "DenseBlock", "DenseLayer", "BatchNormAct2d",
+           "ResidualBlock"]

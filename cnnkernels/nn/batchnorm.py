@@ -44,9 +44,10 @@ class BatchNormAct2d(nn.Module):
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, act: nn.Module | None = None) -> "BatchNormAct2d":
         """Ours holding copies of `bn`'s parameters and buffers, applying `act` (an nn activation
-        module, or None for identity)."""
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"BatchNormAct2d.from_modules expects nn.BatchNorm2d, got {type(bn).__name__}")
+        module, or None for identity). An nn.SyncBatchNorm keeps its process group."""
+        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            raise TypeError("BatchNormAct2d.from_modules expects nn.BatchNorm2d or nn.SyncBatchNorm, "
+                            f"got {type(bn).__name__}")
         name = "identity" if act is None else _TORCH_ACTIVATIONS.get(type(act))
         if name is None:
             raise TypeError(f"BatchNormAct2d.from_modules: unsupported activation {type(act).__name__}; "

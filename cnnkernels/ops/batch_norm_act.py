@@ -12,8 +12,9 @@ dx (and dresidual = dz) (`batch_norm_act_backward_elemt`). With `process_group` 
 forward's statistics and the backward's sums are combined across ranks between the passes, so
 the result equals BatchNorm over the concatenated batch.
 
-Kernels: C++ (csrc/cpu/batch_norm_act_kernel.cpp), Triton (cnnkernels/triton/batch_norm_act.py);
-on CUDA without compiled CUDA kernels the Triton ones run. Reference: cnnkernels/reference.
+Kernels: C++ (csrc/cpu/batch_norm_act_kernel.cpp), CUDA (csrc/cuda/batch_norm_act_kernel.cu),
+Triton (cnnkernels/triton/batch_norm_act.py); on CUDA without compiled CUDA kernels the Triton
+ones run. Reference: cnnkernels/reference.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..reference import batch_norm_act as reference
 from .affine_act import _compute_dtype, affine_act
 
 _OP = "batch_norm_act"
-KERNELS = frozenset({"cpu", "triton"})
+KERNELS = frozenset({"cpu", "cuda", "triton"})
 WORLD = "world"  # process_group: torch.distributed's default group (nn.SyncBatchNorm's None)
 
 
@@ -49,7 +50,7 @@ def _eval_invstd(running_var, eps, compute):
 def _kernels(x: torch.Tensor):
     """(stats, backward_reduce, backward_elemt) for x's device and the active backend."""
     kind = backend.select(x.device, KERNELS, _OP)
-    if kind == "cpu" and _extension.cpu_ext:
+    if (kind == "cpu" and _extension.cpu_ext) or (kind == "cuda" and _extension.cuda_ext):
         ops = torch.ops.cnnkernels
         return ops.batch_norm_act_stats, ops.batch_norm_act_backward_reduce, \
             ops.batch_norm_act_backward_elemt

@@ -1,0 +1,84 @@
+"""ResNet blocks whose BatchNorms run fused with their ReLU, the last one with the residual add.
+
+`ResidualBlock` replaces torchvision's BasicBlock / Bottleneck (cnnkernels.convert, kind
+"resnet"): the same children under the same names (conv1, bn1, ..., downsample, relu), so the
+state_dict keys do not change, with every ``bn`` a BatchNormAct2d: ``bn → relu`` is one pass and
+``bn_last → += identity → relu`` is one pass too (batch_norm_act's residual input). Autograd keeps
+each BN's input (and the identity) instead of the BN output, the sum and the ReLU output.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .batchnorm import BatchNormAct2d
+
+
+def _torchvision_blocks() -> tuple[type, ...]:
+    try:
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+    except ImportError:  # torchvision is optional
+        return ()
+    return BasicBlock, Bottleneck
+
+
+def is_torchvision_resnet_block(module: nn.Module) -> bool:
+    blocks = _torchvision_blocks()
+    return bool(blocks) and type(module) in blocks
+
+
+class ResidualBlock(nn.Module):
+    """relu(bn_last(conv_last(... relu(bn1(conv1(x))) ...)) + downsample(x)) with fused BN+act."""
+
+    def __init__(self, convs: list[nn.Conv2d], norms: list[BatchNormAct2d],
+                 downsample: nn.Module | None, relu: nn.Module, stride: int,
+                 original: type | None = None) -> None:
+        super().__init__()
+        if len(convs) != len(norms) or len(convs) < 2:
+            raise ValueError("ResidualBlock: expected as many convs as norms (2 or 3)")
+        for i, (conv, norm) in enumerate(zip(convs, norms), start=1):
+            self.add_module(f"conv{i}", conv)
+            self.add_module(f"bn{i}", norm)
+        self.relu = relu
+        self.downsample = downsample
+        self.stride = stride
+        self.depth = len(convs)
+        self.original = original
+
+    @classmethod
+    def from_torchvision(cls, block: nn.Module) -> "ResidualBlock":
+        """Ours, holding `block`'s convolutions and downsample and copies of its BatchNorms."""
+        if not is_torchvision_resnet_block(block):
+            raise TypeError(f"ResidualBlock.from_torchvision expects torchvision's BasicBlock or "
+                            f"Bottleneck, got {type(block).__name__}")
+        depth = 3 if hasattr(block, "conv3") else 2
+        convs = [getattr(block, f"conv{i}") for i in range(1, depth + 1)]
+        norms = [getattr(block, f"bn{i}") for i in range(1, depth + 1)]
+        if not all(type(n) in (nn.BatchNorm2d, nn.SyncBatchNorm) for n in norms):
+            raise TypeError("ResidualBlock.from_torchvision: the block's norm layers are not "
+                            "BatchNorm2d")
+        fused = [BatchNormAct2d.from_modules(n, nn.ReLU()) for n in norms]
+        return cls(convs, fused, block.downsample, block.relu, block.stride,
+                   type(block)).train(block.training)
+
+    def to_torchvision(self) -> nn.Module:
+        """torchvision's block with the same modules and weights (for export / revert)."""
+        block_type = self.original or dict(zip((2, 3), _torchvision_blocks()))[self.depth]
+        block = block_type.__new__(block_type)
+        nn.Module.__init__(block)
+        for i in range(1, self.depth + 1):
+            block.add_module(f"conv{i}", getattr(self, f"conv{i}"))
+            bn = getattr(self, f"bn{i}").to_modules()[0]
+            block.add_module(f"bn{i}", bn)
+        block.relu = self.relu
+        block.downsample = self.downsample
+        block.stride = self.stride
+        return block.train(self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for i in range(1, self.depth):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        last = self.depth
+        return getattr(self, f"bn{last}")(getattr(self, f"conv{last}")(out), identity)
