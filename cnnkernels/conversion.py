@@ -18,9 +18,8 @@ resnet         torchvision ``BasicBlock`` / ``Bottleneck``            ``Residual
                                                                       residual add too
 =============  =====================================================  ==============================
 
-``batchnorm_act`` is opt-in (``include=[..., "batchnorm_act"]``): its first version halves the memory
-autograd keeps and evaluates in one pass, but trains ~10% slower than PyTorch's pair on CPU. Conv-BN-
-Act fusion and squeeze-and-excitation are swapped once their kernels exist (see the issues).
+Every kind is on by default; ``include`` / ``exclude`` choose. Conv-BN-Act fusion and
+squeeze-and-excitation are swapped once their kernels exist (see the issues).
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ from .nn.densenet import (DenseBlock, _is_torchvision_dense_block, dense_block_f
 from .nn.resnet import ResidualBlock, is_torchvision_resnet_block
 
 KINDS = ("hardswish", "hardsigmoid", "depthwise", "densenet", "batchnorm_act", "resnet")
-DEFAULT_KINDS = ("hardswish", "hardsigmoid", "depthwise", "densenet")
+DEFAULT_KINDS = KINDS
 
 
 @dataclass
@@ -164,7 +163,7 @@ def convert(model: nn.Module, *, inplace: bool = False, include: Iterable[str] |
                 result.swaps.append(Swap(name, "batchnorm_act", f"{type(child).__name__}+{type(act).__name__}",
                                          "BatchNormAct2d"))
                 continue
-            if isinstance(child, nn.Identity) and child_name in pairs.values():
+            if child_name in pairs.values():  # the activation now fused into the BatchNorm before it
                 continue
             found = _classify(child)
             if found is not None:

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from .. import activations
-from ..ops.batch_norm_act import WORLD, batch_norm_act
+from ..ops.affine_act import _compute_dtype, affine_act
+from ..ops.batch_norm_act import WORLD, _eval_invstd, batch_norm_act, fold_statistics
 
 _TORCH_ACTIVATIONS = {nn.Identity: "identity", nn.ReLU: "relu", nn.ReLU6: "relu6",
                       nn.LeakyReLU: "leaky_relu", nn.Hardswish: "hardswish",
@@ -37,6 +38,7 @@ class BatchNormAct2d(nn.Module):
         self.affine, self.track_running_stats = affine, track_running_stats
         self.activation, self.negative_slope = activation, float(negative_slope)
         self.process_group = process_group
+        self._folded_key, self._folded = None, None  # eval's scale/shift, see _running_fold
         self.weight, self.bias = reference.weight, reference.bias
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             self.register_buffer(name, getattr(reference, name))
@@ -80,6 +82,24 @@ class BatchNormAct2d(nn.Module):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, activation={self.activation!r}")
 
+    def _needs_grad(self, x, residual) -> bool:
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, residual, self.weight, self.bias))
+
+    def _running_fold(self, compute: torch.dtype):
+        """(scale, shift) of the running statistics for evaluation, folded again only when a
+        parameter or buffer changed: the key holds each tensor's storage address and version
+        counter (bumped by every in-place write: optimizer steps, load_state_dict, BN updates).
+        Folding is ~10 tiny ops: as long as the elementwise pass itself on MobileNet-sized maps."""
+        tensors = (self.weight, self.bias, self.running_mean, self.running_var)
+        key = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors) + \
+            (self.eps, compute)
+        if key != self._folded_key:
+            invstd = _eval_invstd(self.running_var, self.eps, compute)
+            self._folded = fold_statistics(self.running_mean, invstd, self.weight, self.bias, compute)
+            self._folded_key = key
+        return self._folded
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"BatchNormAct2d: expected a 4-D input, got {x.dim()}-D")
@@ -89,6 +109,11 @@ class BatchNormAct2d(nn.Module):
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        if not use_batch_stats and not self._needs_grad(x, residual) and \
+                not torch.compiler.is_compiling():
+            scale, shift = self._running_fold(_compute_dtype(x.dtype))
+            return affine_act(x, scale, shift, self.activation, self.negative_slope,
+                              residual=residual)
         track = not self.training or self.track_running_stats
         return batch_norm_act(x, self.weight, self.bias, self.running_mean if track else None,
                               self.running_var if track else None, use_batch_stats, factor,
