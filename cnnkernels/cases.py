@@ -15,13 +15,15 @@ class Case:
     op: str
     shape: tuple[int, ...]  # the input [N, C, H, W]
     source: str  # the layer the shape comes from
-    kernel: int = 0  # convolutions: kernel size
+    kernel: int = 0  # convolutions: kernel size; squeeze_excite: squeeze channels
     stride: int = 1
 
     @property
     def label(self) -> str:
         text = "x".join(map(str, self.shape))
-        if self.kernel:
+        if self.kernel and self.op == "squeeze_excite":
+            text += f" s{self.kernel}"
+        elif self.kernel:
             text += f" k{self.kernel}s{self.stride}"
         return text
 
@@ -73,7 +75,18 @@ _BATCH_NORM_SHAPES = [
 _QUICK_BATCH_NORM_SHAPES = [((32, 96, 56, 56), "MobileNetV2 block 2 expand"),
                             ((8, 384, 14, 14), "MobileNetV2 block 8 expand, batch 8")]
 
-_OPS = ("hardswish", "hardsigmoid", "depthwise_conv2d", "batch_norm_act")
+# Squeeze-and-excitation: MobileNetV3-Large's SE blocks (channels, size, squeeze channels), batch 32.
+_SE_SHAPES = [
+    ((32, 72, 28, 28), 24, "MobileNetV3-L block 4 SE"),
+    ((32, 120, 28, 28), 32, "MobileNetV3-L block 5 SE"),
+    ((32, 480, 14, 14), 120, "MobileNetV3-L block 11 SE"),
+    ((32, 672, 14, 14), 168, "MobileNetV3-L block 12 SE"),
+    ((32, 960, 7, 7), 240, "MobileNetV3-L block 14 SE"),
+]
+_QUICK_SE_SHAPES = [((32, 120, 28, 28), 32, "MobileNetV3-L block 5 SE"),
+                    ((8, 672, 14, 14), 168, "MobileNetV3-L block 12 SE, batch 8")]
+
+_OPS = ("hardswish", "hardsigmoid", "depthwise_conv2d", "batch_norm_act", "squeeze_excite")
 
 
 def known_ops() -> tuple[str, ...]:
@@ -87,7 +100,11 @@ def cases(ops: tuple[str, ...] = _OPS, quick: bool = False, batch: int | None = 
         raise ValueError(f"unknown op(s) {', '.join(sorted(unknown))}; known: {', '.join(_OPS)}")
     result = []
     for op in ops:
-        if op == "batch_norm_act":
+        if op == "squeeze_excite":
+            for shape, squeeze, source in (_QUICK_SE_SHAPES if quick else _SE_SHAPES):
+                shape = (batch, *shape[1:]) if batch else shape
+                result.append(Case(op, shape, source, kernel=squeeze))
+        elif op == "batch_norm_act":
             for shape, source in (_QUICK_BATCH_NORM_SHAPES if quick else _BATCH_NORM_SHAPES):
                 shape = (batch, *shape[1:]) if batch else shape
                 result.append(Case(op, shape, source))
@@ -134,6 +151,8 @@ def prepare(case: Case, device, dtype: torch.dtype, requires_grad: bool,
             lambda: ops.depthwise_conv2d(x, weight, bias, s, k // 2))
     if case.op == "batch_norm_act":
         return _prepare_batch_norm_act(case, x, gen, requires_grad)
+    if case.op == "squeeze_excite":
+        return _prepare_squeeze_excite(case, x, gen, requires_grad)
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -154,3 +173,22 @@ def _prepare_batch_norm_act(case: Case, x: torch.Tensor, gen: torch.Generator,
         lambda: F.relu(F.batch_norm(x, *torch_stats, weight, bias, training, 0.1, 1e-5),
                        inplace=True),
         lambda: ops.batch_norm_act(x, weight, bias, *our_stats, training, 0.1, 1e-5, "relu"))
+
+
+def _prepare_squeeze_excite(case: Case, x: torch.Tensor, gen: torch.Generator,
+                            requires_grad: bool) -> Prepared:
+    """torchvision's SqueezeExcitation as it computes (avgpool, 1x1 convs, ReLU, Hardsigmoid,
+    multiply) vs ours, with the same weights."""
+    from . import ops
+
+    c, s = case.shape[1], case.kernel
+    w1 = (torch.randn(s, c, 1, 1, generator=gen) / c ** 0.5).to(x.device, x.dtype).requires_grad_(requires_grad)
+    b1 = torch.randn(s, generator=gen).to(x.device, x.dtype).requires_grad_(requires_grad)
+    w2 = (torch.randn(c, s, 1, 1, generator=gen) / s ** 0.5).to(x.device, x.dtype).requires_grad_(requires_grad)
+    b2 = torch.randn(c, generator=gen).to(x.device, x.dtype).requires_grad_(requires_grad)
+
+    def torchvision_se():
+        scale = F.conv2d(F.relu(F.conv2d(F.adaptive_avg_pool2d(x, 1), w1, b1)), w2, b2)
+        return F.hardsigmoid(scale) * x
+    return Prepared([x, w1, b1, w2, b2], torchvision_se,
+                    lambda: ops.squeeze_excite(x, w1, b1, w2, b2, "relu", "hardsigmoid"))

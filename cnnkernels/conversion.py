@@ -13,13 +13,14 @@ depthwise      ``nn.Conv2d`` with ``groups == in_channels``           ``cnnkerne
 densenet       torchvision ``_DenseBlock``                            ``DenseBlock(memory="shared")``
 batchnorm_act  ``BatchNorm2d`` / ``SyncBatchNorm`` then an activation  ``BatchNormAct2d`` (+ ``nn.Identity``
                in an ``nn.Sequential`` (``Conv2dNormActivation``)     where the activation was)
+squeeze_excite torchvision ``SqueezeExcitation``                      ``cnnkernels.nn.SqueezeExcite``
 resnet         torchvision ``BasicBlock`` / ``Bottleneck``            ``ResidualBlock``: every BN fused
                                                                       with its ReLU, the last with the
                                                                       residual add too
 =============  =====================================================  ==============================
 
-Every kind is on by default; ``include`` / ``exclude`` choose. Conv-BN-Act fusion and
-squeeze-and-excitation are swapped once their kernels exist (see the issues).
+Every kind is on by default; ``include`` / ``exclude`` choose. Conv-BN-Act fusion is swapped once
+its kernels exist (see the issues).
 """
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ from .nn.conv import DepthwiseConv2d
 from .nn.densenet import (DenseBlock, _is_torchvision_dense_block, dense_block_from,
                           dense_block_to_torchvision)
 from .nn.resnet import ResidualBlock, is_torchvision_resnet_block
+from .nn.squeeze_excite import SqueezeExcite, is_torchvision_squeeze_excitation, unsupported_parts
 
-KINDS = ("hardswish", "hardsigmoid", "depthwise", "densenet", "batchnorm_act", "resnet")
+KINDS = ("hardswish", "hardsigmoid", "depthwise", "densenet", "batchnorm_act", "resnet",
+         "squeeze_excite")
 DEFAULT_KINDS = KINDS
 
 
@@ -101,6 +104,11 @@ def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, s
         return "depthwise", lambda: DepthwiseConv2d.from_conv(module), ""
     if _is_torchvision_dense_block(module):
         return "densenet", lambda: dense_block_from(module, memory="shared"), ""
+    if is_torchvision_squeeze_excitation(module):
+        problem = unsupported_parts(module)
+        if problem:
+            return "squeeze_excite", None, problem
+        return "squeeze_excite", lambda: SqueezeExcite.from_torchvision(module), ""
     if is_torchvision_resnet_block(module):
         norms = [module._modules.get(f"bn{i}") for i in (1, 2, 3) if f"bn{i}" in module._modules]
         if not all(type(n) in (nn.BatchNorm2d, nn.SyncBatchNorm) for n in norms):
@@ -199,6 +207,8 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if isinstance(module, DenseBlock):
             return dense_block_to_torchvision(module)
         if isinstance(module, ResidualBlock):
+            return module.to_torchvision()
+        if isinstance(module, SqueezeExcite):
             return module.to_torchvision()
         return None
 

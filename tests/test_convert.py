@@ -39,9 +39,10 @@ def check_same_model(original, converted, x, tol=1e-4):
 def test_mobilenet_v3_small_activations_and_depthwise():
     torch.manual_seed(0)
     original = torchvision.models.mobilenet_v3_small()
-    converted, report = cnnkernels.convert(original, exclude=["batchnorm_act"], report=True)
+    converted, report = cnnkernels.convert(original, exclude=["batchnorm_act", "squeeze_excite"],
+                                           report=True)
     assert report.counts() == {"hardswish": 19, "depthwise": 11, "hardsigmoid": 9}
-    assert all(s.kind == "batchnorm" for s in report.left_alone)
+    assert {s.kind for s in report.left_alone} == {"batchnorm", "squeeze_excite"}  # SE: excluded
     assert isinstance(converted.features[0][2], HardSwish)
     assert isinstance(converted.features[1].block[0][0], DepthwiseConv2d)
     assert type(original.features[0][2]) is nn.Hardswish  # the original is untouched
@@ -54,7 +55,9 @@ def test_mobilenet_v3_small_every_kind():
     torch.manual_seed(0)
     original = torchvision.models.mobilenet_v3_small()
     converted, report = cnnkernels.convert(original, report=True)
-    assert report.counts() == {"batchnorm_act": 23, "hardswish": 1, "depthwise": 11, "hardsigmoid": 9}
+    assert report.counts() == {"batchnorm_act": 23, "hardswish": 1, "depthwise": 11,
+                               "squeeze_excite": 9}
+    assert isinstance(converted.features[1].block[1], cnnkernels.nn.SqueezeExcite)
     assert isinstance(converted.features[0][1], cnnkernels.nn.BatchNormAct2d)
     assert isinstance(converted.features[0][2], nn.Identity)
     check_same_model(original.double(), converted.double(), torch.randn(2, 3, 64, 64).double())

@@ -4,6 +4,7 @@ from .batchnorm import BatchNormAct2d
 from .conv import DepthwiseConv2d
 from .densenet import DenseBlock, DenseLayer
 from .resnet import ResidualBlock
+from .squeeze_excite import SqueezeExcite
 
 __all__ = ["HardSwish", "HardSigmoid", "DepthwiseConv2d", "DenseBlock", "DenseLayer", "BatchNormAct2d",
-           "ResidualBlock"]
+           "ResidualBlock", "SqueezeExcite"]
