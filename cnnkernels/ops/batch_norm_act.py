@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension, activations, backend
+from ..reference import affine_act as affine_reference
 from ..reference import batch_norm_act as reference
-from .affine_act import _compute_dtype, affine_act
+from .affine_act import _compute_dtype
 
 _OP = "batch_norm_act"
 KERNELS = frozenset({"cpu", "cuda", "triton"})
@@ -48,17 +49,30 @@ def _eval_invstd(running_var, eps, compute):
 # --- the three kernels, on the active backend ----------------------------------------------------
 
 def _kernels(x: torch.Tensor):
-    """(stats, backward_reduce, backward_elemt) for x's device and the active backend."""
+    """(stats, backward_reduce, backward_elemt, affine_act) for x's device and the active
+    backend; affine_act takes (x, scale, shift, activation code, negative_slope, residual)."""
     kind = backend.select(x.device, KERNELS, _OP)
     if (kind == "cpu" and _extension.cpu_ext) or (kind == "cuda" and _extension.cuda_ext):
         ops = torch.ops.cnnkernels
         return ops.batch_norm_act_stats, ops.batch_norm_act_backward_reduce, \
-            ops.batch_norm_act_backward_elemt
+            ops.batch_norm_act_backward_elemt, ops.affine_act
     if kind == "triton":
+        from ..triton import affine_act as _triton_affine  # noqa: F401  (registers the op)
         from ..triton import batch_norm_act as _triton
 
-        return _triton.stats, _triton.backward_reduce, _triton.backward_elemt
-    return reference.stats, reference.backward_reduce, reference.backward_elemt
+        return _triton.stats, _triton.backward_reduce, _triton.backward_elemt, \
+            torch.ops.cnnkernels.affine_act_triton
+    return reference.stats, reference.backward_reduce, reference.backward_elemt, \
+        affine_reference.affine_act
+
+
+def _fold(mean, invstd, weight, bias):
+    """(scale, shift) with act(fma(x, scale, shift)) = act(BatchNorm(x)), in two small ops (the
+    training path; fold_statistics is the bit-exact-with-ATen variant)."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    if bias is None:
+        return scale, (mean * scale).neg_()
+    return scale, torch.addcmul(bias.to(invstd.dtype), mean, scale, value=-1)
 
 
 # --- SyncBN: combining per-rank statistics and sums ----------------------------------------------
@@ -100,64 +114,65 @@ def _all_reduce_sums(sum_dz, sum_dz_xmu, process_group):
 
 
 def _update_running(running, batch_value, momentum):
-    running.mul_(1.0 - momentum).add_(batch_value.to(running.dtype), alpha=momentum)
+    running.lerp_(batch_value.to(running.dtype), momentum)  # (1 − m)·running + m·batch
 
 
 # --- autograd ------------------------------------------------------------------------------------
 
 class _BatchNormAct(torch.autograd.Function):
+    # Per call, besides the four passes over memory, a dozen per-channel ops: the Python here is
+    # kept to the few that are needed (it is most of the time of small tensors, and of GPU ones).
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
                 code, negative_slope, process_group):
-        compute = _compute_dtype(x.dtype)
-        stats, _, _ = _kernels(x)
+        stats, _, _, affine = _kernels(x)
         count = x.numel() // x.shape[1]
         if training:
             mean, var = stats(x)
-            if _world_size(process_group) > 1:
+            if process_group is not None and _world_size(process_group) > 1:
                 mean, var, count = _combine_statistics(mean, var, count, process_group)
             invstd = torch.rsqrt(var + eps)
             if count == 0:  # an empty batch: nothing to normalise, running statistics untouched
                 mean, invstd = torch.zeros_like(mean), torch.zeros_like(invstd)
             elif running_mean is not None:
-                with torch.no_grad():
-                    _update_running(running_mean, mean, momentum)
-                    _update_running(running_var, var * (count / max(count - 1, 1)), momentum)
+                _update_running(running_mean, mean, momentum)
+                _update_running(running_var, var.mul_(count / max(count - 1, 1)), momentum)
         else:  # backward uses the statistics of now, even if the buffers move later
+            compute = _compute_dtype(x.dtype)
             mean = running_mean.to(compute, copy=True)
             invstd = _eval_invstd(running_var, eps, compute)
-        scale, shift = fold_statistics(mean, invstd, weight, bias, compute)
-        y = affine_act(x.detach(), scale, shift, activations.NAMES[code], negative_slope,
-                       residual=None if residual is None else residual.detach())
+        scale, shift = _fold(mean, invstd, weight, bias)
+        y = affine(x, scale, shift, code, negative_slope, residual)
         ctx.config = (training, count, code, negative_slope, process_group,
-                      None if bias is None else bias.dtype)
-        ctx.save_for_backward(x, weight, residual, mean, invstd, scale, shift)
+                      None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(x, residual, mean, invstd, scale, shift)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        training, count, code, negative_slope, process_group, bias_dtype = ctx.config
-        x, weight, residual, mean, invstd, scale, shift = ctx.saved_tensors
-        _, backward_reduce, backward_elemt = _kernels(x)
+        training, count, code, negative_slope, process_group, weight_dtype, bias_dtype = ctx.config
+        x, residual, mean, invstd, scale, shift = ctx.saved_tensors
+        _, backward_reduce, backward_elemt, _ = _kernels(x)
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        grad = grad.contiguous(memory_format=_format(x))
-        k_dz = invstd if weight is None else invstd * weight.to(invstd.dtype)
         sum_dz = sum_dz_xmu = None
         if training or need_w or need_b:
             sum_dz, sum_dz_xmu = backward_reduce(grad, x, scale, shift, mean, residual, code,
                                                  negative_slope)
-        grad_w = None if not need_w else (sum_dz_xmu * invstd).to(weight.dtype)
-        grad_b = None if not need_b else sum_dz.to(bias_dtype)
+        # Σ dz·x̂ = Σ dz·(x − mean)·invstd: the weight's gradient, and a factor of dx below
+        dz_xhat = None if sum_dz_xmu is None else sum_dz_xmu * invstd
+        grad_w = dz_xhat.to(weight_dtype) if need_w else None
+        grad_b = sum_dz.to(bias_dtype) if need_b else None
         grad_x = grad_r = None
         if need_x or need_r:
-            if training:  # dx = k_dz·(dz − mean(dz) − x̂·mean(dz·x̂)), with the global sums in SyncBN
-                if _world_size(process_group) > 1:
+            if training:  # dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂)), global sums in SyncBN
+                if process_group is not None and _world_size(process_group) > 1:
                     sum_dz, sum_dz_xmu = _all_reduce_sums(sum_dz, sum_dz_xmu, process_group)
-                k_xmu = -k_dz * invstd * invstd * sum_dz_xmu / count
-                k_1 = -k_dz * sum_dz / count
-            else:  # running statistics are constants
-                k_xmu = k_1 = torch.zeros_like(k_dz)
-            grad_x, grad_r = backward_elemt(grad, x, scale, shift, mean, k_dz, k_xmu, k_1,
+                    dz_xhat = sum_dz_xmu * invstd
+                k_xmu = (scale * dz_xhat).mul_(invstd).mul_(-1.0 / max(count, 1))
+                k_1 = (scale * sum_dz).mul_(-1.0 / max(count, 1))
+            else:  # running statistics are constants: dx = scale·dz
+                k_xmu = k_1 = torch.zeros_like(scale)
+            grad_x, grad_r = backward_elemt(grad, x, scale, shift, mean, scale, k_xmu, k_1,
                                             residual, code, negative_slope, need_r)
             grad_x = grad_x if need_x else None
             grad_r = grad_r if need_r else None
@@ -211,9 +226,9 @@ def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     if not training and not needs_grad:  # one fused pass with the running statistics
         compute = _compute_dtype(x.dtype)
-        scale, shift = fold_statistics(running_mean, _eval_invstd(running_var, eps, compute),
-                                       weight, bias, compute)
-        return affine_act(x, scale, shift, activation, negative_slope, residual=residual)
+        scale, shift = _fold(running_mean.to(compute), _eval_invstd(running_var, eps, compute),
+                             weight, bias)
+        return _kernels(x)[3](x, scale, shift, code, float(negative_slope), residual)
     return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training,
                                momentum, eps, code, float(negative_slope), process_group)
 
