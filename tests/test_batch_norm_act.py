@@ -382,3 +382,23 @@ def test_syncbn_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
             for key in ("weight.grad", "bias.grad"):
                 torch.testing.assert_close(sum(p[key] for p in per_rank), expected[key],
                                            rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_propagate_nan_and_inf(impl):
+    _, device = impl
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 1, 2, 2] = float("nan")
+    x[2, 2, 0, 1] = float("inf")
+    x = x.to(device)
+    mean, var = bn_ops._kernels(x)[0](x)
+    assert torch.isfinite(mean[0]) and torch.isfinite(var[0])
+    assert torch.isnan(mean[1]) and torch.isnan(var[1])
+    assert not torch.isfinite(mean[2]) and torch.isnan(var[2])  # inf − inf in the variance
+
+
+def test_zero_channels():
+    empty = BatchNormAct2d(0)
+    x = torch.randn(2, 0, 3, 3, requires_grad=True)
+    y = empty(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape

@@ -18,6 +18,8 @@ ones run. Reference: cnnkernels/reference.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -93,7 +95,8 @@ def _combine_statistics(mean, var, count, process_group):
     """Mean, biased variance and count over all ranks, from each rank's (Chan et al.'s parallel
     combination: no cancellation, ranks with an empty batch count for nothing)."""
     world = _world_size(process_group)
-    local = torch.cat([mean, var, mean.new_full((1,), float(count))])
+    # float64 on the wire: counts above 2^24 stay exact
+    local = torch.cat([mean.double(), var.double(), mean.new_full((1,), float(count), dtype=torch.float64)])
     gathered = [torch.empty_like(local) for _ in range(world)]
     torch.distributed.all_gather(gathered, local, group=_group(process_group))
     gathered = torch.stack(gathered)
@@ -104,7 +107,7 @@ def _combine_statistics(mean, var, count, process_group):
     total = counts.sum()
     mean_all = (counts * means).sum(0) / total
     var_all = (counts * (vars_ + (means - mean_all) ** 2)).sum(0) / total
-    return mean_all, var_all, int(total.item())
+    return mean_all.to(mean.dtype), var_all.to(var.dtype), int(total.item())
 
 
 def _all_reduce_sums(sum_dz, sum_dz_xmu, process_group):
@@ -126,7 +129,7 @@ class _BatchNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
                 code, negative_slope, process_group):
         stats, _, _, affine = _kernels(x)
-        count = x.numel() // x.shape[1]
+        count = x.shape[0] * math.prod(x.shape[2:])  # values per channel (C may be 0)
         if training:
             mean, var = stats(x)
             if process_group is not None and _world_size(process_group) > 1:

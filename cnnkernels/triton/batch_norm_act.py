@@ -24,6 +24,7 @@ MOMENTS, GRAD_SUMS = 0, 1
 
 @triton.jit
 def _offsets(rows, cs, channels, inner, CHANNELS_LAST: tl.constexpr):
+    cs = cs.to(tl.int64)  # 64-bit offsets: one image may hold more than 2^31 values
     if CHANNELS_LAST:
         return rows[:, None] * channels + cs[None, :]
     return (rows // inner)[:, None] * channels * inner + cs[None, :] * inner + (rows % inner)[:, None]
@@ -35,8 +36,8 @@ def _pair_sums_kernel(x_ptr, g_ptr, r_ptr, scale_ptr, shift_ptr, center_ptr, par
                       MODE: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                       CHANNELS_LAST: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_C: tl.constexpr):
-    pid_r = tl.program_id(0)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_r = tl.program_id(1)  # row ranges on axis 1 (at most 1024), channel blocks on axis 0
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cs < channels
     center = tl.load(center_ptr + cs, mask=c_mask, other=0.0)
     if MODE == 1:
@@ -63,7 +64,7 @@ def _pair_sums_kernel(x_ptr, g_ptr, r_ptr, scale_ptr, shift_ptr, center_ptr, par
             dz = tl.where(mask, activation_backward(g, pre, ACT, negative_slope), 0.0)
             acc_a += dz
             acc_b += dz * (x - center[None, :])
-    out = pid_r * channels + cs
+    out = pid_r.to(tl.int64) * channels + cs
     tl.store(part_a_ptr + out, tl.sum(acc_a, axis=0), mask=c_mask)
     tl.store(part_b_ptr + out, tl.sum(acc_b, axis=0), mask=c_mask)
 
@@ -98,7 +99,7 @@ def _pair_sums(mode, x, grad, residual, scale, shift, center, activation, negati
     row_programs = triton.cdiv(rows, rows_per_program)
     part_a = torch.empty(row_programs, channels, device=x.device, dtype=center.dtype)
     part_b = torch.empty_like(part_a)
-    torch.library.wrap_triton(_pair_sums_kernel)[(row_programs, triton.cdiv(channels, block_c))](
+    torch.library.wrap_triton(_pair_sums_kernel)[(triton.cdiv(channels, block_c), row_programs)](
         x, x if grad is None else grad, x if residual is None else residual,
         center if scale is None else scale, center if shift is None else shift, center,
         part_a, part_b, rows, channels, inner, rows_per_program, negative_slope,

@@ -17,13 +17,13 @@ def _backward_kernel(grad_ptr, x_ptr, gate_ptr, dx_ptr, grad_gate_ptr, channels,
                      CHANNELS_LAST: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_HW: tl.constexpr,
                      BLOCK_C: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cs = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     c_mask = cs < channels
     gate = tl.load(gate_ptr + n * channels + cs, mask=c_mask, other=0.0)
     acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=COMPUTE)
     image = n * channels * plane
     for start in range(0, plane, BLOCK_HW):
-        hw = start + tl.arange(0, BLOCK_HW)
+        hw = (start + tl.arange(0, BLOCK_HW)).to(tl.int64)
         mask = (hw < plane)[:, None] & c_mask[None, :]
         if CHANNELS_LAST:
             offsets = image + hw[:, None] * channels + cs[None, :]

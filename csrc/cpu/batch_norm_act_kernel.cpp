@@ -271,7 +271,8 @@ void moments(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var)
   for (int64_t c = 0; c < w.channels; ++c) {
     const double shifted_mean = s1[c] / count;
     mean_p[c] = static_cast<F>(anchor[c] + shifted_mean);
-    var_p[c] = static_cast<F>(std::max(0.0, s2[c] / count - shifted_mean * shifted_mean));
+    // max(v, 0), not max(0, v): std::max returns its first argument for NaN, which must propagate
+    var_p[c] = static_cast<F>(std::max(s2[c] / count - shifted_mean * shifted_mean, 0.0));
   }
 }
 

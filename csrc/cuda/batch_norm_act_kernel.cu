@@ -66,12 +66,13 @@ struct PairOp {
   }
 };
 
-// NCHW: block (split, c) sums images [n0, n1) of channel c; partials[split][c].
+// NCHW: block (c, split) sums images [n0, n1) of channel c; partials[split][c]. Channels on
+// grid.x (up to 2^31 − 1 blocks), splits on grid.y (at most 4 per SM in all).
 template <typename F, typename Op>
 __global__ void sum_pairs_planes(Op op, int64_t batch, int64_t channels, int64_t plane,
                                  int64_t images_per_split, F* part_a, F* part_b) {
-  const int64_t c = blockIdx.y;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * images_per_split;
+  const int64_t c = blockIdx.x;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * images_per_split;
   const int64_t n1 = n0 + images_per_split < batch ? n0 + images_per_split : batch;
   F a = 0, b = 0;
   for (int64_t n = n0; n < n1; ++n) {
@@ -98,8 +99,8 @@ __global__ void sum_pairs_planes(Op op, int64_t batch, int64_t channels, int64_t
       ta += shared_a[w];
       tb += shared_b[w];
     }
-    part_a[blockIdx.x * channels + c] = ta;
-    part_b[blockIdx.x * channels + c] = tb;
+    part_a[blockIdx.y * channels + c] = ta;
+    part_b[blockIdx.y * channels + c] = tb;
   }
 }
 
@@ -163,7 +164,7 @@ std::pair<at::Tensor, at::Tensor> sum_pairs(const Op& op, const Geometry& g, con
     const int64_t images = (g.batch + splits - 1) / splits;
     const int64_t used = (g.batch + images - 1) / images;
     at::Tensor part_a = at::empty({used, g.channels}, options), part_b = at::empty_like(part_a);
-    const dim3 grid(static_cast<unsigned>(used), static_cast<unsigned>(g.channels));
+    const dim3 grid(static_cast<unsigned>(g.channels), static_cast<unsigned>(used));
     sum_pairs_planes<F><<<grid, kThreads, 0, stream>>>(op, g.batch, g.channels, g.plane, images,
                                                        part_a.mutable_data_ptr<F>(),
                                                        part_b.mutable_data_ptr<F>());
