@@ -17,6 +17,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "cnnkernels/activation.h"
 #include "cnnkernels/checks.h"
 
 namespace cnnkernels {
@@ -50,6 +51,18 @@ void check_batch_norm_act_args(const at::Tensor& x, const at::Tensor* grad,
     TORCH_CHECK(t.device() == x.device(), op, ": argument '", arg.name, "' is on ", t.device(),
                 " but 'x' is on ", x.device());
   }
+}
+
+BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& x,
+                               const std::optional<at::Tensor>& residual,
+                               std::initializer_list<ChannelArg> per_channel, int64_t activation,
+                               const char* op) {
+  check_batch_norm_act_args(x, &grad, residual, per_channel, op);
+  activation_from_int(activation);
+  const auto format = kernel_memory_format(x);
+  std::optional<at::Tensor> dense_residual;
+  if (residual.has_value() && residual->defined()) dense_residual = residual->contiguous(format);
+  return {format, x.contiguous(format), grad.contiguous(format), dense_residual};
 }
 
 at::Tensor no_residual_grad(const at::Tensor& x) { return at::empty({0}, x.options()); }

@@ -27,6 +27,20 @@ void check_batch_norm_act_args(const at::Tensor& x, const at::Tensor* grad,
                                const std::optional<at::Tensor>& residual,
                                std::initializer_list<ChannelArg> per_channel, const char* op);
 
+// What a backward kernel reads, checked and made dense in the kernels' layout.
+struct BackwardInputs {
+  at::MemoryFormat format;
+  at::Tensor x, grad;
+  std::optional<at::Tensor> residual;
+};
+
+// check_batch_norm_act_args + a valid activation code, then grad, x (and residual) in x's kernel
+// layout; every per-channel argument is checked the same way.
+BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& x,
+                               const std::optional<at::Tensor>& residual,
+                               std::initializer_list<ChannelArg> per_channel, int64_t activation,
+                               const char* op);
+
 // The empty tensor returned in place of grad_residual when it was not asked for.
 at::Tensor no_residual_grad(const at::Tensor& x);
 

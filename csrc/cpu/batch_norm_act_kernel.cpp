@@ -322,22 +322,15 @@ void grad_sums(Inputs<T> in, const Walk& w, const ChannelTensors& p, int64_t act
   }
 }
 
-std::optional<at::Tensor> in_layout(const std::optional<at::Tensor>& t, at::MemoryFormat format) {
-  if (!t.has_value() || !t->defined()) return std::nullopt;
-  return t->contiguous(format);
-}
-
 std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_reduce_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale,
     const at::Tensor& shift, const at::Tensor& mean, const std::optional<at::Tensor>& residual_in,
     int64_t activation, double negative_slope) {
-  check_batch_norm_act_args(x_in, &grad_in, residual_in,
-                            {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"}},
-                            "batch_norm_act_backward_reduce");
-  activation_from_int(activation);
-  const auto format = kernel_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(format), grad = grad_in.contiguous(format);
-  const auto residual = in_layout(residual_in, format);
+  const BackwardInputs in_ = backward_inputs(
+      grad_in, x_in, residual_in, {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"}},
+      activation, "batch_norm_act_backward_reduce");
+  const at::Tensor &x = in_.x, &grad = in_.grad;
+  const auto& residual = in_.residual;
   at::Tensor sum_dz = at::zeros_like(scale), sum_dz_xmu = at::zeros_like(scale);
   const Walk w = walk_of(x);
   if (w.count() == 0 || w.channels == 0) return {sum_dz, sum_dz_xmu};
@@ -469,14 +462,14 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_elemt_cpu(
     const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& k_dz,
     const at::Tensor& k_xmu, const at::Tensor& k_1, const std::optional<at::Tensor>& residual_in,
     int64_t activation, double negative_slope, bool residual_grad) {
-  check_batch_norm_act_args(x_in, &grad_in, residual_in,
-                            {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"},
-                             {&k_dz, "coef_dz"}, {&k_xmu, "coef_xmu"}, {&k_1, "coef_1"}},
-                            "batch_norm_act_backward_elemt");
-  activation_from_int(activation);
-  const auto format = kernel_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(format), grad = grad_in.contiguous(format);
-  const auto residual = in_layout(residual_in, format);
+  const BackwardInputs in_ = backward_inputs(
+      grad_in, x_in, residual_in,
+      {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"}, {&k_dz, "coef_dz"}, {&k_xmu, "coef_xmu"},
+       {&k_1, "coef_1"}},
+      activation, "batch_norm_act_backward_elemt");
+  const at::Tensor &x = in_.x, &grad = in_.grad;
+  const auto& residual = in_.residual;
+  const auto format = in_.format;
   at::Tensor dx = at::empty_like(x, format);
   // dz is the residual's gradient; computed in the same pass whenever a residual was added
   at::Tensor dresidual = residual ? at::empty_like(x, format) : no_residual_grad(x);

@@ -222,23 +222,16 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_stats_cuda(const at::Tensor& x
   return {mean, var};
 }
 
-std::optional<at::Tensor> in_layout(const std::optional<at::Tensor>& t, at::MemoryFormat format) {
-  if (!t.has_value() || !t->defined()) return std::nullopt;
-  return t->contiguous(format);
-}
-
 std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_reduce_cuda(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale_in,
     const at::Tensor& shift_in, const at::Tensor& mean_in,
     const std::optional<at::Tensor>& residual_in, int64_t activation, double negative_slope) {
-  check_batch_norm_act_args(x_in, &grad_in, residual_in,
-                            {{&scale_in, "scale"}, {&shift_in, "shift"}, {&mean_in, "mean"}},
-                            "batch_norm_act_backward_reduce");
-  activation_from_int(activation);
   c10::cuda::CUDAGuard guard(x_in.device());
-  const auto format = kernel_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(format), grad = grad_in.contiguous(format);
-  const auto residual = in_layout(residual_in, format);
+  const BackwardInputs in_ = backward_inputs(
+      grad_in, x_in, residual_in, {{&scale_in, "scale"}, {&shift_in, "shift"}, {&mean_in, "mean"}},
+      activation, "batch_norm_act_backward_reduce");
+  const at::Tensor &x = in_.x, &grad = in_.grad;
+  const auto& residual = in_.residual;
   const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous(),
                    mean = mean_in.contiguous();
   const Geometry g = geometry_of(x);
@@ -294,15 +287,15 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_elemt_cuda(
     const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& k_dz,
     const at::Tensor& k_xmu, const at::Tensor& k_1, const std::optional<at::Tensor>& residual_in,
     int64_t activation, double negative_slope, bool residual_grad) {
-  check_batch_norm_act_args(x_in, &grad_in, residual_in,
-                            {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"},
-                             {&k_dz, "coef_dz"}, {&k_xmu, "coef_xmu"}, {&k_1, "coef_1"}},
-                            "batch_norm_act_backward_elemt");
-  activation_from_int(activation);
   c10::cuda::CUDAGuard guard(x_in.device());
-  const auto format = kernel_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(format), grad = grad_in.contiguous(format);
-  const auto residual = in_layout(residual_in, format);
+  const BackwardInputs in_ = backward_inputs(
+      grad_in, x_in, residual_in,
+      {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"}, {&k_dz, "coef_dz"}, {&k_xmu, "coef_xmu"},
+       {&k_1, "coef_1"}},
+      activation, "batch_norm_act_backward_elemt");
+  const at::Tensor &x = in_.x, &grad = in_.grad;
+  const auto& residual = in_.residual;
+  const auto format = in_.format;
   at::Tensor dx = at::empty_like(x, format);
   at::Tensor dresidual = residual ? at::empty_like(x, format) : no_residual_grad(x);
   const int64_t n = x.numel();
