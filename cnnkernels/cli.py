@@ -134,7 +134,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         print(memory["title"])
         print(memory_module.format_table(memory["rows"]))
-    paths = report.write(results, out_dir, memory)
+    models = run_model_benchmarks(args.models, args) if args.models else None
+    paths = report.write(results, out_dir, memory, models)
     for path in paths:
         print(f"wrote {path}")
     return 0
@@ -198,29 +199,37 @@ def run_memory_densenet(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench_models(args: argparse.Namespace) -> int:
+    args.model_batch, args.model_reps = args.batch, args.reps
+    _write_json(args.json, run_model_benchmarks(args.models, args))
+    return 0
+
+
+def run_model_benchmarks(models: str, args: argparse.Namespace) -> dict:
+    """Plain vs converted torchvision models (`models`: comma-separated names); prints the table
+    and returns the JSON-ready results."""
     from . import models_bench
     from .progress import progress
 
     device, dtype = _device(args.device), _DTYPES[args.dtype]
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    names = [n.strip() for n in models.split(",") if n.strip()]
     unknown = [n for n in names if n not in models_bench.MODELS]
     if unknown or not names:
         raise UsageError(f"--models: unknown model {', '.join(unknown) or '(none)'}; choose from "
                          f"{','.join(models_bench.MODELS)}")
-    batch = args.batch or (2 if args.quick else 8)
-    image = args.image_size or (128 if args.quick else 224)
-    reps = args.reps or (3 if args.quick else 5)
+    batch = getattr(args, "model_batch", None) or (2 if args.quick else 8)
+    image = getattr(args, "image_size", None) or (128 if args.quick else 224)
+    reps = getattr(args, "model_reps", None) or (3 if args.quick else 5)
     if device.type == "cpu":
         profile.keep_cpu_memory_mapped()
     rows = []
     for name in progress(names, len(names), "bench models"):
         rows += models_bench.bench_model(name, device, dtype, batch, image, reps)
-    print(f"torchvision models, plain vs cnnkernels.convert, {device} {args.dtype}, "
-          f"{image}x{image}, median of {reps} round-robin steps")
+    title = (f"torchvision models, plain vs cnnkernels.convert, {device} {args.dtype}, "
+             f"{image}x{image}, median of {reps} round-robin steps")
+    print(title)
     print(models_bench.format_table(rows))
     print("speed-up = plain median / converted (> 1 means the converted model is faster)")
-    _write_json(args.json, {"info": package_info(), "rows": rows})
-    return 0
+    return {"info": package_info(), "title": title, "rows": rows}
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -362,7 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--densenet-batch", type=int, help="its batch size (16 with --quick, else 64)")
     rep.add_argument("--densenet-growth-rate", type=int, default=12)
     rep.add_argument("--densenet-image-size", type=int, default=32)
-    rep.set_defaults(run=cmd_report, json=None)
+    rep.add_argument("--models", default="mobilenet_v2,mobilenet_v3_large,resnet50,densenet121",
+                     help="torchvision models for the plain-vs-converted section ('' skips it)")
+    rep.add_argument("--model-batch", type=int, help="their batch size (2 with --quick, else 8)")
+    rep.add_argument("--model-reps", type=int, help="timed steps per side (3 with --quick, else 5)")
+    rep.set_defaults(run=cmd_report, json=None, image_size=None)
     return parser
 
 

@@ -84,7 +84,25 @@ def write_memory(memory: dict, out_dir: str) -> tuple[list[str], list[str]]:
     return [json_path, png], lines
 
 
-def write(results: dict, out_dir: str, memory: dict | None = None) -> list[str]:
+def write_models(models: dict, out_dir: str) -> tuple[list[str], list[str]]:
+    """models.json and the markdown section for `bench models` results."""
+    path = os.path.join(out_dir, "models.json")
+    with open(path, "w") as f:
+        json.dump(models, f, indent=2)
+    lines = ["", "## Models: plain vs `cnnkernels.convert`", "", models["title"] + "; the "
+             "converted model's outputs are checked against the plain one's before timing.", "",
+             "| model | pass | batch | torch ms | converted ms | speed-up | swapped |",
+             "|---|---|---|---|---|---|---|"]
+    for r in models["rows"]:
+        swapped = ", ".join(f"{n} {k}" for k, n in r["swapped"].items()) or "nothing"
+        lines.append(f"| {r['model']} | {r['direction']} | {r['batch']} | "
+                     f"{r['median_s']['torch'] * 1e3:.1f} | {r['median_s']['cnnkernels'] * 1e3:.1f} | "
+                     f"{r['speedup']:.2f}x | {swapped} |")
+    return [path], lines
+
+
+def write(results: dict, out_dir: str, memory: dict | None = None,
+          models: dict | None = None) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     info = results["info"]
     paths = []
@@ -110,6 +128,10 @@ def write(results: dict, out_dir: str, memory: dict | None = None) -> list[str]:
         memory_paths, memory_lines = write_memory(memory, out_dir)
         paths += memory_paths
         lines += memory_lines
+    if models is not None:
+        model_paths, model_lines = write_models(models, out_dir)
+        paths += model_paths
+        lines += model_lines
     md_path = os.path.join(out_dir, "report.md")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -77,12 +77,17 @@ def test_report_quick_writes_markdown_json_and_plots(tmp_path):
     assert cli.main(["report", "--quick", "--batch", "1", "--reps", "1", "--device", "cpu",
                      "--ops", "hardswish,depthwise_conv2d", "--out", str(out),
                      "--densenet-depths", "10", "--densenet-batch", "2",
-                     "--densenet-image-size", "8"]) == 0
+                     "--densenet-image-size", "8", "--models", "mobilenet_v3_large",
+                     "--model-batch", "1", "--model-reps", "1"]) == 0
     results = json.loads((out / "kernels.json").read_text())
     assert {row["op"] for row in results["results"]} == {"hardswish", "depthwise_conv2d"}
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     text = (out / "report.md").read_text()
+    text, models_text = text.split("## Models: plain vs `cnnkernels.convert`")
+    model_rows = [line for line in models_text.splitlines() if line.startswith("| mobilenet_v3_large")]
+    assert [row.split("|")[2].strip() for row in model_rows] == ["inference", "training"]
+    assert len(json.loads((out / "models.json").read_text())["rows"]) == 2
     kernels_text, memory_text = text.split("## DenseNet memory")
     memory_rows = [line for line in memory_text.splitlines() if line.startswith("| 10 ")]
     assert [row.split("|")[3].strip() for row in memory_rows] == ["naive", "checkpoint", "shared"]
