@@ -3,7 +3,7 @@
     cnnkernels info                      what was built, the device, the active backend
     cnnkernels bench kernels [--quick]   our kernels vs PyTorch on shapes from real models
     cnnkernels bench models [--quick]    torchvision models, plain vs cnnkernels.convert-ed
-    cnnkernels convert torchvision:NAME  swap our layers in, show the report, check, time both
+    cnnkernels convert torchvision:NAME|timm:NAME  swap our layers in, show the report, check, time both
     cnnkernels memory densenet           DenseNet-BC memory and step time per memory mode
     cnnkernels report [--quick]          the kernels, written to report/report.md with JSON and plots
 """
@@ -232,26 +232,39 @@ def run_model_benchmarks(models: str, args: argparse.Namespace) -> dict:
     return {"info": package_info(), "title": title, "rows": rows}
 
 
+def _build_model(source: str, name: str, spec: str):
+    """A randomly initialised torchvision:<name> or timm:<name> model."""
+    if source == "torchvision" and name:
+        import torchvision
+
+        if not callable(getattr(torchvision.models, name, None)) or name.startswith("_"):
+            raise UsageError(f"torchvision has no model {name!r}")
+        return getattr(torchvision.models, name)()
+    if source == "timm" and name:
+        try:
+            import timm
+        except ImportError:
+            raise UsageError("timm is not installed (pip install timm)") from None
+        if name not in timm.list_models():
+            raise UsageError(f"timm has no model {name!r}")
+        return timm.create_model(name, pretrained=False)
+    raise UsageError(f"MODEL must be torchvision:<name> or timm:<name> (e.g. "
+                     f"torchvision:mobilenet_v3_large, timm:densenet121), got {spec!r}")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Convert a torchvision model, print the swap report, check the outputs, time both."""
+    """Convert a torchvision or timm model, print the swap report, check the outputs, time both."""
     from . import models_bench
     from .conversion import KINDS, convert
 
     source, _, name = args.model.partition(":")
-    if source != "torchvision" or not name:
-        raise UsageError(f"MODEL must be torchvision:<name> (e.g. torchvision:mobilenet_v3_large), "
-                         f"got {args.model!r}")
-    import torchvision
-
-    if not callable(getattr(torchvision.models, name, None)) or name.startswith("_"):
-        raise UsageError(f"torchvision has no model {name!r}")
     include = [k.strip() for k in args.include.split(",")] if args.include else None
     unknown = [k for k in include or [] if k not in KINDS]
     if unknown:
         raise UsageError(f"--include: unknown kind {', '.join(unknown)}; choose from {','.join(KINDS)}")
     device, dtype = _device(args.device), _DTYPES[args.dtype]
     torch.manual_seed(0)
-    plain = getattr(torchvision.models, name)().to(device, dtype)
+    plain = _build_model(source, name, args.model).to(device, dtype)
     converted, report = convert(plain, include=include, report=True)
     print(report)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device, dtype=dtype)
@@ -340,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="convert a model, print what was swapped, check the "
                                           "outputs and time both")
-    conv.add_argument("model", metavar="MODEL", help="torchvision:<name>, e.g. "
+    conv.add_argument("model", metavar="MODEL", help="torchvision:<name> or timm:<name>, e.g. "
                                                      "torchvision:mobilenet_v3_large")
-    conv.add_argument("--include", help="comma-separated kinds (default: all but batchnorm_act)")
+    conv.add_argument("--include", help="comma-separated kinds (default: every kind)")
     conv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     conv.add_argument("--dtype", choices=list(_DTYPES), default="float32")
     conv.add_argument("--batch", type=int, default=8)

@@ -12,7 +12,8 @@ hardsigmoid    ``nn.Hardsigmoid``                                     ``cnnkerne
 depthwise      ``nn.Conv2d`` with ``groups == in_channels``           ``cnnkernels.nn.DepthwiseConv2d``
 densenet       torchvision ``_DenseBlock``                            ``DenseBlock(memory="shared")``
 batchnorm_act  ``BatchNorm2d`` / ``SyncBatchNorm`` then an activation  ``BatchNormAct2d`` (+ ``nn.Identity``
-               in an ``nn.Sequential`` (``Conv2dNormActivation``)     where the activation was)
+               in an ``nn.Sequential`` (``Conv2dNormActivation``);    where the activation was)
+               timm's ``BatchNormAct2d`` (activation one of ours)
 squeeze_excite torchvision ``SqueezeExcitation``                      ``cnnkernels.nn.SqueezeExcite``
 resnet         torchvision ``BasicBlock`` / ``Bottleneck``            ``ResidualBlock``: every BN fused
                                                                       with its ReLU, the last with the
@@ -90,8 +91,35 @@ def _depthwise_problem(conv: nn.Conv2d) -> str | None:
     return None
 
 
+def _is_timm_batchnorm_act(module: nn.Module) -> bool:
+    """timm's BatchNormAct2d: an nn.BatchNorm2d subclass that applies `.act` (and `.drop`)."""
+    return type(module).__name__ == "BatchNormAct2d" and type(module).__module__.startswith("timm.") \
+        and isinstance(module, nn.BatchNorm2d)
+
+
+def _timm_batchnorm_act_problem(module: nn.Module) -> str | None:
+    if type(getattr(module, "drop", nn.Identity())) is not nn.Identity:
+        return f"drop layer {type(module.drop).__name__}"
+    if type(getattr(module, "act", nn.Identity())) not in _TORCH_ACTIVATIONS:
+        return f"activation {type(module.act).__name__} is not one of ours"
+    return None
+
+
+def _from_timm_batchnorm_act(module: nn.Module) -> BatchNormAct2d:
+    """Ours with the timm layer's BN state; revert() rebuilds the timm layer from the template."""
+    act = getattr(module, "act", None)
+    ours = BatchNormAct2d.from_modules(module, None if type(act) is nn.Identity else act)
+    object.__setattr__(ours, "_revert_template", module)  # a plain attribute, not a submodule
+    return ours
+
+
 def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, str] | None:
     """(kind, factory of the replacement or None, reason when None) for modules we know."""
+    if _is_timm_batchnorm_act(module):
+        problem = _timm_batchnorm_act_problem(module)
+        if problem:
+            return "batchnorm_act", None, problem
+        return "batchnorm_act", lambda: _from_timm_batchnorm_act(module), ""
     if type(module) is nn.Hardswish:
         return "hardswish", lambda: HardSwish.from_torch(module), ""
     if type(module) is nn.Hardsigmoid:
@@ -198,6 +226,11 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     root = model if inplace else copy.deepcopy(model)
 
     def plain(module: nn.Module) -> nn.Module | None:
+        template = getattr(module, "_revert_template", None)
+        if isinstance(module, BatchNormAct2d) and template is not None:  # back to timm's layer
+            layer = copy.deepcopy(template)
+            layer.load_state_dict(module.state_dict())
+            return layer.train(module.training)
         if isinstance(module, BatchNormAct2d):
             return module.to_modules()
         if isinstance(module, (HardSwish, HardSigmoid)):

@@ -99,3 +99,15 @@ def test_report_quick_writes_markdown_json_and_plots(tmp_path):
     assert all(row.rstrip(" |").endswith("x") for row in rows)  # the speed-up column
     for png in pngs:
         assert f"]({png.name})" in text
+
+
+def test_convert_timm_model_and_unknown_names(capsys):
+    pytest.importorskip("timm")
+    assert cli.main(["convert", "timm:mobilenetv3_large_100", "--batch", "1", "--image-size", "64",
+                     "--reps", "1", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "46 batchnorm_act" in printed and "outputs match" in printed
+    assert cli.main(["convert", "timm:no_such_net"]) == 2
+    assert "timm has no model 'no_such_net'" in capsys.readouterr().err
+    assert cli.main(["convert", "keras:resnet50"]) == 2
+    assert "MODEL must be torchvision:<name> or timm:<name>" in capsys.readouterr().err

@@ -168,3 +168,31 @@ def test_sync_batchnorm_becomes_batchnorm_act_with_the_default_group():
     assert isinstance(converted[1], cnnkernels.nn.BatchNormAct2d)
     assert converted[1].process_group == WORLD
     assert list(converted.state_dict()) == list(model.state_dict())
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("densenet121", {"batchnorm_act": 121}),
+    ("mobilenetv3_large_100", {"batchnorm_act": 46, "depthwise": 15, "hardsigmoid": 8,
+                               "hardswish": 1}),
+])
+def test_timm_models(name, expected):
+    """timm's BatchNormAct2d (an nn.BatchNorm2d subclass applying .act) becomes ours, and revert
+    gives timm's layer back with the same keys."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    original = timm.create_model(name, pretrained=False)
+    converted, report = cnnkernels.convert(original, report=True)
+    assert report.counts() == expected
+    check_same_model(original.double(), converted.double(), torch.randn(2, 3, 64, 64).double())
+    reverted = cnnkernels.revert(converted)
+    assert list(reverted.state_dict()) == list(original.state_dict())
+    timm_bn = [m for m in reverted.modules() if type(m).__name__ == "BatchNormAct2d"]
+    assert timm_bn and all(type(m).__module__.startswith("timm.") for m in timm_bn)
+
+
+def test_timm_batchnorm_act_with_an_unknown_activation_is_left_alone():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("efficientnet_b0", pretrained=False)
+    _, report = cnnkernels.convert(model, report=True)
+    reasons = {s.reason for s in report.left_alone if s.kind == "batchnorm_act"}
+    assert reasons == {"activation SiLU is not one of ours"}
