@@ -119,6 +119,30 @@ def cases(ops: tuple[str, ...] = _OPS, quick: bool = False, batch: int | None = 
     return result
 
 
+# The fewest input-sized tensor passes (reads + writes) each op and direction needs: what a
+# memory-bound kernel's achieved bandwidth is counted against. Weights and per-channel vectors are
+# left out (small); depthwise counts the input and output once each way, halos aside.
+_MIN_PASSES = {
+    ("hardswish", "fwd"): 2, ("hardswish", "fwd+bwd"): 5,  # x→y; then grad, x → dx
+    ("hardsigmoid", "fwd"): 2, ("hardsigmoid", "fwd+bwd"): 5,
+    ("depthwise_conv2d", "fwd"): 2,  # x → y
+    ("depthwise_conv2d", "fwd+bwd"): 7,  # + grad, x → dx and grad, x → dweight
+    ("batch_norm_act", "fwd"): 2,  # eval: x → y
+    ("batch_norm_act", "fwd+bwd"): 8,  # x (stats), x → y; x, grad (sums); x, grad → dx
+    ("squeeze_excite", "fwd"): 3,  # x (mean), x → y
+    ("squeeze_excite", "fwd+bwd"): 8,  # + grad, x → dx (and sums), dx += pooled gradient
+}
+
+
+def min_bytes(case: Case, direction: str, element_size: int) -> int:
+    """Bytes a kernel must move at least for `case` (input-sized tensors only, see _MIN_PASSES;
+    strided convolutions count their smaller output as a full pass, an overestimate)."""
+    numel = 1
+    for size in case.shape:
+        numel *= size
+    return _MIN_PASSES[(case.op, direction)] * numel * element_size
+
+
 @dataclasses.dataclass
 class Prepared:
     """One case made runnable: `leaves` get gradients; `torch_fn`/`ours_fn` compute the output."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import torch
@@ -54,7 +55,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_case(case, device, dtype, backends, direction, reps, with_compile):
+def _bench_case(case, device, dtype, backends, direction, reps, with_compile, with_copy=False):
     prepared = bench_cases.prepare(case, device, dtype, requires_grad=direction == "fwd+bwd")
     grad = None
 
@@ -73,7 +74,21 @@ def _bench_case(case, device, dtype, backends, direction, reps, with_compile):
         fns["torch.compile"] = timed(torch.compile(prepared.torch_fn))
     for backend in backends:
         fns[f"cnnkernels[{backend}]"] = timed(prepared.ours_fn, backend)
+    if with_copy:  # the reference bandwidth: a copy of the input, timed in the same rounds
+        source = prepared.leaves[0].detach()
+        target = torch.empty_like(source)
+        fns["copy"] = lambda: target.copy_(source)
     return profile.compare_times(fns, device, reps=reps)
+
+
+def _bandwidth(case, direction, element_size, medians, ours) -> dict:
+    """Achieved bandwidth of each of our sides, counting the op's minimum bytes, and as a fraction
+    of a copy of the input measured in the same round-robin."""
+    moved = bench_cases.min_bytes(case, direction, element_size)
+    copy_rate = 2 * math.prod(case.shape) * element_size / medians["copy"]  # read + write
+    rates = {s: moved / medians[s] for s in ours}
+    return {"min_bytes": moved, "copy_bytes_per_s": copy_rate, "bytes_per_s": rates,
+            "fraction_of_copy": {s: rate / copy_rate for s, rate in rates.items()}}
 
 
 def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
@@ -95,20 +110,32 @@ def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
     header = f"{'op':<17} {'shape':<22} {'pass':<8} {'torch ms':>9}"
     sides = (["torch.compile"] if args.compile else []) + [f"cnnkernels[{b}]" for b in backends]
     header += "".join(f" {s + ' ms':>20} {'speed-up':>9}" for s in sides)
+    bandwidth = args.bandwidth if args.bandwidth is not None else device.type == "cuda"
+    ours = [s for s in sides if s.startswith("cnnkernels[")]
+    header += "".join(f" {s.split('[')[1][:-1] + ' %copy':>11}" for s in ours) if bandwidth else ""
     print(header)
+    element_size = torch.empty(0, dtype=dtype).element_size()
     for case in todo:
         for direction in ("fwd", "fwd+bwd"):
-            medians = _bench_case(case, device, dtype, backends, direction, reps, args.compile)
+            medians = _bench_case(case, device, dtype, backends, direction, reps, args.compile,
+                                  with_copy=bandwidth)
             line = f"{case.op:<17} {case.label:<22} {direction:<8} {medians['torch'] * 1e3:>9.3f}"
             for side in sides:
                 line += f" {medians[side] * 1e3:>20.3f} {medians['torch'] / medians[side]:>8.2f}x"
+            row = {"op": case.op, "shape": case.shape, "label": case.label,
+                   "source": case.source, "kernel": case.kernel, "stride": case.stride,
+                   "direction": direction, "dtype": args.dtype,
+                   "median_s": medians,
+                   "speedup_vs_torch": {s: medians["torch"] / medians[s] for s in sides}}
+            if bandwidth:
+                row.update(_bandwidth(case, direction, element_size, medians, ours))
+                line += "".join(f" {row['fraction_of_copy'][s] * 100:>10.0f}%" for s in ours)
             print(line, flush=True)
-            rows.append({"op": case.op, "shape": case.shape, "label": case.label,
-                         "source": case.source, "kernel": case.kernel, "stride": case.stride,
-                         "direction": direction, "dtype": args.dtype,
-                         "median_s": medians,
-                         "speedup_vs_torch": {s: medians["torch"] / medians[s] for s in sides}})
+            rows.append(row)
     print("speed-up = torch eager median / ours (> 1 means faster than PyTorch)")
+    if bandwidth:
+        print("%copy = (minimum bytes the op moves / our time) / (bytes of a copy of the input / "
+              "its time), the copy timed in the same rounds")
     return {"info": info, "cpu_heap_kept": steady, "reps": reps, "sides": sides, "results": rows}
 
 
@@ -320,6 +347,9 @@ def kernels_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, help="timed repetitions per side (median reported)")
     parser.add_argument("--batch", type=int, help="batch size of every case (default: the model's)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time a copy of the input and print each of our kernels' "
+                             "achieved bandwidth as a fraction of it (default: on CUDA)")
 
 
 def build_parser() -> argparse.ArgumentParser:

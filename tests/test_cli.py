@@ -111,3 +111,14 @@ def test_convert_timm_model_and_unknown_names(capsys):
     assert "timm has no model 'no_such_net'" in capsys.readouterr().err
     assert cli.main(["convert", "keras:resnet50"]) == 2
     assert "MODEL must be torchvision:<name> or timm:<name>" in capsys.readouterr().err
+
+
+def test_bench_kernels_bandwidth_column(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert cli.main(["bench", "kernels", "--ops", "batch_norm_act", "--quick", "--batch", "1",
+                     "--reps", "1", "--device", "cpu", "--bandwidth", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cpu %copy" in printed and "%copy = (minimum bytes" in printed
+    rows = json.loads(out.read_text())["results"]
+    assert rows and all(r["fraction_of_copy"]["cnnkernels[cpu]"] > 0 for r in rows)
+    assert rows[0]["min_bytes"] == 2 * 96 * 56 * 56 * 4  # eval: x read, y written
