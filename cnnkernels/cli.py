@@ -115,7 +115,9 @@ def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
     header += "".join(f" {s.split('[')[1][:-1] + ' %copy':>11}" for s in ours) if bandwidth else ""
     print(header)
     element_size = torch.empty(0, dtype=dtype).element_size()
-    for case in todo:
+    from .progress import progress
+
+    for case in progress(todo, len(todo), "bench kernels", label=lambda c: f"{c.op} {c.label}"):
         for direction in ("fwd", "fwd+bwd"):
             medians = _bench_case(case, device, dtype, backends, direction, reps, args.compile,
                                   with_copy=bandwidth)
