@@ -86,7 +86,16 @@ _SE_SHAPES = [
 _QUICK_SE_SHAPES = [((32, 120, 28, 28), 32, "MobileNetV3-L block 5 SE"),
                     ((8, 672, 14, 14), 168, "MobileNetV3-L block 12 SE, batch 8")]
 
-_OPS = ("hardswish", "hardsigmoid", "depthwise_conv2d", "batch_norm_act", "squeeze_excite")
+_OPS = ("hardswish", "hardsigmoid", "depthwise_conv2d", "batch_norm_act", "squeeze_excite",
+        "affine_act")
+
+# Ops without autograd (inference / recomputation passes) are timed forward only.
+_FORWARD_ONLY = frozenset({"affine_act"})
+
+
+def directions(op: str) -> tuple[str, ...]:
+    """The passes timed for `op`: "fwd", and "fwd+bwd" where it has autograd."""
+    return ("fwd",) if op in _FORWARD_ONLY else ("fwd", "fwd+bwd")
 
 
 def known_ops() -> tuple[str, ...]:
@@ -100,7 +109,11 @@ def cases(ops: tuple[str, ...] = _OPS, quick: bool = False, batch: int | None = 
         raise ValueError(f"unknown op(s) {', '.join(sorted(unknown))}; known: {', '.join(_OPS)}")
     result = []
     for op in ops:
-        if op == "squeeze_excite":
+        if op == "affine_act":  # BatchNorm's elementwise pass: on the BatchNorm shapes
+            for shape, source in (_QUICK_BATCH_NORM_SHAPES if quick else _BATCH_NORM_SHAPES):
+                shape = (batch, *shape[1:]) if batch else shape
+                result.append(Case(op, shape, source))
+        elif op == "squeeze_excite":
             for shape, squeeze, source in (_QUICK_SE_SHAPES if quick else _SE_SHAPES):
                 shape = (batch, *shape[1:]) if batch else shape
                 result.append(Case(op, shape, source, kernel=squeeze))
@@ -131,6 +144,7 @@ _MIN_PASSES = {
     ("batch_norm_act", "fwd+bwd"): 8,  # x (stats), x → y; x, grad (sums); x, grad → dx
     ("squeeze_excite", "fwd"): 3,  # x (mean), x → y
     ("squeeze_excite", "fwd+bwd"): 8,  # + grad, x → dx (and sums), dx += pooled gradient
+    ("affine_act", "fwd"): 2,  # x → y
 }
 
 
@@ -177,6 +191,8 @@ def prepare(case: Case, device, dtype: torch.dtype, requires_grad: bool,
         return _prepare_batch_norm_act(case, x, gen, requires_grad)
     if case.op == "squeeze_excite":
         return _prepare_squeeze_excite(case, x, gen, requires_grad)
+    if case.op == "affine_act":
+        return _prepare_affine_act(case, x, gen)
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -216,3 +232,17 @@ def _prepare_squeeze_excite(case: Case, x: torch.Tensor, gen: torch.Generator,
         return F.hardsigmoid(scale) * x
     return Prepared([x, w1, b1, w2, b2], torchvision_se,
                     lambda: ops.squeeze_excite(x, w1, b1, w2, b2, "relu", "hardsigmoid"))
+
+
+def _prepare_affine_act(case: Case, x: torch.Tensor, gen: torch.Generator) -> Prepared:
+    """relu(x · scale[c] + shift[c]) as torch ops (multiply, add, in-place ReLU) vs our one pass."""
+    from . import ops
+
+    c = case.shape[1]
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = (torch.rand(c, generator=gen) + 0.5).to(x.device, compute)
+    shift = torch.randn(c, generator=gen).to(x.device, compute)
+    view = [1, -1] + [1] * (x.dim() - 2)
+    return Prepared([x], lambda: F.relu(x * scale.view(view).to(x.dtype) + shift.view(view).to(x.dtype),
+                                        inplace=True),
+                    lambda: ops.affine_act(x, scale, shift, "relu"))

@@ -48,6 +48,12 @@ def _write_json(path: str | None, payload: dict) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     info = package_info()
+    if args.device != "auto":  # what runs on that device: its name and the backend auto picks
+        from . import backend
+
+        device = _device(args.device)
+        info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        info["auto_backend_there"] = backend.select(device, backend.ALL_KERNELS, "info")
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
@@ -118,7 +124,7 @@ def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
     from .progress import progress
 
     for case in progress(todo, len(todo), "bench kernels", label=lambda c: f"{c.op} {c.label}"):
-        for direction in ("fwd", "fwd+bwd"):
+        for direction in bench_cases.directions(case.op):
             medians = _bench_case(case, device, dtype, backends, direction, reps, args.compile,
                                   with_copy=bandwidth)
             line = f"{case.op:<17} {case.label:<22} {direction:<8} {medians['torch'] * 1e3:>9.3f}"
@@ -165,6 +171,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(memory_module.format_table(memory["rows"]))
     models = run_model_benchmarks(args.models, args) if args.models else None
     paths = report.write(results, out_dir, memory, models)
+    if args.json:  # everything in one file, besides the per-section ones in out_dir
+        _write_json(args.json, {"kernels": results, "densenet_memory": memory, "models": models})
+        paths.append(args.json)
     for path in paths:
         print(f"wrote {path}")
     return 0
@@ -360,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="versions, what was built, device, backend")
+    info.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                      help="describe this device and the backend `auto` uses there")
     info.add_argument("--json", metavar="PATH", help="also write the answer as JSON")
     info.set_defaults(run=cmd_info)
 
@@ -420,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torchvision models for the plain-vs-converted section ('' skips it)")
     rep.add_argument("--model-batch", type=int, help="their batch size (2 with --quick, else 8)")
     rep.add_argument("--model-reps", type=int, help="timed steps per side (3 with --quick, else 5)")
-    rep.set_defaults(run=cmd_report, json=None, image_size=None)
+    rep.add_argument("--json", metavar="PATH", help="also write every section's results to one "
+                                                    "JSON file")
+    rep.set_defaults(run=cmd_report, image_size=None)
     return parser
 
 

@@ -78,7 +78,10 @@ def test_report_quick_writes_markdown_json_and_plots(tmp_path):
                      "--ops", "hardswish,depthwise_conv2d", "--out", str(out),
                      "--densenet-depths", "10", "--densenet-batch", "2",
                      "--densenet-image-size", "8", "--models", "mobilenet_v3_large",
-                     "--model-batch", "1", "--model-reps", "1"]) == 0
+                     "--model-batch", "1", "--model-reps", "1",
+                     "--json", str(tmp_path / "all.json")]) == 0
+    combined = json.loads((tmp_path / "all.json").read_text())
+    assert set(combined) == {"kernels", "densenet_memory", "models"}
     results = json.loads((out / "kernels.json").read_text())
     assert {row["op"] for row in results["results"]} == {"hardswish", "depthwise_conv2d"}
     pngs = sorted(out.glob("*.png"))
@@ -122,3 +125,15 @@ def test_bench_kernels_bandwidth_column(tmp_path, capsys):
     rows = json.loads(out.read_text())["results"]
     assert rows and all(r["fraction_of_copy"]["cnnkernels[cpu]"] > 0 for r in rows)
     assert rows[0]["min_bytes"] == 2 * 96 * 56 * 56 * 4  # eval: x read, y written
+
+
+def test_info_for_a_device_and_forward_only_ops(tmp_path, capsys):
+    out = tmp_path / "info.json"
+    assert cli.main(["info", "--device", "cpu", "--json", str(out)]) == 0
+    info = json.loads(out.read_text())
+    assert info["device"] == "cpu" and info["auto_backend_there"] in ("cpu", "torch")
+    capsys.readouterr()
+    assert cli.main(["bench", "kernels", "--ops", "affine_act", "--quick", "--batch", "1",
+                     "--reps", "1", "--device", "cpu"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("affine_act")]
+    assert len(lines) == 2 and all(" fwd " in line for line in lines)  # no autograd: forward only
