@@ -17,16 +17,21 @@ from .hardswish import _block, _compute_dtype, _grid
 
 
 @triton.jit
+def channel_of(offsets, channels, inner, CHANNELS_LAST: tl.constexpr):
+    """The channel of flat element `offsets` of a dense NCHW (`inner` = H·W) or channels_last tensor."""
+    if CHANNELS_LAST:
+        return offsets % channels
+    return (offsets // inner) % channels
+
+
+@triton.jit
 def _affine_act_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, residual_ptr, n, channels, inner,
                        negative_slope, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                        HAS_RESIDUAL: tl.constexpr, CPU_MATH: tl.constexpr, COMPUTE: tl.constexpr,
                        BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
-    if CHANNELS_LAST:
-        c = offsets % channels
-    else:
-        c = (offsets // inner) % channels
+    c = channel_of(offsets, channels, inner, CHANNELS_LAST)
     x = tl.load(x_ptr + offsets, mask=mask).to(COMPUTE)
     scale = tl.load(scale_ptr + c, mask=mask)
     shift = tl.load(shift_ptr + c, mask=mask)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .activation import activation_backward
+from .affine_act import channel_of
 from .hardswish import _block, _compute_dtype, _grid
 
 MOMENTS, GRAD_SUMS = 0, 1
@@ -149,10 +150,7 @@ def _elemt_kernel(x_ptr, g_ptr, r_ptr, dx_ptr, dr_ptr, scale_ptr, shift_ptr, mea
                   COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
-    if CHANNELS_LAST:
-        c = offsets % channels
-    else:
-        c = (offsets // inner) % channels
+    c = channel_of(offsets, channels, inner, CHANNELS_LAST)
     x = tl.load(x_ptr + offsets, mask=mask).to(COMPUTE)
     g = tl.load(g_ptr + offsets, mask=mask).to(COMPUTE)
     pre = tl.fma(x, tl.load(scale_ptr + c, mask=mask), tl.load(shift_ptr + c, mask=mask))
