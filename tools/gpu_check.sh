@@ -1,52 +1,112 @@
 #!/usr/bin/env bash
-# GPU verification in one call, for a machine with a CUDA GPU and torch already installed (no
-# network needed): builds cnnkernels in place with that machine's torch, runs the whole test suite
-# (CUDA and Triton-on-GPU tests included), runs the benchmarks, and leaves everything in OUTDIR:
-#   env.txt  build.log  tests.log  tests.xml  bench.log  bench.json  bench.md  kernels.json  info.json
-#   models.json  densenet_memory.{json,png,log}
-# Usage: tools/gpu_check.sh OUTDIR        (PYTHON=... to pick the interpreter; default python3)
+# GPU verification for a machine with a CUDA GPU and torch already installed (no network needed):
+# builds cnnkernels in place with that machine's torch, runs the tests on the GPU, runs the
+# benchmarks, and leaves everything in OUTDIR:
+#   env.txt build.log tests_gpu.log tests_all.log bench.log bench.json bench.md kernels.json
+#   models.json densenet_memory.{json,png,log} _C.so.gz (the build, to reuse with SKIP_BUILD=1)
+#
+# Usage: tools/gpu_check.sh OUTDIR [PHASE ...]
+#   phases: build gpu-tests all-tests pytest-bench kernels models memory   (default: all of them)
+#   PYTHON=...        the interpreter (default python3)
+#   SKIP_BUILD=1      reuse the cnnkernels/_C*.so already in place (built on this kind of machine)
+#   PHASE_TIMEOUT=S   seconds each test or benchmark phase may run (default 900)
+#   KERNELS_ARGS=...  arguments of `bench kernels` (default --compile; e.g. "--compile --quick")
+#   DEPTHS=...        DenseNet depths of `memory densenet` (default 40,100,160,250)
 set -uo pipefail
-OUT=${1:?usage: tools/gpu_check.sh OUTDIR}
+OUT=${1:?usage: tools/gpu_check.sh OUTDIR [PHASE ...]}
+shift
+PHASES=${*:-build gpu-tests all-tests pytest-bench kernels models memory}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+LIMIT=${PHASE_TIMEOUT:-900}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 status=0
+want() { [[ " $PHASES " == *" $1 "* ]]; }
+stamp() { echo "== $1 ($(date -u +%H:%M:%S))"; }
 
 {
   date -u; nvidia-smi; nvcc --version
   $PY -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__)"
-  $PY -m pip list 2>/dev/null | grep -i -E "^(pytest|pytest-benchmark|expecttest|numpy) "
+  echo "CC=${CC:-} CXX=${CXX:-}"; ${CXX:-g++} --version | head -1
+  $PY -m pip list 2>/dev/null | grep -i -E "^(pytest|pytest-benchmark|pytest-xdist|timm|numpy) "
 } > "$OUT/env.txt" 2>&1
 
-echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-start=$(date +%s)
-if ! FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-  tail -n 40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+# A C++ compiler other than torch's can build an extension in which every TORCH_CHECK failure
+# segfaults instead of raising (seen on the lent H100 with CXX=/opt/gcc/bin/g++). Probe each
+# candidate with a one-op extension and build with the first whose errors reach Python.
+pick_compiler() {
+  local candidates=("${CXX:-g++}" g++ /usr/bin/g++ /usr/bin/g++-14 /usr/bin/g++-13 /usr/bin/g++-12)
+  local cxx seen=" "
+  for cxx in "${candidates[@]}"; do
+    cxx=$(command -v "$cxx") || continue
+    [[ "$seen" == *" $cxx "* ]] && continue; seen+="$cxx "
+    if $PY tools/probe_cxx.py "$cxx" 2>/dev/null | tee -a "$OUT/env.txt" | grep -q ": ok:"; then
+      export CXX=$cxx CC=$(command -v "${cxx/g++/gcc}" || echo "${CC:-gcc}")
+      echo "   C++ compiler: $CXX (C: $CC)"; return 0
+    fi
+  done
+  echo "   WARNING: no candidate compiler passed tools/probe_cxx.py; building with the default"
+}
+
+if want build && [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+  stamp build
+  pick_compiler
+  start=$(date +%s)
+  if ! FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    tail -n 40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+  fi
+  echo "   built in $(( $(date +%s) - start )) s"
+  gzip -c cnnkernels/_C*.so > "$OUT/_C.so.gz"
 fi
-echo "   built in $(( $(date +%s) - start )) s"
-$PY -m cnnkernels info --json "$OUT/info.json"
+$PY -m cnnkernels info --json "$OUT/info.json" || exit 1
+# An op's argument check must come back as a RuntimeError, not kill the process.
+$PY -c "
+import torch, cnnkernels
+try:
+    torch.ops.cnnkernels.affine_act(torch.zeros(1, 2, 3, 3), torch.ones(2), torch.ones(2), 9, 0.0)
+except RuntimeError as e:
+    print('   errors from _C raise RuntimeError: ok')
+" || { echo "ERRORS FROM _C CRASH THE PROCESS"; exit 1; }
 
-echo "== tests"
-$PY -m pytest tests -q -rs --junitxml="$OUT/tests.xml" -p no:cacheprovider > "$OUT/tests.log" 2>&1 || status=1
-tail -n 15 "$OUT/tests.log"
+if want gpu-tests; then
+  stamp "tests on the GPU (-m 'cuda or triton')"
+  timeout "$LIMIT" $PY -m pytest tests -q -rf -m "cuda or triton" -n "${XDIST:-16}" -p no:cacheprovider \
+    --junitxml="$OUT/tests_gpu.xml" --durations=15 > "$OUT/tests_gpu.log" 2>&1 || status=1
+  tail -n 25 "$OUT/tests_gpu.log"
+fi
 
-echo "== benchmarks (pytest-benchmark)"
-$PY -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
-$PY bench/compare.py "$OUT/bench.json" > "$OUT/bench.md" 2>&1 || status=1
+if want all-tests; then
+  stamp "the rest of the test suite (-m 'not cuda and not triton')"
+  timeout "$LIMIT" $PY -m pytest tests -q -rf -m "not cuda and not triton" -n "${XDIST:-16}" \
+    -p no:cacheprovider > "$OUT/tests_all.log" 2>&1 || status=1
+  tail -n 8 "$OUT/tests_all.log"
+fi
 
-echo "== cnnkernels bench kernels"
-$PY -m cnnkernels bench kernels --compile --json "$OUT/kernels.json" || status=1
+if want pytest-bench; then
+  stamp "benchmarks (pytest-benchmark)"
+  timeout "$LIMIT" $PY -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" \
+    > "$OUT/bench.log" 2>&1 || status=1
+  $PY bench/compare.py "$OUT/bench.json" > "$OUT/bench.md" 2>&1 || status=1
+  tail -n 5 "$OUT/bench.log"
+fi
 
-echo "== cnnkernels bench models (plain vs convert()-ed torchvision models)"
-$PY -m cnnkernels bench models --device cuda --batch 64 --json "$OUT/models.json" || status=1
+if want kernels; then
+  stamp "cnnkernels bench kernels --compile"
+  timeout "$LIMIT" $PY -m cnnkernels bench kernels ${KERNELS_ARGS:---compile} --json "$OUT/kernels.json" || status=1
+fi
 
-echo "== cnnkernels memory densenet (DenseNet-BC k=12, batch 64: naive / checkpoint / shared)"
-timeout 900 $PY -m cnnkernels memory densenet --device cuda --depths 40,100,160,250 \
-  --json "$OUT/densenet_memory.json" --plot "$OUT/densenet_memory.png" 2> "$OUT/densenet_memory.log" || status=1
+if want models; then
+  stamp "cnnkernels bench models (plain vs convert()-ed torchvision models)"
+  timeout "$LIMIT" $PY -m cnnkernels bench models --device cuda --batch 64 --json "$OUT/models.json" || status=1
+fi
 
-echo "== summary (torch eager median / ours; > 1 is faster)"
-cat "$OUT/bench.md"
+if want memory; then
+  stamp "cnnkernels memory densenet (DenseNet-BC k=12, batch 64: naive / checkpoint / shared)"
+  timeout "$LIMIT" $PY -m cnnkernels memory densenet --device cuda --depths ${DEPTHS:-40,100,160,250} \
+    --json "$OUT/densenet_memory.json" --plot "$OUT/densenet_memory.png" 2> "$OUT/densenet_memory.log" || status=1
+fi
+stamp done
 exit $status
