@@ -51,3 +51,14 @@ def kernel_impl(request):
     name, device = request.param
     with cnnkernels.use_backend(name):
         yield name, device
+
+
+@pytest.fixture(autouse=True)
+def full_precision_reference():
+    """PyTorch's references run in full float32: cuDNN convolutions default to TF32 on Ampere and
+    later (torch.backends.cudnn.allow_tf32), which would make torchvision's 1x1 convs round to a
+    10-bit mantissa while our kernels don't."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
