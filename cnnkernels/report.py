@@ -23,8 +23,9 @@ def markdown_table(results: dict) -> str:
     for row in results["results"]:
         medians = row["median_s"]
         cells = [row["op"], row["label"], row["direction"], f"{medians['torch'] * 1e3:.3f}"]
-        cells += [f"{medians[s] * 1e3:.3f}" for s in sides]
-        cells += [f"{row['speedup_vs_torch'][s]:.2f}x" for s in sides]
+        # a side missing from a row has no kernel for that op (e.g. no CUDA C++ depthwise yet)
+        cells += [f"{medians[s] * 1e3:.3f}" if s in medians else "-" for s in sides]
+        cells += [f"{row['speedup_vs_torch'][s]:.2f}x" if s in medians else "-" for s in sides]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -37,7 +38,7 @@ def speedup_plot(results: dict, direction: str, path: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) * max(len(sides), 1) + 1.5))
     for k, side in enumerate(sides):
         ax.barh([i + k * height for i in range(len(rows))],
-                [r["speedup_vs_torch"][side] for r in rows], height=height, label=side)
+                [r["speedup_vs_torch"].get(side, 0.0) for r in rows], height=height, label=side)
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))

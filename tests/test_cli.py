@@ -137,3 +137,24 @@ def test_info_for_a_device_and_forward_only_ops(tmp_path, capsys):
                      "--reps", "1", "--device", "cpu"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("affine_act")]
     assert len(lines) == 2 and all(" fwd " in line for line in lines)  # no autograd: forward only
+
+
+def test_bench_kernels_leaves_out_a_backend_without_that_kernel(tmp_path, capsys, monkeypatch):
+    """On a GPU, depthwise_conv2d has a Triton kernel but no CUDA C++ one: its row shows '-' there
+    instead of the whole run stopping (as it did on the first H100 run). Simulated here with a
+    backend that cannot run on this machine at all."""
+    from cnnkernels import report
+
+    monkeypatch.setattr(cli, "_our_backends", lambda device: ["cpu", "cuda"])
+    out = tmp_path / "kernels.json"
+    assert cli.main(["bench", "kernels", "--ops", "hardsigmoid", "--quick", "--batch", "1",
+                     "--reps", "1", "--device", "cpu", "--bandwidth", "--json", str(out)]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("hardsigmoid")]
+    assert lines and all(l.split()[-1] == "-" and l.split()[-2].endswith("%") for l in lines)
+    results = json.loads(out.read_text())
+    for row in results["results"]:
+        assert "cnnkernels[cuda]" not in row["median_s"]
+        assert set(row["fraction_of_copy"]) == {"cnnkernels[cpu]"}
+    table = report.markdown_table(results)
+    assert "| - |" in table and "x | - |" in table
+    report.speedup_plot(results, "fwd", str(tmp_path / "plot.png"))
