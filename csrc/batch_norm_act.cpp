@@ -6,6 +6,14 @@
 //       -> (Σ dz, Σ dz·(x − mean))                          one read of x, grad (and residual)
 //   batch_norm_act_backward_elemt(grad, x, scale, shift, mean, k_dz, k_xmu, k_1, residual, act)
 //       -> (dx = k_dz·dz + k_xmu·(x − mean) + k_1, dresidual = dz)
+// and the per-channel algebra between them, one small kernel each instead of a dozen torch ops
+// (on a GPU each of those is a launch, and their host overhead dominated the first H100 timings):
+//   batch_norm_act_fold(mean, var, weight, bias, running_mean!, running_var!, momentum, eps, count)
+//       -> (scale = invstd·weight, shift = bias − mean·scale, invstd = 1/sqrt(var + eps)), and
+//       running = (1 − momentum)·running + momentum·batch (unbiased var) when count > 0
+//   batch_norm_act_backward_coefs(Σdz, Σdz·(x − mean), scale, invstd, count)
+//       -> (Σdz·x̂ = Σdz·(x − mean)·invstd, k_xmu = −scale·invstd·Σdz·x̂ / count,
+//           k_1 = −scale·Σdz / count)
 // where pre = fma(x, scale, shift) (+ residual) is the activation's input the forward computed
 // (affine_act), and dz = act'(pre)·grad is recomputed from it in both backward passes, so autograd
 // never keeps the normalised tensor or the activation output. The reductions are split from the
@@ -67,6 +75,85 @@ BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& x,
 
 at::Tensor no_residual_grad(const at::Tensor& x) { return at::empty({0}, x.options()); }
 
+namespace {
+
+// A [C] tensor on `like`'s device; `dtype_must_match`: also of like's dtype.
+void check_channel_vector(const at::Tensor& t, const char* name, const at::Tensor& like,
+                          const char* like_name, bool dtype_must_match, const char* op) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == like.size(0), op, ": expected argument '", name,
+              "' to have shape [", like.size(0), "] (one value per channel, as '", like_name,
+              "'), got ", t.sizes());
+  TORCH_CHECK(t.device() == like.device(), op, ": argument '", name, "' is on ", t.device(),
+              " but '", like_name, "' is on ", like.device());
+  if (dtype_must_match) {
+    TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": expected argument '", name,
+                "' to be ", like.scalar_type(), " (as '", like_name, "'), got ", t.scalar_type());
+  } else {
+    check_floating(t, op, name);
+  }
+}
+
+void check_compute_vector(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.defined(), op, ": argument '", name, "' is undefined");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+              ": expected argument '", name, "' to be float32 or float64 (a compute type), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1, op, ": expected argument '", name, "' to be 1-D [C], got ",
+              t.sizes());
+}
+
+}  // namespace
+
+FoldArgs fold_args(const at::Tensor& mean, const at::Tensor& var,
+                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& running_mean,
+                   const std::optional<at::Tensor>& running_var, double momentum, double eps,
+                   int64_t count) {
+  const char* op = "batch_norm_act_fold";
+  check_compute_vector(mean, "mean", op);
+  check_channel_vector(var, "var", mean, "mean", true, op);
+  TORCH_CHECK(count >= 0, op, ": expected argument 'count' (values per channel) to be >= 0, got ",
+              count);
+  TORCH_CHECK(eps >= 0, op, ": expected argument 'eps' to be >= 0, got ", eps);
+  const bool has_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_var = running_var.has_value() && running_var->defined();
+  TORCH_CHECK(has_mean == has_var, op, ": pass both 'running_mean' and 'running_var', or neither");
+  FoldArgs args{mean.contiguous(), var.contiguous(), {}, {}, {}, {}};
+  if (weight.has_value() && weight->defined()) {
+    check_channel_vector(*weight, "weight", mean, "mean", false, op);
+    args.weight = weight->to(mean.scalar_type()).contiguous();
+  }
+  if (bias.has_value() && bias->defined()) {
+    check_channel_vector(*bias, "bias", mean, "mean", false, op);
+    args.bias = bias->to(mean.scalar_type()).contiguous();
+  }
+  if (has_mean) {
+    TORCH_CHECK(momentum >= 0 && momentum <= 1, op,
+                ": expected argument 'momentum' to be in [0, 1], got ", momentum);
+    check_channel_vector(*running_mean, "running_mean", mean, "mean", false, op);
+    check_channel_vector(*running_var, "running_var", *running_mean, "running_mean", true, op);
+    // updated in place: they must be dense, so that the kernels' writes land in them
+    TORCH_CHECK(running_mean->is_contiguous() && running_var->is_contiguous(), op,
+                ": 'running_mean' and 'running_var' are updated in place and must be contiguous");
+    check_writable(*running_mean, op, "running_mean");
+    check_writable(*running_var, op, "running_var");
+    args.running_mean = *running_mean;
+    args.running_var = *running_var;
+  }
+  return args;
+}
+
+void check_coefs_args(const at::Tensor& sum_dz, const at::Tensor& sum_dz_xmu,
+                      const at::Tensor& scale, const at::Tensor& invstd, int64_t count) {
+  const char* op = "batch_norm_act_backward_coefs";
+  check_compute_vector(sum_dz, "sum_dz", op);
+  check_channel_vector(sum_dz_xmu, "sum_dz_xmu", sum_dz, "sum_dz", true, op);
+  check_channel_vector(scale, "scale", sum_dz, "sum_dz", true, op);
+  check_channel_vector(invstd, "invstd", sum_dz, "sum_dz", true, op);
+  TORCH_CHECK(count >= 0, op, ": expected argument 'count' (values per channel) to be >= 0, got ",
+              count);
+}
+
 }  // namespace cnnkernels
 
 TORCH_LIBRARY_FRAGMENT(cnnkernels, m) {
@@ -78,4 +165,9 @@ TORCH_LIBRARY_FRAGMENT(cnnkernels, m) {
         "Tensor mean, Tensor coef_dz, Tensor coef_xmu, Tensor coef_1, Tensor? residual=None, "
         "int activation=0, float negative_slope=0.01, bool residual_grad=False) "
         "-> (Tensor grad_x, Tensor grad_residual)");
+  m.def("batch_norm_act_fold(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, int count) "
+        "-> (Tensor scale, Tensor shift, Tensor invstd)");
+  m.def("batch_norm_act_backward_coefs(Tensor sum_dz, Tensor sum_dz_xmu, Tensor scale, "
+        "Tensor invstd, int count) -> (Tensor dz_xhat, Tensor coef_xmu, Tensor coef_1)");
 }

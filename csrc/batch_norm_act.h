@@ -44,4 +44,19 @@ BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& x,
 // The empty tensor returned in place of grad_residual when it was not asked for.
 at::Tensor no_residual_grad(const at::Tensor& x);
 
+// batch_norm_act_fold's arguments, checked, with weight and bias in the compute type (undefined
+// where not given) and the running buffers dense (undefined where not given).
+struct FoldArgs {
+  at::Tensor mean, var, weight, bias, running_mean, running_var;
+};
+FoldArgs fold_args(const at::Tensor& mean, const at::Tensor& var,
+                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& running_mean,
+                   const std::optional<at::Tensor>& running_var, double momentum, double eps,
+                   int64_t count);
+
+// batch_norm_act_backward_coefs's arguments: four [C] tensors of one floating compute type.
+void check_coefs_args(const at::Tensor& sum_dz, const at::Tensor& sum_dz_xmu,
+                      const at::Tensor& scale, const at::Tensor& invstd, int64_t count);
+
 }  // namespace cnnkernels

@@ -186,7 +186,8 @@ def test_backward_kernels(impl, layout, residual, name):
     backend_name, device = impl
     code = activations.CODES[name]
     x, grad, r, (scale, shift, mean) = kernel_inputs(layout, device, residual=residual)
-    _, reduce, elemt, _ = bn_ops._kernels(x)
+    k = bn_ops._kernels(x)
+    reduce, elemt = k.backward_reduce, k.backward_elemt
     expected = bn_reference.backward_reduce(grad, x, scale, shift, mean, r, code, 0.2)
     for a, e in zip(reduce(grad, x, scale, shift, mean, r, code, 0.2), expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
@@ -213,6 +214,136 @@ def test_opcheck():
                                   (grad, x, scale, shift, mean, scale, shift, mean, residual, 1,
                                    0.01, residual is not None))
         torch.library.opcheck(ops.affine_act.default, (x, scale, shift, 1, 0.01, r))
+    running = (torch.zeros(6), torch.ones(6))
+    for weight, bias, run in ((scale, shift, running), (None, None, (None, None))):
+        torch.library.opcheck(ops.batch_norm_act_fold.default,
+                              (mean, scale, weight, bias, *run, 0.1, 1e-5, 140))
+    torch.library.opcheck(ops.batch_norm_act_backward_coefs.default, (mean, shift, scale, scale, 9))
+
+
+# --- the per-channel kernels: fold (forward) and the backward's coefficients --------------------
+
+def channel_inputs(device, channels=37, dtype=torch.float32, running_dtype=torch.float32):
+    g = torch.Generator().manual_seed(5)
+    mean, var = torch.randn(channels, generator=g) * 4, torch.rand(channels, generator=g) * 3
+    weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+    running = (torch.randn(channels, generator=g), torch.rand(channels, generator=g) + 0.5)
+    return ([t.to(device, dtype) for t in (mean, var, weight, bias)],
+            [t.to(device, running_dtype) for t in running])
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 140])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_fold_kernel(kernel_impl, affine, count):
+    _, device = kernel_impl
+    (mean, var, weight, bias), running = channel_inputs(device)
+    if not affine:
+        weight = bias = None
+    x = torch.empty(1, 37, device=device)
+    expected_running = [t.clone() for t in running]
+    expected = bn_reference.fold(mean, var, weight, bias, *expected_running, 0.1, 1e-5, count)
+    actual = bn_ops._kernels(x).fold(mean, var, weight, bias, *running, 0.1, 1e-5, count)
+    for a, e in zip(list(actual) + running, list(expected) + expected_running):
+        torch.testing.assert_close(a, e, rtol=2e-6, atol=1e-6)
+    if count == 0:  # an empty batch: scale 0, shift = bias, running statistics untouched
+        assert torch.equal(actual[0], torch.zeros_like(mean))
+        assert torch.equal(running[0], channel_inputs(device)[1][0])
+
+
+@pytest.mark.parametrize("running_dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_fold_kernel_running_buffers_of_another_dtype(kernel_impl, running_dtype):
+    """Buffers of a module cast with .half() (or .double()) while the statistics are float32."""
+    name, device = kernel_impl
+    if name == "triton" and device == "cpu" and running_dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16 arithmetic")
+    (mean, var, weight, bias), running = channel_inputs(device, running_dtype=running_dtype)
+    expected_running = [t.clone() for t in running]
+    bn_reference.fold(mean, var, weight, bias, *expected_running, 0.25, 1e-5, 50)
+    bn_ops._kernels(mean[None]).fold(mean, var, weight, bias, *running, 0.25, 1e-5, 50)
+    for a, e in zip(running, expected_running):
+        assert a.dtype == running_dtype
+        torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("count", [0, 1, 1000])
+def test_backward_coefs_kernel(kernel_impl, count):
+    _, device = kernel_impl
+    (sum_dz, sum_dz_xmu, scale, invstd), _ = channel_inputs(device)
+    expected = bn_reference.backward_coefs(sum_dz, sum_dz_xmu, scale, invstd, count)
+    actual = bn_ops._kernels(sum_dz[None]).backward_coefs(sum_dz, sum_dz_xmu, scale, invstd, count)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=2e-6, atol=1e-7)
+
+
+def test_channel_kernels_float64_are_exact():
+    """C++ (and CUDA) compute in the statistics' type: float64 results equal the float64
+    reference (up to rsqrt vs 1/sqrt, one rounding)."""
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    (mean, var, weight, bias), running = channel_inputs("cpu", dtype=torch.float64,
+                                                        running_dtype=torch.float64)
+    expected_running = [t.clone() for t in running]
+    expected = bn_reference.fold(mean, var, weight, bias, *expected_running, 0.1, 1e-5, 7)
+    actual = torch.ops.cnnkernels.batch_norm_act_fold(mean, var, weight, bias, *running, 0.1,
+                                                      1e-5, 7)
+    for a, e in zip(list(actual) + running, list(expected) + expected_running):
+        torch.testing.assert_close(a, e, rtol=1e-15, atol=1e-15)
+    coefs = torch.ops.cnnkernels.batch_norm_act_backward_coefs(mean, var, weight, bias, 7)
+    for a, e in zip(coefs, bn_reference.backward_coefs(mean, var, weight, bias, 7)):
+        torch.testing.assert_close(a, e, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(mean=torch.zeros(4, dtype=torch.float16)), "'mean' to be float32 or float64"),
+    (dict(var=torch.zeros(5)), "'var' to have shape \\[4\\]"),
+    (dict(var=torch.zeros(4, dtype=torch.float64)), "'var' to be Float"),
+    (dict(weight=torch.zeros(3)), "'weight' to have shape \\[4\\]"),
+    (dict(running_var=None), "pass both 'running_mean' and 'running_var'"),
+    (dict(running_mean=torch.zeros(8)[::2]), "must be contiguous"),
+    (dict(running_mean=torch.zeros(1).expand(4)), "must be contiguous"),
+    (dict(momentum=1.5), "'momentum' to be in \\[0, 1\\]"),
+    (dict(count=-1), "'count'"),
+    (dict(eps=-1.0), "'eps' to be >= 0"),
+])
+def test_fold_rejects_bad_arguments(bad, message):
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    args = dict(mean=torch.zeros(4), var=torch.ones(4), weight=None, bias=None,
+                running_mean=torch.zeros(4), running_var=torch.ones(4), momentum=0.1, eps=1e-5,
+                count=3)
+    args.update(bad)
+    before = args["running_mean"].clone() if args["running_mean"] is not None else None
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.cnnkernels.batch_norm_act_fold(*args.values())
+    if before is not None:
+        assert torch.equal(args["running_mean"], before)  # nothing written before the check
+    with pytest.raises(RuntimeError, match="'invstd' to have shape"):
+        torch.ops.cnnkernels.batch_norm_act_backward_coefs(torch.zeros(4), torch.zeros(4),
+                                                           torch.zeros(4), torch.zeros(3), 2)
+
+
+def test_training_step_launches_few_ops():
+    """Per training step (forward + backward), the op calls that reach the dispatcher: on a GPU
+    each is at least one launch. Stats, fold, affine forward; reduce, coefs, elemt backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    module = BatchNormAct2d(6, activation="relu")
+    x = torch.randn(4, 6, 5, 7, requires_grad=True)
+    module(x).sum().backward()  # warm-up (lazy registration)
+    with Count() as counted:
+        module(x).backward(torch.ones(4, 6, 5, 7))
+    ours = [op for op in counted.ops if op.startswith("cnnkernels.")]
+    assert len(ours) == 6, counted.ops
+    assert len(counted.ops) <= 12, counted.ops  # the rest: views, num_batches_tracked, grad sums
 
 
 # --- the module with a residual, reduced precision, options --------------------------------------

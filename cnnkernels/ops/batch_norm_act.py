@@ -19,6 +19,7 @@ ones run. Reference: cnnkernels/reference.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,22 +51,34 @@ def _eval_invstd(running_var, eps, compute):
 
 # --- the three kernels, on the active backend ----------------------------------------------------
 
-def _kernels(x: torch.Tensor):
-    """(stats, backward_reduce, backward_elemt, affine_act) for x's device and the active
-    backend; affine_act takes (x, scale, shift, activation code, negative_slope, residual)."""
+class _Kernels(NamedTuple):
+    stats: object
+    fold: object            # (mean, var, weight, bias, running_mean!, running_var!, m, eps, n)
+    backward_reduce: object
+    backward_coefs: object  # (Σdz, Σdz·(x − mean), scale, invstd, n) -> (Σdz·x̂, k_xmu, k_1)
+    backward_elemt: object
+    affine: object          # (x, scale, shift, activation code, negative_slope, residual)
+
+
+def _kernels(x: torch.Tensor) -> _Kernels:
+    """The kernels for x's device and the active backend."""
     kind = backend.select(x.device, KERNELS, _OP)
     if (kind == "cpu" and _extension.cpu_ext) or (kind == "cuda" and _extension.cuda_ext):
         ops = torch.ops.cnnkernels
-        return ops.batch_norm_act_stats, ops.batch_norm_act_backward_reduce, \
-            ops.batch_norm_act_backward_elemt, ops.affine_act
+        return _Kernels(ops.batch_norm_act_stats.default, ops.batch_norm_act_fold.default,
+                        ops.batch_norm_act_backward_reduce.default,
+                        ops.batch_norm_act_backward_coefs.default,
+                        ops.batch_norm_act_backward_elemt.default, ops.affine_act.default)
     if kind == "triton":
         from ..triton import affine_act as _triton_affine  # noqa: F401  (registers the op)
         from ..triton import batch_norm_act as _triton
 
-        return _triton.stats, _triton.backward_reduce, _triton.backward_elemt, \
-            torch.ops.cnnkernels.affine_act_triton
-    return reference.stats, reference.backward_reduce, reference.backward_elemt, \
-        affine_reference.affine_act
+        return _Kernels(_triton.stats, _triton.fold, _triton.backward_reduce,
+                        _triton.backward_coefs, _triton.backward_elemt,
+                        torch.ops.cnnkernels.affine_act_triton)
+    return _Kernels(reference.stats, reference.fold, reference.backward_reduce,
+                    reference.backward_coefs, reference.backward_elemt,
+                    affine_reference.affine_act)
 
 
 def _fold(mean, invstd, weight, bias):
@@ -116,36 +129,32 @@ def _all_reduce_sums(sum_dz, sum_dz_xmu, process_group):
     return both[:sum_dz.numel()], both[sum_dz.numel():]
 
 
-def _update_running(running, batch_value, momentum):
-    running.lerp_(batch_value.to(running.dtype), momentum)  # (1 − m)·running + m·batch
-
-
 # --- autograd ------------------------------------------------------------------------------------
 
 class _BatchNormAct(torch.autograd.Function):
-    # Per call, besides the four passes over memory, a dozen per-channel ops: the Python here is
-    # kept to the few that are needed (it is most of the time of small tensors, and of GPU ones).
+    # Per step, besides the four passes over memory, two per-channel kernels (fold, backward_coefs)
+    # replace what were a dozen small torch ops: on the first H100 run their launches and host
+    # overhead made the training step 0.47x eager. Keep the Python here to the minimum.
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
                 code, negative_slope, process_group):
-        stats, _, _, affine = _kernels(x)
+        k = _kernels(x)
         count = x.shape[0] * math.prod(x.shape[2:])  # values per channel (C may be 0)
         if training:
-            mean, var = stats(x)
+            mean, var = k.stats(x)
             if process_group is not None and _world_size(process_group) > 1:
                 mean, var, count = _combine_statistics(mean, var, count, process_group)
-            invstd = torch.rsqrt(var + eps)
-            if count == 0:  # an empty batch: nothing to normalise, running statistics untouched
-                mean, invstd = torch.zeros_like(mean), torch.zeros_like(invstd)
-            elif running_mean is not None:
-                _update_running(running_mean, mean, momentum)
-                _update_running(running_var, var.mul_(count / max(count - 1, 1)), momentum)
+            if count == 0:  # an empty batch: statistics undefined, saved as zeros for backward
+                mean = torch.zeros_like(mean)
+            # one kernel: scale, shift, invstd, and the running statistics' update in place
+            scale, shift, invstd = k.fold(mean, var, weight, bias, running_mean, running_var,
+                                          momentum, eps, count)
         else:  # backward uses the statistics of now, even if the buffers move later
             compute = _compute_dtype(x.dtype)
             mean = running_mean.to(compute, copy=True)
             invstd = _eval_invstd(running_var, eps, compute)
-        scale, shift = _fold(mean, invstd, weight, bias)
-        y = affine(x, scale, shift, code, negative_slope, residual)
+            scale, shift = _fold(mean, invstd, weight, bias)
+        y = k.affine(x, scale, shift, code, negative_slope, residual)
         ctx.config = (training, count, code, negative_slope, process_group,
                       None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(x, residual, mean, invstd, scale, shift)
@@ -155,28 +164,27 @@ class _BatchNormAct(torch.autograd.Function):
     def backward(ctx, grad):
         training, count, code, negative_slope, process_group, weight_dtype, bias_dtype = ctx.config
         x, residual, mean, invstd, scale, shift = ctx.saved_tensors
-        _, backward_reduce, backward_elemt, _ = _kernels(x)
+        k = _kernels(x)
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        sum_dz = sum_dz_xmu = None
+        sum_dz = dz_xhat = k_xmu = k_1 = None
         if training or need_w or need_b:
-            sum_dz, sum_dz_xmu = backward_reduce(grad, x, scale, shift, mean, residual, code,
-                                                 negative_slope)
-        # Σ dz·x̂ = Σ dz·(x − mean)·invstd: the weight's gradient, and a factor of dx below
-        dz_xhat = None if sum_dz_xmu is None else sum_dz_xmu * invstd
+            sum_dz, sum_dz_xmu = k.backward_reduce(grad, x, scale, shift, mean, residual, code,
+                                                   negative_slope)
+            # Σ dz·x̂ = Σ dz·(x − mean)·invstd (the weight's gradient), and dx's coefficients
+            # dx = scale·dz + k_xmu·(x − mean) + k_1 (training; SyncBN: from the global sums)
+            dz_xhat, k_xmu, k_1 = k.backward_coefs(sum_dz, sum_dz_xmu, scale, invstd, count)
+            if training and (need_x or need_r) and process_group is not None \
+                    and _world_size(process_group) > 1:
+                _, k_xmu, k_1 = k.backward_coefs(
+                    *_all_reduce_sums(sum_dz, sum_dz_xmu, process_group), scale, invstd, count)
         grad_w = dz_xhat.to(weight_dtype) if need_w else None
         grad_b = sum_dz.to(bias_dtype) if need_b else None
         grad_x = grad_r = None
         if need_x or need_r:
-            if training:  # dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂)), global sums in SyncBN
-                if process_group is not None and _world_size(process_group) > 1:
-                    sum_dz, sum_dz_xmu = _all_reduce_sums(sum_dz, sum_dz_xmu, process_group)
-                    dz_xhat = sum_dz_xmu * invstd
-                k_xmu = (scale * dz_xhat).mul_(invstd).mul_(-1.0 / max(count, 1))
-                k_1 = (scale * sum_dz).mul_(-1.0 / max(count, 1))
-            else:  # running statistics are constants: dx = scale·dz
+            if not training:  # running statistics are constants: dx = scale·dz
                 k_xmu = k_1 = torch.zeros_like(scale)
-            grad_x, grad_r = backward_elemt(grad, x, scale, shift, mean, scale, k_xmu, k_1,
-                                            residual, code, negative_slope, need_r)
+            grad_x, grad_r = k.backward_elemt(grad, x, scale, shift, mean, scale, k_xmu, k_1,
+                                              residual, code, negative_slope, need_r)
             grad_x = grad_x if need_x else None
             grad_r = grad_r if need_r else None
         return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None, None
@@ -231,7 +239,7 @@ def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         compute = _compute_dtype(x.dtype)
         scale, shift = _fold(running_mean.to(compute), _eval_invstd(running_var, eps, compute),
                              weight, bias)
-        return _kernels(x)[3](x, scale, shift, code, float(negative_slope), residual)
+        return _kernels(x).affine(x, scale, shift, code, float(negative_slope), residual)
     return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training,
                                momentum, eps, code, float(negative_slope), process_group)
 
@@ -250,6 +258,14 @@ if _extension.cpu_ext:
     def _backward_reduce_fake(grad, x, scale, shift, mean, residual=None, activation=0,
                               negative_slope=0.01):
         return torch.empty_like(scale), torch.empty_like(scale)
+
+    @torch.library.register_fake("cnnkernels::batch_norm_act_fold")
+    def _fold_fake(mean, var, weight, bias, running_mean, running_var, momentum, eps, count):
+        return torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
+
+    @torch.library.register_fake("cnnkernels::batch_norm_act_backward_coefs")
+    def _backward_coefs_fake(sum_dz, sum_dz_xmu, scale, invstd, count):
+        return torch.empty_like(sum_dz), torch.empty_like(sum_dz), torch.empty_like(sum_dz)
 
     @torch.library.register_fake("cnnkernels::batch_norm_act_backward_elemt")
     def _backward_elemt_fake(grad, x, scale, shift, mean, coef_dz, coef_xmu, coef_1, residual=None,

@@ -44,3 +44,23 @@ def backward_elemt(grad, x, scale, shift, mean, coef_dz, coef_xmu, coef_1, resid
     dx = _per_channel(coef_dz, x) * dz + _per_channel(coef_xmu, x) * xmu + _per_channel(coef_1, x)
     grad_residual = dz.to(x.dtype) if residual is not None and residual_grad else x.new_empty(0)
     return dx.to(x.dtype), grad_residual
+
+
+def fold(mean, var, weight, bias, running_mean, running_var, momentum, eps, count):
+    """(scale, shift, invstd) from the batch statistics, and the running statistics' update in
+    place (unbiased variance; skipped for an empty batch, where scale = 0 and shift = bias)."""
+    invstd = torch.rsqrt(var + eps) if count > 0 else torch.zeros_like(var)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    bias_ = torch.zeros_like(scale) if bias is None else bias.to(scale.dtype)
+    shift = bias_ - mean * scale if count > 0 else bias_.clone()
+    if running_mean is not None and count > 0:
+        for running, batch in ((running_mean, mean), (running_var, var * (count / max(count - 1, 1)))):
+            running.copy_(momentum * batch.to(running.dtype) + (1 - momentum) * running)
+    return scale, shift, invstd
+
+
+def backward_coefs(sum_dz, sum_dz_xmu, scale, invstd, count):
+    """(Σdz·x̂, k_xmu, k_1) of backward_elemt: dx = scale·dz + k_xmu·(x − mean) + k_1."""
+    dz_xhat = sum_dz_xmu * invstd
+    n = max(count, 1)
+    return dz_xhat, scale * dz_xhat * invstd * (-1.0 / n), scale * sum_dz * (-1.0 / n)

@@ -192,8 +192,130 @@ def batch_norm_act_backward_elemt_triton(
     return dx, dr
 
 
+# --- the per-channel steps: fold (forward) and the backward's coefficients ----------------------
+
+@triton.jit
+def _sqrt_rn(x):
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)  # float64 sqrt is already correctly rounded
+    else:
+        return tl.sqrt_rn(x)  # tl.sqrt on float32 is an approximation on the GPU
+
+
+@triton.jit
+def _div_rn(a, b):
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def _fold_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, scale_ptr, shift_ptr,
+                 invstd_ptr, channels, eps, momentum, count, HAS_WEIGHT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr, BLOCK: tl.constexpr):
+    # Python floats reach a Triton kernel as float32: eps and momentum are rounded to float32 also
+    # for float64 tensors (the count-derived factors are computed here, in the compute type).
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < channels
+    mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
+    var = tl.load(var_ptr + c, mask=mask, other=1.0)
+    one = tl.full(var.shape, 1.0, var.dtype)
+    # an empty batch: scale 0, shift = bias, running statistics untouched
+    inv = tl.where(count > 0, _div_rn(one, _sqrt_rn(var + eps)), 0.0)
+    s = inv
+    if HAS_WEIGHT:
+        s = inv * tl.load(w_ptr + c, mask=mask)
+    b = tl.zeros(var.shape, var.dtype)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + c, mask=mask)
+    tl.store(invstd_ptr + c, inv, mask=mask)
+    tl.store(scale_ptr + c, s, mask=mask)
+    tl.store(shift_ptr + c, tl.where(count > 0, b - mean * s, b), mask=mask)
+    if HAS_RUNNING:
+        if count > 0:
+            running_ty = rm_ptr.dtype.element_ty
+            rm = tl.load(rm_ptr + c, mask=mask)
+            rv = tl.load(rv_ptr + c, mask=mask)
+            if running_ty != tl.float64:  # op-math: float32 for float32 / half / bfloat16 buffers
+                rm = rm.to(tl.float32)
+                rv = rv.to(tl.float32)
+            n = tl.full(var.shape, count, var.dtype)
+            unbias = _div_rn(n, tl.maximum(n - 1.0, 1.0))
+            batch_m = mean.to(running_ty).to(rm.dtype)
+            batch_v = (var * unbias).to(running_ty).to(rv.dtype)
+            tl.store(rm_ptr + c, (momentum * batch_m + (1.0 - momentum) * rm).to(running_ty),
+                     mask=mask)
+            tl.store(rv_ptr + c, (momentum * batch_v + (1.0 - momentum) * rv).to(running_ty),
+                     mask=mask)
+
+
+@torch.library.triton_op("cnnkernels::batch_norm_act_fold_triton",
+                         mutates_args=("running_mean", "running_var"))
+def batch_norm_act_fold_triton(
+        mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+        bias: torch.Tensor | None, running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None, momentum: float, eps: float,
+        count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mean, var = mean.contiguous(), var.contiguous()
+    scale, shift, invstd = (torch.empty_like(mean) for _ in range(3))
+    channels = mean.numel()
+    if channels:
+        w = None if weight is None else weight.to(mean.dtype).contiguous()
+        b = None if bias is None else bias.to(mean.dtype).contiguous()
+        block = 256
+        torch.library.wrap_triton(_fold_kernel)[(triton.cdiv(channels, block),)](
+            mean, var, mean if w is None else w, mean if b is None else b,
+            mean if running_mean is None else running_mean,
+            mean if running_var is None else running_var, scale, shift, invstd, channels, eps,
+            momentum, count, HAS_WEIGHT=w is not None,
+            HAS_BIAS=b is not None, HAS_RUNNING=running_mean is not None, BLOCK=block)
+    return scale, shift, invstd
+
+
+@triton.jit
+def _coefs_kernel(dz_ptr, dz_xmu_ptr, scale_ptr, invstd_ptr, dz_xhat_ptr, k_xmu_ptr, k_1_ptr,
+                  channels, count, BLOCK: tl.constexpr):
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < channels
+    inv = tl.load(invstd_ptr + c, mask=mask)
+    # −1/count in the compute type (a Python float would arrive rounded to float32)
+    minus_one_over_n = _div_rn(tl.full(inv.shape, -1.0, inv.dtype),
+                               tl.full(inv.shape, tl.maximum(count, 1), inv.dtype))
+    s = tl.load(scale_ptr + c, mask=mask)
+    xhat_sum = tl.load(dz_xmu_ptr + c, mask=mask) * inv
+    tl.store(dz_xhat_ptr + c, xhat_sum, mask=mask)
+    tl.store(k_xmu_ptr + c, s * xhat_sum * inv * minus_one_over_n, mask=mask)
+    tl.store(k_1_ptr + c, s * tl.load(dz_ptr + c, mask=mask) * minus_one_over_n, mask=mask)
+
+
+@torch.library.triton_op("cnnkernels::batch_norm_act_backward_coefs_triton", mutates_args=())
+def batch_norm_act_backward_coefs_triton(
+        sum_dz: torch.Tensor, sum_dz_xmu: torch.Tensor, scale: torch.Tensor, invstd: torch.Tensor,
+        count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sum_dz, sum_dz_xmu, scale, invstd = (t.contiguous() for t in (sum_dz, sum_dz_xmu, scale, invstd))
+    dz_xhat, k_xmu, k_1 = (torch.empty_like(sum_dz) for _ in range(3))
+    channels = sum_dz.numel()
+    if channels:
+        block = 256
+        torch.library.wrap_triton(_coefs_kernel)[(triton.cdiv(channels, block),)](
+            sum_dz, sum_dz_xmu, scale, invstd, dz_xhat, k_xmu, k_1, channels, count,
+            BLOCK=block)
+    return dz_xhat, k_xmu, k_1
+
+
 def stats(x):
     return torch.ops.cnnkernels.batch_norm_act_stats_triton(x)
+
+
+def fold(mean, var, weight, bias, running_mean, running_var, momentum, eps, count):
+    return torch.ops.cnnkernels.batch_norm_act_fold_triton(
+        mean, var, weight, bias, running_mean, running_var, momentum, eps, count)
+
+
+def backward_coefs(sum_dz, sum_dz_xmu, scale, invstd, count):
+    return torch.ops.cnnkernels.batch_norm_act_backward_coefs_triton(
+        sum_dz, sum_dz_xmu, scale, invstd, count)
 
 
 def backward_reduce(grad, x, scale, shift, mean, residual=None, activation=0, negative_slope=0.01):
