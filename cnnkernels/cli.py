@@ -61,7 +61,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_case(case, device, dtype, backends, direction, reps, with_compile, with_copy=False):
+# --timing stream: calls per timed repetition, enough for the host to run ahead of the GPU
+STREAM_CALLS = 20
+
+
+def _bench_case(case, device, dtype, backends, direction, reps, with_compile, with_copy=False,
+                calls_per_rep=1):
     prepared = bench_cases.prepare(case, device, dtype, requires_grad=direction == "fwd+bwd")
     grad = None
 
@@ -89,7 +94,7 @@ def _bench_case(case, device, dtype, backends, direction, reps, with_compile, wi
         source = prepared.leaves[0].detach()
         target = torch.empty_like(source)
         fns["copy"] = lambda: target.copy_(source)
-    return profile.compare_times(fns, device, reps=reps)
+    return profile.compare_times(fns, device, reps=reps, calls_per_rep=calls_per_rep)
 
 
 def _bandwidth(case, direction, element_size, medians, ours) -> dict:
@@ -112,10 +117,12 @@ def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
         (op,), quick=args.quick,
         batch=args.batch or (8 if device.type == "cpu" and op.endswith("conv2d") else None))]
     reps = args.reps or (10 if args.quick else 30)
+    calls = STREAM_CALLS if args.timing == "stream" else 1
     info = package_info()
     steady = device.type == "cpu" and profile.keep_cpu_memory_mapped()
     print(f"cnnkernels {info['version']} | torch {info['torch']} | {info['device']} | "
-          f"{args.dtype} | median of {reps} round-robin repetitions"
+          f"{args.dtype} | median of {reps} round-robin repetitions of "
+          + ("1 synchronised call" if calls == 1 else f"{calls} back-to-back calls")
           + (" | CPU heap kept mapped (no page faults in timings)" if steady else ""))
     rows = []
     header = f"{'op':<17} {'shape':<22} {'pass':<8} {'torch ms':>9}"
@@ -131,7 +138,7 @@ def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
     for case in progress(todo, len(todo), "bench kernels", label=lambda c: f"{c.op} {c.label}"):
         for direction in bench_cases.directions(case.op):
             medians = _bench_case(case, device, dtype, backends, direction, reps, args.compile,
-                                  with_copy=bandwidth)
+                                  with_copy=bandwidth, calls_per_rep=calls)
             line = f"{case.op:<17} {case.label:<22} {direction:<8} {medians['torch'] * 1e3:>9.3f}"
             for side in sides:
                 line += (f" {medians[side] * 1e3:>20.3f} {medians['torch'] / medians[side]:>8.2f}x"
@@ -153,7 +160,8 @@ def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
     if bandwidth:
         print("%copy = (minimum bytes the op moves / our time) / (bytes of a copy of the input / "
               "its time), the copy timed in the same rounds")
-    return {"info": info, "cpu_heap_kept": steady, "reps": reps, "sides": sides, "results": rows}
+    return {"info": info, "cpu_heap_kept": steady, "reps": reps, "timing": args.timing,
+            "calls_per_rep": calls, "sides": sides, "results": rows}
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
@@ -370,6 +378,10 @@ def kernels_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=None,
                         help="also time a copy of the input and print each of our kernels' "
                              "achieved bandwidth as a fraction of it (default: on CUDA)")
+    parser.add_argument("--timing", choices=["call", "stream"], default="call",
+                        help="call: each repetition is one synchronised call (latency, host "
+                             f"overhead included); stream: {STREAM_CALLS} back-to-back calls "
+                             "(throughput, as in a training loop; on a GPU the host runs ahead)")
 
 
 def build_parser() -> argparse.ArgumentParser:

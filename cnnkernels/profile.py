@@ -1,7 +1,8 @@
 """Time measurement shared by bench/, the command line and the report.
 
 Timings are medians over repetitions after a warm-up; on CUDA each repetition is timed with events
-on the current stream. Competing implementations are timed round-robin (A, B, A, B, ...) on the
+on the current stream. A repetition is one synchronised call by default (latency: host overhead
+included), or several back-to-back calls (`calls_per_rep`; throughput, as in a training loop). Competing implementations are timed round-robin (A, B, A, B, ...) on the
 same tensors, so slow drifts of the machine (frequency, other processes) hit every side alike and
 the ratios computed from one run are fair.
 """
@@ -41,22 +42,28 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+def _time_once(fn: Callable[[], object], device: torch.device, calls: int = 1) -> float:
+    """Seconds per call of `calls` back-to-back calls. calls=1 starts from an idle GPU, so host
+    overhead (Python, dispatch, launches) counts in full; with more, the host queues work while
+    the GPU runs, and the time tends to the device time when the kernels outlast the host side."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return start.elapsed_time(end) / 1e3 / calls
     begin = time.perf_counter()
-    fn()
-    return time.perf_counter() - begin
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - begin) / calls
 
 
 def compare_times(fns: Mapping[str, Callable[[], object]], device: torch.device | str, *,
-                  warmup: int = 3, reps: int = 20) -> dict[str, float]:
-    """Median seconds per call of each function, measured round-robin."""
+                  warmup: int = 3, reps: int = 20, calls_per_rep: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin; each repetition times
+    `calls_per_rep` back-to-back calls (see _time_once)."""
     device = torch.device(device)
     for fn in fns.values():
         for _ in range(warmup):
@@ -65,7 +72,7 @@ def compare_times(fns: Mapping[str, Callable[[], object]], device: torch.device 
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            samples[name].append(_time_once(fn, device))
+            samples[name].append(_time_once(fn, device, calls_per_rep))
     return {name: statistics.median(times) for name, times in samples.items()}
 
 

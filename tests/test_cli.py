@@ -158,3 +158,13 @@ def test_bench_kernels_leaves_out_a_backend_without_that_kernel(tmp_path, capsys
     table = report.markdown_table(results)
     assert "| - |" in table and "x | - |" in table
     report.speedup_plot(results, "fwd", str(tmp_path / "plot.png"))
+
+
+def test_bench_kernels_stream_timing(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert cli.main(["bench", "kernels", "--ops", "hardswish", "--quick", "--batch", "1",
+                     "--reps", "1", "--device", "cpu", "--timing", "stream", "--json", str(out)]) == 0
+    assert f"{cli.STREAM_CALLS} back-to-back calls" in capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert results["timing"] == "stream" and results["calls_per_rep"] == cli.STREAM_CALLS
+    assert all(r["median_s"]["cnnkernels[cpu]"] > 0 for r in results["results"])
