@@ -23,6 +23,8 @@ class Case:
         text = "x".join(map(str, self.shape))
         if self.kernel and self.op == "squeeze_excite":
             text += f" s{self.kernel}"
+        elif self.op == "pointwise_conv2d":
+            text += f" o{self.kernel}" + ("" if self.stride == 1 else f"s{self.stride}")
         elif self.kernel:
             text += f" k{self.kernel}s{self.stride}"
         return text
@@ -86,11 +88,29 @@ _SE_SHAPES = [
 _QUICK_SE_SHAPES = [((32, 120, 28, 28), 32, "MobileNetV3-L block 5 SE"),
                     ((8, 672, 14, 14), 168, "MobileNetV3-L block 12 SE, batch 8")]
 
-_OPS = ("hardswish", "hardsigmoid", "depthwise_conv2d", "batch_norm_act", "squeeze_excite",
-        "affine_act")
+# Conv1x1 → BN(eval) → act (issue 5's list): (in channels, out channels, size, source); the
+# projections (no activation) add the block's residual, as MobileNetV2's inverted residuals do.
+_POINTWISE_LAYERS = [
+    (24, 144, 56, "MobileNetV2 block 3 expand"),
+    (144, 24, 56, "MobileNetV2 block 3 project + residual"),
+    (32, 192, 28, "MobileNetV2 block 5 expand"),
+    (96, 576, 14, "MobileNetV2 block 12 expand"),
+    (160, 960, 7, "MobileNetV2 block 15 expand"),
+    (256, 64, 56, "ResNet-50 layer1 conv1"),
+    (64, 256, 56, "ResNet-50 layer1 conv3"),
+    (1024, 256, 14, "ResNet-50 layer3 conv1"),
+    (256, 128, 56, "DenseNet-121 block 1 bottleneck"),
+    (512, 128, 28, "DenseNet-121 block 2 bottleneck"),
+    (1024, 128, 7, "DenseNet-121 block 4 bottleneck"),
+]
+_QUICK_POINTWISE = [_POINTWISE_LAYERS[0], _POINTWISE_LAYERS[1], _POINTWISE_LAYERS[3]]
 
-# Ops without autograd (inference / recomputation passes) are timed forward only.
-_FORWARD_ONLY = frozenset({"affine_act"})
+_OPS = ("hardswish", "hardsigmoid", "depthwise_conv2d", "batch_norm_act", "squeeze_excite",
+        "affine_act", "pointwise_conv2d")
+
+# Ops timed forward only: passes without autograd (affine_act), and pointwise_conv2d, whose fused
+# form is the inference one (folded BatchNorm); its training path is conv + BatchNormAct2d.
+_FORWARD_ONLY = frozenset({"affine_act", "pointwise_conv2d"})
 
 
 def directions(op: str) -> tuple[str, ...]:
@@ -121,6 +141,10 @@ def cases(ops: tuple[str, ...] = _OPS, quick: bool = False, batch: int | None = 
             for shape, source in (_QUICK_BATCH_NORM_SHAPES if quick else _BATCH_NORM_SHAPES):
                 shape = (batch, *shape[1:]) if batch else shape
                 result.append(Case(op, shape, source))
+        elif op == "pointwise_conv2d":
+            n = batch or (8 if quick else 32)
+            for cin, cout, size, source in (_QUICK_POINTWISE if quick else _POINTWISE_LAYERS):
+                result.append(Case(op, (n, cin, size, size), source, kernel=cout))
         elif op == "depthwise_conv2d":
             n = batch or (8 if quick else 32)
             for c, size, k, s, source in (_QUICK_DEPTHWISE if quick else _DEPTHWISE_LAYERS):
@@ -154,7 +178,14 @@ def min_bytes(case: Case, direction: str, element_size: int) -> int:
     numel = 1
     for size in case.shape:
         numel *= size
+    if case.op == "pointwise_conv2d":  # x read, y written (and the residual read)
+        out = numel // case.shape[1] * case.kernel // case.stride ** 2
+        return (numel + out * (2 if _has_residual(case) else 1)) * element_size
     return _MIN_PASSES[(case.op, direction)] * numel * element_size
+
+
+def _has_residual(case: Case) -> bool:
+    return case.op == "pointwise_conv2d" and "residual" in case.source
 
 
 @dataclasses.dataclass
@@ -193,6 +224,8 @@ def prepare(case: Case, device, dtype: torch.dtype, requires_grad: bool,
         return _prepare_squeeze_excite(case, x, gen, requires_grad)
     if case.op == "affine_act":
         return _prepare_affine_act(case, x, gen)
+    if case.op == "pointwise_conv2d":
+        return _prepare_pointwise_conv2d(case, x, gen)
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -246,3 +279,33 @@ def _prepare_affine_act(case: Case, x: torch.Tensor, gen: torch.Generator) -> Pr
     return Prepared([x], lambda: F.relu(x * scale.view(view).to(x.dtype) + shift.view(view).to(x.dtype),
                                         inplace=True),
                     lambda: ops.affine_act(x, scale, shift, "relu"))
+
+
+def _prepare_pointwise_conv2d(case: Case, x: torch.Tensor, gen: torch.Generator) -> Prepared:
+    """Inference Conv1x1 → BatchNorm → ReLU as torchvision runs it (conv, batch_norm, in-place
+    ReLU; projections: BN then + residual, no activation) vs ours with BN folded into the epilogue
+    (folded once, as ConvBNAct2d does at eval)."""
+    from . import ops
+
+    cin, cout = case.shape[1], case.kernel
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight = (torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5).to(x.device, x.dtype)
+    gamma = (torch.rand(cout, generator=gen) + 0.5).to(x.device, compute)
+    beta = torch.randn(cout, generator=gen).to(x.device, compute)
+    mean = torch.randn(cout, generator=gen).to(x.device, compute)
+    var = (torch.rand(cout, generator=gen) + 0.5).to(x.device, compute)
+    scale = gamma / torch.sqrt(var + 1e-5)
+    shift = beta - mean * scale
+    out_shape = (case.shape[0], cout, case.shape[2] // case.stride, case.shape[3] // case.stride)
+    residual = torch.randn(out_shape, generator=gen).to(x.device, x.dtype).contiguous(
+        memory_format=torch.channels_last if not x.is_contiguous() else torch.contiguous_format) \
+        if _has_residual(case) else None
+
+    def torch_fn():
+        y = F.batch_norm(F.conv2d(x, weight, None, case.stride), mean, var, gamma, beta, False)
+        return y + residual if residual is not None else F.relu(y, inplace=True)
+
+    activation = "identity" if residual is not None else "relu"
+    return Prepared([x], torch_fn, lambda: ops.pointwise_conv2d(
+        x, weight, stride=case.stride, scale=scale, shift=shift, activation=activation,
+        residual=residual))

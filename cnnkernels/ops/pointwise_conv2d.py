@@ -1,0 +1,156 @@
+"""pointwise_conv2d: a 1x1 convolution as a GEMM over channels with a fused per-output-channel
+epilogue, act(scale·(W ⊛ x) + shift + bias (+ residual)).
+
+Conv1×1 → BatchNorm (eval: fold it into scale/shift) → activation, and MobileNetV2's projection +
+residual add, in one op. CPU: csrc/cpu/pointwise_conv2d_kernel.cpp (BLAS on cache-sized output
+tiles, the epilogue applied to each tile while it is in cache: the output is written once). CUDA
+and Triton backends: torch's convolution (cuDNN) then our affine_act kernel in place, one extra
+pass; with autograd on those backends, the torch reference. Autograd of the C++ op: the GEMM
+gradients by aten.convolution_backward, the epilogue's by recomputing its input (from the output
+for identity and ReLU). Still to come (issue 5): the input prologue, statistics in the epilogue
+for training, a Triton GEMM with the epilogue inside, half-precision tuning.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension, activations, backend
+from ..reference import pointwise_conv2d as reference
+from ..reference.activation import activation_backward
+from .affine_act import _compute_dtype, affine_act
+
+_OP = "pointwise_conv2d"
+KERNELS = frozenset({"cpu", "cuda", "triton"})
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check(x, weight, bias, stride, groups, scale, shift, residual) -> None:
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: expected argument '{name}' to be a torch.Tensor, got "
+                            f"{type(t).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{_OP}: expected argument 'x' to be a float32, float16, bfloat16 or "
+                        f"float64 tensor, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{_OP}: expected argument 'x' to be 4-D [N, C, H, W], got shape "
+                         f"{tuple(x.shape)}")
+    if weight.dim() != 4 or weight.shape[2:] != (1, 1):
+        raise ValueError(f"{_OP}: expected argument 'weight' to be [C_out, C_in / groups, 1, 1] "
+                         f"(a 1x1 kernel), got shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise TypeError(f"{_OP}: 'weight' must have x's dtype and device ({x.dtype}, {x.device}), "
+                        f"got {weight.dtype}, {weight.device}")
+    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
+        raise ValueError(f"{_OP}: 'groups' ({groups}) must be a positive int dividing both the "
+                         f"input channels ({x.shape[1]}) and the output channels ({weight.shape[0]})")
+    if weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"{_OP}: 'weight' has {weight.shape[1]} input channels per group, but x "
+                         f"has {x.shape[1]} channels in {groups} group(s)")
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"{_OP}: expected argument 'stride' to be a positive int, got {stride!r}")
+    want = _compute_dtype(x.dtype)
+    for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != weight.shape[0]:
+            raise ValueError(f"{_OP}: expected argument '{name}' to have shape [{weight.shape[0]}] "
+                             f"(one value per output channel), got {tuple(t.shape)}")
+        if t.dtype != want or t.device != x.device:
+            raise TypeError(f"{_OP}: expected argument '{name}' to be {want} on {x.device} (the "
+                            f"compute type of {x.dtype} x), got {t.dtype} on {t.device}")
+    if residual is not None:
+        size = (x.shape[0], weight.shape[0], (x.shape[2] - 1) // stride + 1,
+                (x.shape[3] - 1) // stride + 1)
+        if tuple(residual.shape) != size or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"{_OP}: 'residual' must have the output's shape {size} and x's dtype "
+                             f"and device, got {tuple(residual.shape)}, {residual.dtype}, "
+                             f"{residual.device}")
+
+
+def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     stride: int = 1, groups: int = 1, scale: torch.Tensor | None = None,
+                     shift: torch.Tensor | None = None, activation: str = "identity",
+                     negative_slope: float = 0.01,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(scale · conv1x1(x, weight, stride, groups) + shift + bias (+ residual)).
+
+    `weight`: [C_out, C_in / groups, 1, 1] (or [C_out, C_in / groups]); `bias`, `scale`, `shift`:
+    [C_out] in the compute type (float32 for float32/16/bfloat16 x, float64 for float64);
+    `residual`: the output's shape. Differentiable in every tensor argument."""
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        weight = weight[:, :, None, None]
+    _check(x, weight, bias, stride, groups, scale, shift, residual)
+    code = activations.activation_code(activation)
+    kind = backend.select(x.device, KERNELS, _OP)
+    if kind == "cpu" and _extension.cpu_ext:
+        return torch.ops.cnnkernels.pointwise_conv2d(x, weight, bias, stride, groups, scale, shift,
+                                                     residual, code, float(negative_slope))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, scale, shift, residual))
+    if kind in ("cuda", "triton") and not needs_grad:
+        # cuDNN's GEMM, then our epilogue kernel over its output in place
+        z = F.conv2d(x, weight, None, stride, 0, 1, groups)
+        s, t = reference.epilogue_vectors(x, weight.shape[0], bias, scale, shift)
+        return affine_act(z, s, t, activation, negative_slope, residual=residual, out=z)
+    return reference.pointwise_conv2d(x, weight, bias, stride, groups, scale, shift, residual, code,
+                                      float(negative_slope))
+
+
+# --- autograd of the C++ op ---------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, groups, scale, shift, residual, code, negative_slope = inputs
+    ctx.config = (stride, groups, code, negative_slope, bias is not None, shift is not None)
+    ctx.save_for_backward(x, weight, bias, scale, shift, residual, output)
+
+
+def _backward(ctx, grad):
+    stride, groups, code, negative_slope, has_bias, has_shift = ctx.config
+    x, weight, bias, scale, shift, residual, y = ctx.saved_tensors
+    need_x, need_w, need_b, _, _, need_s, need_t, need_r = ctx.needs_input_grad[:8]
+    compute = _compute_dtype(x.dtype)
+    z = None
+    if code == activations.CODES["identity"]:
+        dpre = grad.to(compute)
+    elif code == activations.CODES["relu"]:  # relu'(pre) = [pre > 0] = [y > 0]
+        dpre = torch.where(y > 0, grad, torch.zeros_like(grad)).to(compute)
+    else:  # recompute the activation's input: one more GEMM
+        z = F.conv2d(x, weight, None, stride, 0, 1, groups).to(compute)
+        s, t = reference.epilogue_vectors(x, weight.shape[0], bias, scale, shift)
+        pre = z * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1)
+        if residual is not None:
+            pre = pre + residual.to(compute)
+        dpre = activation_backward(grad.to(compute), pre, code, negative_slope)
+    dims = (0, 2, 3)
+    grad_scale = grad_shift = grad_bias = None
+    if need_s:
+        if z is None:
+            z = F.conv2d(x, weight, None, stride, 0, 1, groups).to(compute)
+        grad_scale = (dpre * z).sum(dims)
+    if need_b or need_t:
+        total = dpre.sum(dims)
+        grad_bias, grad_shift = (total if need_b else None), (total if need_t else None)
+    grad_residual = dpre.to(x.dtype) if need_r else None
+    grad_x = grad_w = None
+    if need_x or need_w:
+        dz = (dpre if scale is None else dpre * scale.view(1, -1, 1, 1)).to(x.dtype)
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            dz, x, weight, None, [stride, stride], [0, 0], [1, 1], False, [0, 0], groups,
+            [need_x, need_w, False])
+    return grad_x, grad_w, grad_bias, None, None, grad_scale, grad_shift, grad_residual, None, None
+
+
+if _extension.cpu_ext:
+    torch.library.register_autograd("cnnkernels::pointwise_conv2d", _backward,
+                                    setup_context=_setup_context)
+
+    @torch.library.register_fake("cnnkernels::pointwise_conv2d")
+    def _pointwise_conv2d_fake(x, weight, bias=None, stride=1, groups=1, scale=None, shift=None,
+                               residual=None, activation=0, negative_slope=0.01):
+        size = (x.shape[0], weight.shape[0], (x.shape[2] - 1) // stride + 1,
+                (x.shape[3] - 1) // stride + 1)
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return x.new_empty(size).contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -1,0 +1,227 @@
+// CPU kernel of pointwise_conv2d (schema and math: ../pointwise_conv2d.cpp).
+//
+// The 1×1 convolution is a GEMM per image and group: NCHW y[n, g] = W_g [Cog, Cig] · x[n, g]
+// [Cig, H·W]; channels_last Y [N·H·W, C_out] = X [N·H·W, C_in] · W_gᵀ per group's columns. Both are
+// cut into output tiles of about kTileBytes (columns of the plane in NCHW, rows of pixels in
+// channels_last). Each tile is computed by BLAS (at::mm_out into a strided view of y, no copy) and
+// the epilogue act(fma(z, scale, shift) + residual) rewrites it in place while it is still in L2,
+// so the output reaches memory once: eager Conv → BN → act writes and reads it three times.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <cmath>
+#include <optional>
+
+#include "../pointwise_conv2d.h"
+#include "cnnkernels/activation.h"
+#include "cnnkernels/cpu/map.h"
+
+namespace cnnkernels {
+namespace {
+
+constexpr int64_t kTileBytes = 1024 * 1024;  // one output tile: stays in L2/L3 until its epilogue
+
+template <typename T>
+struct Epilogue {
+  using F = at::opmath_type<T>;
+  const F* scale;  // [C_out]
+  const F* shift;  // [C_out]: shift + bias
+};
+
+// NCHW tile: `rows` output channels starting at `channel`, `len` contiguous values each, rows
+// `row_stride` apart.
+template <bool kResidual, typename T, typename Act>
+void epilogue_planes(T* y, const T* residual, int64_t rows, int64_t row_stride, int64_t len,
+                     int64_t channel, const Epilogue<T>& e, const Act& act) {
+  using F = at::opmath_type<T>;
+  // cpu::map1/map2: the loop compiled for AVX-512/AVX2+FMA (an extension is built for baseline
+  // x86-64, where std::fma is a library call), half/bfloat16 through float chunks in L1.
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const F a = e.scale[channel + row], b = e.shift[channel + row];
+      T* p = y + row * row_stride;
+      if constexpr (kResidual) {
+        cpu::map2(p, residual + row * row_stride, p, len,
+                  [a, b, act](F v, F r) { return act.forward(std::fma(v, a, b) + r); }, false);
+      } else {
+        cpu::map1(p, p, len, [a, b, act](F v) { return act.forward(std::fma(v, a, b)); }, false);
+      }
+    }
+  });
+}
+
+// channels_last tile: `rows` pixels of `channels` contiguous output channels each.
+template <bool kResidual, typename T, typename Act>
+void epilogue_pixels(T* y, const T* residual, int64_t rows, int64_t channels,
+                     const Epilogue<T>& e, const Act& act) {
+  using F = at::opmath_type<T>;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(channels, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    cpu::run_with_best_isa([&] {  // vectorised across channels for the CPU's best ISA
+      for (int64_t row = r0; row < r1; ++row) {
+        T* p = y + row * channels;
+        const T* q = kResidual ? residual + row * channels : nullptr;
+        for (int64_t c = 0; c < channels; ++c) {
+          F pre = std::fma(static_cast<F>(p[c]), e.scale[c], e.shift[c]);
+          if constexpr (kResidual) pre += static_cast<F>(q[c]);
+          p[c] = static_cast<T>(act.forward(pre));
+        }
+      }
+    });
+  });
+}
+
+struct Problem {
+  at::Tensor x, w, y, residual;  // x: strided-sampled, dense in y's format; w: [C_out, Cig]
+  int64_t groups;
+};
+
+template <bool kResidual, typename T, typename Act>
+void run_planes(const Problem& p, const Epilogue<T>& e, const Act& act) {
+  const int64_t batch = p.y.size(0), out_channels = p.y.size(1);
+  const int64_t plane = p.y.size(2) * p.y.size(3);
+  const int64_t cig = p.x.size(1) / p.groups, cog = out_channels / p.groups;
+  const int64_t cols = std::max<int64_t>(64, kTileBytes / (cog * static_cast<int64_t>(sizeof(T))));
+  T* y = p.y.mutable_data_ptr<T>();
+  const T* r = kResidual ? p.residual.const_data_ptr<T>() : nullptr;
+  for (int64_t n = 0; n < batch; ++n) {
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const at::Tensor xg = p.x[n].narrow(0, g * cig, cig).view({cig, plane});
+      const at::Tensor yg = p.y[n].narrow(0, g * cog, cog).view({cog, plane});
+      const at::Tensor wg = p.w.narrow(0, g * cog, cog);
+      const int64_t first = (n * out_channels + g * cog) * plane;
+      for (int64_t c0 = 0; c0 < plane; c0 += cols) {
+        const int64_t len = std::min(cols, plane - c0);
+        at::Tensor tile = yg.narrow(1, c0, len);
+        at::mm_out(tile, wg, xg.narrow(1, c0, len));
+        epilogue_planes<kResidual>(y + first + c0, kResidual ? r + first + c0 : nullptr, cog,
+                                   plane, len, g * cog, e, act);
+      }
+    }
+  }
+}
+
+template <bool kResidual, typename T, typename Act>
+void run_pixels(const Problem& p, const Epilogue<T>& e, const Act& act) {
+  const int64_t out_channels = p.y.size(1), in_channels = p.x.size(1);
+  const int64_t pixels = p.y.size(0) * p.y.size(2) * p.y.size(3);
+  const int64_t cig = in_channels / p.groups, cog = out_channels / p.groups;
+  const at::Tensor x2 = p.x.permute({0, 2, 3, 1}).reshape({pixels, in_channels});  // a view
+  const at::Tensor y2 = p.y.permute({0, 2, 3, 1}).view({pixels, out_channels});
+  const int64_t rows =
+      std::max<int64_t>(16, kTileBytes / (out_channels * static_cast<int64_t>(sizeof(T))));
+  T* y = p.y.mutable_data_ptr<T>();
+  const T* r = kResidual ? p.residual.const_data_ptr<T>() : nullptr;
+  for (int64_t r0 = 0; r0 < pixels; r0 += rows) {
+    const int64_t len = std::min(rows, pixels - r0);
+    for (int64_t g = 0; g < p.groups; ++g) {
+      at::Tensor tile = y2.narrow(0, r0, len).narrow(1, g * cog, cog);
+      at::mm_out(tile, x2.narrow(0, r0, len).narrow(1, g * cig, cig),
+                 p.w.narrow(0, g * cog, cog).t());
+    }
+    epilogue_pixels<kResidual>(y + r0 * out_channels,
+                               kResidual ? r + r0 * out_channels : nullptr, len, out_channels, e,
+                               act);
+  }
+}
+
+// oneDNN's convolution for the whole GEMM into z, then the epilogue in place over z in one pass
+// (z becomes the output): better than BLAS tiles where planes are small or K is large.
+template <bool kResidual, typename T, typename Act>
+at::Tensor conv_then_epilogue(const Problem& p, const at::Tensor& x_in, const at::Tensor& weight,
+                              int64_t stride, at::MemoryFormat format, const Epilogue<T>& e,
+                              const Act& act) {
+  const std::vector<int64_t> strides{stride, stride}, zeros{0, 0}, ones{1, 1};
+  at::Tensor z = at::conv2d(x_in, weight, std::optional<at::Tensor>(), strides, zeros, ones,
+                            p.groups).contiguous(format);
+  const int64_t batch = z.size(0), out_channels = z.size(1), plane = z.size(2) * z.size(3);
+  T* y = z.mutable_data_ptr<T>();
+  const T* r = kResidual ? p.residual.const_data_ptr<T>() : nullptr;
+  if (format == at::MemoryFormat::ChannelsLast) {
+    epilogue_pixels<kResidual>(y, r, batch * plane, out_channels, e, act);
+  } else {
+    for (int64_t n = 0; n < batch; ++n) {
+      const int64_t first = n * out_channels * plane;
+      epilogue_planes<kResidual>(y + first, kResidual ? r + first : nullptr, out_channels, plane,
+                                 plane, 0, e, act);
+    }
+  }
+  return z;
+}
+
+// BLAS tiles win on large planes with a small reduction (MobileNet expansions: the GEMM is
+// memory-bound and its output never leaves the cache); oneDNN's convolution wins on small planes
+// (per-image GEMMs too small for BLAS) and large reductions. Measured on the 2-vCPU dev VM.
+bool use_tiles(const Problem& p) {
+  const int64_t plane = p.y.size(2) * p.y.size(3), reduction = p.x.size(1) / p.groups;
+  return plane >= 2048 && reduction <= 256;
+}
+
+// shift + bias, scale (ones when absent), in the compute type.
+std::pair<at::Tensor, at::Tensor> epilogue_vectors(const at::Tensor& x, int64_t out_channels,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& scale,
+                                                   const std::optional<at::Tensor>& shift) {
+  const auto options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_shift = shift.has_value() && shift->defined();
+  at::Tensor s = scale.has_value() && scale->defined() ? scale->contiguous()
+                                                       : at::ones({out_channels}, options);
+  at::Tensor t = has_shift && has_bias ? at::add(*shift, *bias)
+                 : has_shift           ? shift->contiguous()
+                 : has_bias            ? bias->contiguous()
+                                       : at::zeros({out_channels}, options);
+  return {s, t.contiguous()};
+}
+
+at::Tensor pointwise_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, int64_t stride,
+                                int64_t groups, const std::optional<at::Tensor>& scale,
+                                const std::optional<at::Tensor>& shift,
+                                const std::optional<at::Tensor>& residual, int64_t activation,
+                                double negative_slope) {
+  check_pointwise_conv2d(x_in, weight, bias, stride, groups, scale, shift, residual, activation);
+  const bool channels_last =
+      !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor x = stride > 1 ? x_in.slice(2, 0, std::nullopt, stride).slice(3, 0, std::nullopt, stride)
+                            : x_in;
+  Problem p{x.contiguous(format), weight.reshape({weight.size(0), weight.size(1)}).contiguous(),
+            at::empty(pointwise_output_size(x_in, weight, stride), x_in.options().memory_format(format)),
+            {}, groups};  // y: the tiles' output (the conv path returns its own)
+  if (p.y.numel() == 0) return p.y;
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) p.residual = residual->contiguous(format);
+  const auto [s, t] = epilogue_vectors(x_in, weight.size(0), bias, scale, shift);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(),
+                                  "cnnkernels_pointwise_conv2d", [&] {
+    using T = scalar_t;
+    using F = at::opmath_type<T>;
+    const Epilogue<T> e{s.const_data_ptr<F>(), t.const_data_ptr<F>()};
+    const char* mode = std::getenv("CNNKERNELS_POINTWISE_GEMM");  // tiles | conv: for benchmarks
+    const bool tiles = mode != nullptr ? std::string(mode) == "tiles" : use_tiles(p);
+    dispatch_activation(activation, negative_slope, [&](auto act) {
+      if (!tiles) {
+        p.y = has_residual ? conv_then_epilogue<true, T>(p, x_in, weight, stride, format, e, act)
+                           : conv_then_epilogue<false, T>(p, x_in, weight, stride, format, e, act);
+      } else if (channels_last) {
+        has_residual ? run_pixels<true, T>(p, e, act) : run_pixels<false, T>(p, e, act);
+      } else {
+        has_residual ? run_planes<true, T>(p, e, act) : run_planes<false, T>(p, e, act);
+      }
+    });
+  });
+  return p.y;
+}
+
+}  // namespace
+}  // namespace cnnkernels
+
+TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
+  m.impl("pointwise_conv2d", &cnnkernels::pointwise_conv2d_cpu);
+}

@@ -1,0 +1,188 @@
+"""pointwise_conv2d against torch's conv2d → BatchNorm(eval) → activation (+ residual): values,
+gradients (gradcheck in float64), layouts, strides, groups, dtypes, opcheck, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnkernels
+from cnnkernels import activations, ops
+from cnnkernels.reference.activation import apply_activation
+
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+ACTS = ["identity", "relu", "relu6", "hardswish", "leaky_relu"]
+
+
+def make(n=2, cin=12, cout=8, h=7, w=9, groups=1, stride=1, dtype=torch.float32, layout="nchw",
+         bias=True, bn=True, residual=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(n, cin, h, w, generator=g).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+    weight = (torch.randn(cout, cin // groups, 1, 1, generator=g) / (cin // groups) ** 0.5).to(dtype)
+    args = dict(stride=stride, groups=groups)
+    args["bias"] = torch.randn(cout, generator=g).to(compute) if bias else None
+    if bn:
+        args["scale"] = (torch.rand(cout, generator=g) + 0.5).to(compute)
+        args["shift"] = torch.randn(cout, generator=g).to(compute)
+    if residual:
+        size = (n, cout, (h - 1) // stride + 1, (w - 1) // stride + 1)
+        args["residual"] = torch.randn(size, generator=g).to(dtype).contiguous(
+            memory_format=LAYOUTS[layout])
+    return x, weight, args
+
+
+def expected(x, weight, args, activation, negative_slope=0.01):
+    """torch: conv2d (float64), scale, shift + bias, residual, activation."""
+    z = F.conv2d(x.double(), weight.double(), None, args["stride"], 0, 1, args["groups"])
+    view = (1, -1, 1, 1)
+    if args.get("scale") is not None:
+        z = z * args["scale"].double().view(view)
+    for name in ("shift", "bias"):
+        if args.get(name) is not None:
+            z = z + args[name].double().view(view)
+    if args.get("residual") is not None:
+        z = z + args["residual"].double()
+    return apply_activation(z, activations.CODES[activation], negative_slope)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride, groups", [(1, 1), (2, 1), (1, 4), (2, 2)], ids=str)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_matches_conv_bn_act(impl, layout, stride, groups, activation, residual):
+    _, device = impl
+    x, weight, args = make(groups=groups, stride=stride, layout=layout, residual=residual)
+    x, weight = x.to(device), weight.to(device)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with torch.no_grad():
+        y = ops.pointwise_conv2d(x, weight, activation=activation, **args)
+    torch.testing.assert_close(y.double().cpu(), expected(x.cpu(), weight.cpu(), {
+        k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()}, activation),
+        rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("bias, bn", [(False, False), (True, False), (False, True)],
+                         ids=["conv", "conv+bias", "conv+bn"])
+def test_plain_conv_and_partial_epilogues(bias, bn):
+    x, weight, args = make(bias=bias, bn=bn, cin=33, cout=17, h=40, w=40)
+    y = ops.pointwise_conv2d(x, weight, **args)
+    torch.testing.assert_close(y.double(), expected(x, weight, args, "identity"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float64_is_exact_to_rounding(layout):
+    x, weight, args = make(dtype=torch.float64, layout=layout, residual=True, h=30, w=31, cin=40)
+    y = ops.pointwise_conv2d(x, weight, activation="hardswish", **args)
+    torch.testing.assert_close(y, expected(x, weight, args, "hardswish"), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reduced_precision(dtype, layout):
+    x, weight, args = make(dtype=dtype, layout=layout, residual=True)
+    y = ops.pointwise_conv2d(x, weight, activation="relu", **args)
+    assert y.dtype == dtype
+    tol = 1e-2 if dtype == torch.float16 else 5e-2
+    torch.testing.assert_close(y.double(), expected(x, weight, args, "relu"), rtol=tol, atol=tol)
+
+
+def test_tiles_cover_large_planes_and_many_channels():
+    """More than one output tile per plane (NCHW) and per group of pixels (channels_last)."""
+    for layout in LAYOUTS:
+        x, weight, args = make(n=2, cin=24, cout=144, h=56, w=56, layout=layout)
+        y = ops.pointwise_conv2d(x, weight, activation="relu6", **args)
+        torch.testing.assert_close(y.double(), expected(x, weight, args, "relu6"), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def needs_ext():
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "hardswish"])
+@pytest.mark.parametrize("stride, groups", [(1, 1), (2, 2)], ids=str)
+def test_gradcheck_float64(activation, stride, groups):
+    needs_ext()
+    x, weight, args = make(n=2, cin=4, cout=6, h=5, w=4, stride=stride, groups=groups,
+                           dtype=torch.float64, residual=True)
+    leaves = [x, weight, args["bias"], args["scale"], args["shift"], args["residual"]]
+    for t in leaves:
+        t.requires_grad_()
+
+    def f(x, weight, bias, scale, shift, residual):
+        return ops.pointwise_conv2d(x, weight, bias, stride=stride, groups=groups, scale=scale,
+                                    shift=shift, residual=residual, activation=activation)
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_gradients_match_torch_in_channels_last():
+    needs_ext()
+    x, weight, args = make(layout="channels_last", residual=True, stride=2)
+    mine = {k: v.clone().requires_grad_() if isinstance(v, torch.Tensor) else v
+            for k, v in args.items()}
+    theirs = {k: v.double().clone().requires_grad_() if isinstance(v, torch.Tensor) else v
+              for k, v in args.items()}
+    xa, wa = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    xb, wb = x.double().requires_grad_(), weight.double().requires_grad_()
+    y = ops.pointwise_conv2d(xa, wa, activation="hardswish", **mine)
+    e = expected(xb, wb, theirs, "hardswish")
+    g = torch.randn(y.shape)
+    y.backward(g), e.backward(g.double())
+    torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(wa.grad.double(), wb.grad, rtol=1e-4, atol=1e-4)
+    for name in ("bias", "scale", "shift", "residual"):
+        torch.testing.assert_close(mine[name].grad.double(), theirs[name].grad, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck():
+    needs_ext()
+    for layout in LAYOUTS:
+        x, weight, args = make(layout=layout, residual=True, stride=2, groups=2)
+        torch.library.opcheck(torch.ops.cnnkernels.pointwise_conv2d.default,
+                              (x, weight, args["bias"], 2, 2, args["scale"], args["shift"],
+                               args["residual"], activations.CODES["relu"], 0.01))
+    x, weight, _ = make()
+    torch.library.opcheck(torch.ops.cnnkernels.pointwise_conv2d.default, (x, weight))
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(weight=torch.randn(8, 12, 3, 3)), ValueError, "a 1x1 kernel"),
+    (dict(weight=torch.randn(8, 5, 1, 1)), ValueError, "5 input channels per group"),
+    (dict(groups=5), ValueError, "'groups' \\(5\\) must be a positive int dividing"),
+    (dict(scale=torch.ones(7)), ValueError, "'scale' to have shape \\[8\\]"),
+    (dict(shift=torch.ones(8, dtype=torch.float64)), TypeError, "'shift' to be torch.float32"),
+    (dict(residual=torch.randn(2, 8, 3, 3)), ValueError, "'residual' must have the output's shape"),
+    (dict(stride=0), ValueError, "'stride' to be a positive int"),
+    (dict(x=torch.randn(2, 12, 7)), ValueError, "4-D"),
+    (dict(x=torch.randint(0, 3, (2, 12, 7, 9))), TypeError, "'x' to be a float32"),
+    (dict(activation="gelu"), ValueError, "unknown activation 'gelu'"),
+])
+def test_bad_input_is_refused(change, error, message):
+    x, weight, args = make()
+    call = dict(x=x, weight=weight, **args)
+    call.update(change)
+    with pytest.raises(error, match=message):
+        ops.pointwise_conv2d(**call)
+
+
+def test_compiled_op_checks_arguments_too():
+    needs_ext()
+    x, weight, _ = make()
+    with pytest.raises(RuntimeError, match="a 1x1 kernel"):
+        torch.ops.cnnkernels.pointwise_conv2d(x, torch.randn(8, 12, 3, 3))
+    with pytest.raises(RuntimeError, match="'scale' to have shape \\[8\\]"):
+        torch.ops.cnnkernels.pointwise_conv2d(x, weight, scale=torch.ones(3))
+    with pytest.raises(RuntimeError, match="activation code must be in"):
+        torch.ops.cnnkernels.pointwise_conv2d(x, weight, activation=9)
+
+
+def test_empty_batch_and_torch_compile():
+    needs_ext()
+    x, weight, args = make(n=0)
+    assert ops.pointwise_conv2d(x, weight, **args).shape == (0, 8, 7, 9)
+    x, weight, args = make()
+    compiled = torch.compile(lambda x: torch.ops.cnnkernels.pointwise_conv2d(
+        x, weight, args["bias"], 1, 1, args["scale"], args["shift"], None, 1, 0.01), fullgraph=True)
+    torch.testing.assert_close(compiled(x), ops.pointwise_conv2d(x, weight, activation="relu", **args))
