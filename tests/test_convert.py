@@ -39,10 +39,10 @@ def check_same_model(original, converted, x, tol=1e-4):
 def test_mobilenet_v3_small_activations_and_depthwise():
     torch.manual_seed(0)
     original = torchvision.models.mobilenet_v3_small()
-    converted, report = cnnkernels.convert(original, exclude=["batchnorm_act", "squeeze_excite"],
-                                           report=True)
+    converted, report = cnnkernels.convert(
+        original, exclude=["conv_bn_act", "batchnorm_act", "squeeze_excite"], report=True)
     assert report.counts() == {"hardswish": 19, "depthwise": 11, "hardsigmoid": 9}
-    assert {s.kind for s in report.left_alone} == {"batchnorm", "squeeze_excite"}  # SE: excluded
+    assert {s.kind for s in report.left_alone} == {"batchnorm", "squeeze_excite", "conv_bn_act"}
     assert isinstance(converted.features[0][2], HardSwish)
     assert isinstance(converted.features[1].block[0][0], DepthwiseConv2d)
     assert type(original.features[0][2]) is nn.Hardswish  # the original is untouched
@@ -50,11 +50,11 @@ def test_mobilenet_v3_small_activations_and_depthwise():
     assert "left alone: no activation follows it in a Sequential" in str(report)
 
 
-def test_mobilenet_v3_small_every_kind():
+def test_mobilenet_v3_small_every_kind_but_conv_bn_act():
     """BN → Hardswish pairs become one BatchNormAct2d (the Hardswish an Identity, not swapped too)."""
     torch.manual_seed(0)
     original = torchvision.models.mobilenet_v3_small()
-    converted, report = cnnkernels.convert(original, report=True)
+    converted, report = cnnkernels.convert(original, exclude=["conv_bn_act"], report=True)
     assert report.counts() == {"batchnorm_act": 23, "hardswish": 1, "depthwise": 11,
                                "squeeze_excite": 9}
     assert isinstance(converted.features[1].block[1], cnnkernels.nn.SqueezeExcite)
@@ -124,9 +124,9 @@ def test_bad_arguments():
 def test_batchnorm_act_is_swapped_and_reverts_to_the_same_keys():
     torch.manual_seed(0)
     original = torchvision.models.mobilenet_v2()
-    without = cnnkernels.convert(original, exclude=["batchnorm_act"])
+    without = cnnkernels.convert(original, exclude=["conv_bn_act", "batchnorm_act"])
     assert not any(isinstance(m, cnnkernels.nn.BatchNormAct2d) for m in without.modules())
-    converted, report = cnnkernels.convert(original, report=True)
+    converted, report = cnnkernels.convert(original, exclude=["conv_bn_act"], report=True)
     assert report.counts() == {"batchnorm_act": 35, "depthwise": 17}
     assert isinstance(converted.features[0][1], cnnkernels.nn.BatchNormAct2d)
     assert isinstance(converted.features[0][2], nn.Identity)
@@ -181,7 +181,7 @@ def test_timm_models(name, expected):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     original = timm.create_model(name, pretrained=False)
-    converted, report = cnnkernels.convert(original, report=True)
+    converted, report = cnnkernels.convert(original, report=True)  # timm: no Conv2dNormActivation
     assert report.counts() == expected
     check_same_model(original.double(), converted.double(), torch.randn(2, 3, 64, 64).double())
     reverted = cnnkernels.revert(converted)
@@ -196,3 +196,60 @@ def test_timm_batchnorm_act_with_an_unknown_activation_is_left_alone():
     _, report = cnnkernels.convert(model, report=True)
     reasons = {s.reason for s in report.left_alone if s.kind == "batchnorm_act"}
     assert reasons == {"activation SiLU is not one of ours"}
+
+
+def test_conv_bn_act_swaps_conv2d_norm_activation_and_fuses_in_eval():
+    """torchvision's Conv2dNormActivation (conv → BN → act) becomes one ConvBNAct2d with the same
+    keys; in eval its 1x1 and depthwise convs run with the BatchNorm folded into their epilogue."""
+    torch.manual_seed(0)
+    original = torchvision.models.mobilenet_v2()
+    assert not any(isinstance(m, cnnkernels.nn.ConvBNAct2d)  # opt-in
+                   for m in cnnkernels.convert(original).modules())
+    converted, report = cnnkernels.convert(original, include=["conv_bn_act"], report=True)
+    # stem, 16 expansions, 17 depthwise, last 1x1; the 17 projections (conv, BN inside the block's
+    # Sequential with the other layers) are left as they are
+    assert report.counts() == {"conv_bn_act": 35}
+    fused = [m for m in converted.modules() if isinstance(m, cnnkernels.nn.ConvBNAct2d)]
+    assert sum(m._is_pointwise() for m in fused) == 17 and sum(m._is_depthwise() for m in fused) == 17
+    assert list(converted.state_dict()) == list(original.state_dict())
+    check_same_model(original.double(), converted.double(), torch.randn(2, 3, 64, 64).double())
+    # eval without autograd: the folded epilogue path (its own kernels), same outputs
+    original.eval(), converted.eval()
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), original(x), rtol=1e-10, atol=1e-10)
+    original.float(), converted.float()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x.float()), original(x.float()), rtol=1e-4, atol=1e-4)
+    reverted = cnnkernels.revert(converted)
+    assert not any(isinstance(m, cnnkernels.nn.ConvBNAct2d) for m in reverted.modules())
+    assert list(reverted.state_dict()) == list(original.state_dict())
+
+
+def test_conv_bn_act_module_matches_conv_bn_act_in_every_mode():
+    from cnnkernels.nn import ConvBNAct2d
+
+    torch.manual_seed(0)
+    for k, groups, stride, act, bias in ((1, 1, 1, nn.ReLU6(), False), (1, 2, 2, nn.Hardswish(), True),
+                                        (3, 8, 2, nn.ReLU(), False), (3, 1, 1, None, True)):
+        conv = nn.Conv2d(8, 16 if groups != 8 else 8, k, stride, k // 2, groups=groups, bias=bias)
+        bn = nn.BatchNorm2d(conv.out_channels)
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+        reference = nn.Sequential(conv, bn, act) if act is not None else nn.Sequential(conv, bn)
+        ours = ConvBNAct2d.from_modules(conv, bn, act)
+        assert list(ours.state_dict()) == list(reference.state_dict())
+        x = torch.randn(2, 8, 11, 10)
+        reference.eval(), ours.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+        reference.train(), ours.train()
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = reference(xa), ours(xb)
+        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+        ya.sum().backward(), yb.sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.bn.running_var, reference[1].running_var)
+        back = ours.to_modules()
+        assert list(back.state_dict()) == list(reference.state_dict())

@@ -1,0 +1,132 @@
+"""ConvBNAct2d: Conv2d → BatchNorm2d → activation as one module, with torchvision's
+``Conv2dNormActivation`` state_dict keys (``0.weight`` for the conv, ``1.weight``, ``1.bias``,
+``1.running_mean``, ... for the BatchNorm), so checkpoints load both ways.
+
+Inference (eval, no autograd) folds the BatchNorm into a 1×1 conv's epilogue: it runs as
+``ops.pointwise_conv2d`` (one GEMM with act(scale·z + shift) applied to its output tiles, written
+once). Depthwise convs run our depthwise kernel, then the fused BN+act pass: its own inference
+epilogue (``depthwise_conv2d(..., scale, shift, activation)``) made MobileNetV2 inference 1.4-1.7x
+slower on the dev CPU (batch 8), so it is not used here until that kernel path is faster. Other
+convs: torch's. Training: the conv (our depthwise kernel for depthwise convs), then the fused
+BatchNormAct2d.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..ops.affine_act import _compute_dtype
+from .batchnorm import _TORCH_ACTIVATIONS, BatchNormAct2d
+
+
+class ConvBNAct2d(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int | None = None, groups: int = 1, activation: str = "relu",
+                 negative_slope: float = 0.01, dilation: int = 1, bias: bool = False,
+                 eps: float = 1e-5, momentum: float | None = 0.1, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        if padding is None:  # torchvision's default: "same" for odd kernels
+            padding = (kernel_size - 1) // 2 * dilation
+        factory = {"device": device, "dtype": dtype}
+        self.add_module("0", nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+                                       dilation, groups, bias, **factory))
+        self.add_module("1", BatchNormAct2d(out_channels, eps, momentum, activation=activation,
+                                            negative_slope=negative_slope, **factory))
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self._modules["0"]
+
+    @property
+    def bn(self) -> BatchNormAct2d:
+        return self._modules["1"]
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                     act: nn.Module | None = None) -> "ConvBNAct2d":
+        """Ours holding copies of the three modules' parameters and buffers."""
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f"ConvBNAct2d.from_modules expects an nn.Conv2d, got {type(conv).__name__}")
+        problem = unsupported_conv(conv)
+        if problem:
+            raise ValueError(f"ConvBNAct2d.from_modules: {problem}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        conv_copy = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                              conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                              device=conv.weight.device, dtype=conv.weight.dtype)
+        conv_copy.load_state_dict(conv.state_dict())
+        module.add_module("0", conv_copy.train(conv.training))
+        module.add_module("1", BatchNormAct2d.from_modules(bn, act))
+        return module.train(bn.training)
+
+    def to_modules(self) -> nn.Sequential:
+        """nn.Sequential(Conv2d, BatchNorm2d[, activation]) with the same keys ("0.*", "1.*")."""
+        conv = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size,
+                         self.conv.stride, self.conv.padding, self.conv.dilation, self.conv.groups,
+                         self.conv.bias is not None, device=self.conv.weight.device,
+                         dtype=self.conv.weight.dtype)
+        conv.load_state_dict(self.conv.state_dict())
+        bn_act = self.bn.to_modules()
+        layers = [conv, bn_act[0]] + ([] if self.bn.activation == "identity" else [bn_act[1]])
+        return nn.Sequential(*layers).train(self.training)
+
+    # --- forward --------------------------------------------------------------------------------
+
+    def _is_pointwise(self) -> bool:
+        c = self.conv
+        return c.kernel_size == (1, 1) and c.padding == (0, 0) and c.stride[0] == c.stride[1]
+
+    def _is_depthwise(self) -> bool:
+        c = self.conv
+        return c.groups == c.in_channels and c.groups > 1 and c.out_channels % c.in_channels == 0
+
+    def _fused_inference(self, x: torch.Tensor) -> bool:
+        bn = self.bn
+        return not self.training and bn.running_mean is not None and \
+            not torch.compiler.is_compiling() and \
+            not (torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for p in self.parameters()))) and self._is_pointwise()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
+        if self._fused_inference(x):
+            scale, shift = bn._running_fold(_compute_dtype(x.dtype))
+            if conv.bias is not None:  # BN(z + b) = scale·z + (shift + scale·b)
+                shift = shift + scale * conv.bias.to(scale.dtype)
+            return ops.pointwise_conv2d(x, conv.weight, stride=conv.stride[0], groups=conv.groups,
+                                        scale=scale, shift=shift, activation=bn.activation,
+                                        negative_slope=bn.negative_slope)
+        if self._is_depthwise():
+            z = ops.depthwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                     conv.dilation)
+        else:
+            z = conv(x)
+        return bn(z)
+
+
+def unsupported_conv(conv: nn.Conv2d) -> str | None:
+    """Why a conv cannot be part of a ConvBNAct2d, or None."""
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only 'zeros')"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r} (numbers only)"
+    return None
+
+
+def conv_bn_act_parts(seq: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module | None] | None:
+    """(conv, bn, act or None) when `seq` is an nn.Sequential of exactly Conv2d → BatchNorm2d
+    (→ one of our activations), as torchvision's Conv2dNormActivation builds it; else None."""
+    if not isinstance(seq, nn.Sequential) or len(seq) not in (2, 3):
+        return None
+    parts = list(seq)
+    if type(parts[0]) is not nn.Conv2d or type(parts[1]) is not nn.BatchNorm2d:
+        return None
+    if list(seq._modules) != [str(i) for i in range(len(parts))]:
+        return None  # named children: keys would not be "0.*", "1.*"
+    act = parts[2] if len(parts) == 3 else None
+    if act is not None and type(act) not in _TORCH_ACTIVATIONS:
+        return None
+    return parts[0], parts[1], None if type(act) is nn.Identity else act
