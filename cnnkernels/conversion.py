@@ -46,10 +46,11 @@ from .nn.squeeze_excite import SqueezeExcite, is_torchvision_squeeze_excitation,
 
 KINDS = ("conv_bn_act", "hardswish", "hardsigmoid", "depthwise", "densenet", "batchnorm_act",
          "resnet", "squeeze_excite")
-# conv_bn_act is opt-in (include=["conv_bn_act", ...]): its eval path (the 1x1 conv with the
-# BatchNorm folded into pointwise_conv2d's epilogue) has not yet measured faster than the default
-# conversion inside whole models on the dev CPU (MobileNetV2 inference 0.85-0.97x vs 0.91-0.98x,
-# within this VM's noise), and it must never slow a default convert() down.
+# conv_bn_act is opt-in (include=["conv_bn_act", ...]): its eval path (BatchNorm folded into the
+# 1x1 and depthwise convs' epilogues) has not yet measured reliably faster than the default
+# conversion inside whole models on the dev CPU (MobileNetV2 inference 0.78-0.99x vs 0.90-0.93x,
+# MobileNetV3-Large 1.06x vs 0.94x, in interleaved runs on a noisy VM), and it must never slow a
+# default convert() down.
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "conv_bn_act")
 
 

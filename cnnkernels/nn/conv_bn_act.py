@@ -2,13 +2,11 @@
 ``Conv2dNormActivation`` state_dict keys (``0.weight`` for the conv, ``1.weight``, ``1.bias``,
 ``1.running_mean``, ... for the BatchNorm), so checkpoints load both ways.
 
-Inference (eval, no autograd) folds the BatchNorm into a 1×1 conv's epilogue: it runs as
-``ops.pointwise_conv2d`` (one GEMM with act(scale·z + shift) applied to its output tiles, written
-once). Depthwise convs run our depthwise kernel, then the fused BN+act pass: its own inference
-epilogue (``depthwise_conv2d(..., scale, shift, activation)``) made MobileNetV2 inference 1.4-1.7x
-slower on the dev CPU (batch 8), so it is not used here until that kernel path is faster. Other
-convs: torch's. Training: the conv (our depthwise kernel for depthwise convs), then the fused
-BatchNormAct2d.
+Inference (eval, no autograd) folds the BatchNorm into the convolution's epilogue, so the output
+is written once: a 1×1 conv runs as ``ops.pointwise_conv2d`` (one GEMM with act(scale·z + shift)
+applied to its output tiles), a depthwise conv as ``ops.depthwise_conv2d`` with the same epilogue.
+Other convs: torch's conv, then the fused BN+act pass. Training: the conv (our depthwise kernel
+for depthwise convs), then the fused BatchNormAct2d.
 """
 from __future__ import annotations
 
@@ -88,12 +86,18 @@ class ConvBNAct2d(nn.Module):
         return not self.training and bn.running_mean is not None and \
             not torch.compiler.is_compiling() and \
             not (torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for p in self.parameters()))) and self._is_pointwise()
+                p.requires_grad for p in self.parameters()))) and \
+            (self._is_pointwise() or self._is_depthwise())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv, self.bn
         if self._fused_inference(x):
             scale, shift = bn._running_fold(_compute_dtype(x.dtype))
+            if self._is_depthwise():  # its epilogue: act(scale·(conv + bias) + shift)
+                return ops.depthwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                            conv.dilation, scale=scale, shift=shift,
+                                            activation=bn.activation,
+                                            negative_slope=bn.negative_slope)
             if conv.bias is not None:  # BN(z + b) = scale·z + (shift + scale·b)
                 shift = shift + scale * conv.bias.to(scale.dtype)
             return ops.pointwise_conv2d(x, conv.weight, stride=conv.stride[0], groups=conv.groups,
