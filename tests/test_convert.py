@@ -253,3 +253,31 @@ def test_conv_bn_act_module_matches_conv_bn_act_in_every_mode():
         torch.testing.assert_close(ours.bn.running_var, reference[1].running_var)
         back = ours.to_modules()
         assert list(back.state_dict()) == list(reference.state_dict())
+
+
+def test_converted_model_under_autocast_channels_last_deepcopy_and_pickle(tmp_path):
+    """bf16 autocast on the CPU (our layers see bf16 activations with float32 parameters),
+    channels_last inputs, copy.deepcopy and torch.save / torch.load of the whole module."""
+    import copy
+
+    torch.manual_seed(0)
+    original = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    converted = cnnkernels.convert(original)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = original(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed_ours, mixed_theirs = converted(x), original(x)
+    assert mixed_ours.dtype == mixed_theirs.dtype == torch.bfloat16
+    scale = expected.abs().max()
+    # both bf16 runs land within bf16 rounding of the float32 output, ours no farther than torch's
+    ours_error = (mixed_ours.float() - expected).abs().max() / scale
+    torch_error = (mixed_theirs.float() - expected).abs().max() / scale
+    assert ours_error < max(3 * torch_error, 0.05), (ours_error, torch_error)
+    copied = copy.deepcopy(converted)
+    torch.save(converted, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        reference = converted(x)
+        torch.testing.assert_close(copied(x), reference)
+        torch.testing.assert_close(loaded(x), reference)

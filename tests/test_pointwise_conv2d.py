@@ -186,3 +186,24 @@ def test_empty_batch_and_torch_compile():
     compiled = torch.compile(lambda x: torch.ops.cnnkernels.pointwise_conv2d(
         x, weight, args["bias"], 1, 1, args["scale"], args["shift"], None, 1, 0.01), fullgraph=True)
     torch.testing.assert_close(compiled(x), ops.pointwise_conv2d(x, weight, activation="relu", **args))
+
+
+def test_autocast_runs_in_the_autocast_dtype_like_conv2d():
+    """Under torch.autocast a float32 weight meets bf16 activations, as F.conv2d allows: both are
+    cast to the autocast dtype; the epilogue vectors stay float32."""
+    x, weight, args = make(residual=True)
+    args["residual"] = args["residual"].bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.pointwise_conv2d(x.bfloat16(), weight, activation="relu", **args)
+        z = F.conv2d(x.bfloat16(), weight)
+    assert y.dtype == z.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), expected(x, weight, args, "relu"), rtol=5e-2, atol=5e-2)
+
+
+def test_depthwise_autocast_too():
+    x, w = torch.randn(2, 6, 9, 9).bfloat16(), torch.randn(6, 1, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.depthwise_conv2d(x, w, None, 1, 1)
+        z = F.conv2d(x, w, None, 1, 1, 1, 6)
+    assert y.dtype == z.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), z.float(), rtol=2e-2, atol=2e-2)

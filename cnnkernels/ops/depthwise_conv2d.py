@@ -17,6 +17,7 @@ from typing import Sequence, Union
 import torch
 
 from .. import _extension, activations, backend
+from ._autocast import cast_for_autocast
 from ..reference import depthwise_conv2d as reference
 from . import _autograd
 
@@ -90,6 +91,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      stride: IntPair = 1, padding: IntPair | str = 0, dilation: IntPair = 1, *,
                      scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
                      activation: str = "identity", negative_slope: float = 0.01) -> torch.Tensor:
+    x, weight, bias = cast_for_autocast(x, weight, bias)
     _check_tensors(x, weight, bias, scale, shift)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     if padding == "same":

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .. import _extension, activations, backend
 from ..reference import pointwise_conv2d as reference
 from ..reference.activation import activation_backward
+from ._autocast import cast_for_autocast
 from .affine_act import _compute_dtype, affine_act
 
 _OP = "pointwise_conv2d"
@@ -81,6 +82,7 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     `residual`: the output's shape. Differentiable in every tensor argument."""
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         weight = weight[:, :, None, None]
+    x, weight, residual = cast_for_autocast(x, weight, residual)
     _check(x, weight, bias, stride, groups, scale, shift, residual)
     code = activations.activation_code(activation)
     kind = backend.select(x.device, KERNELS, _OP)

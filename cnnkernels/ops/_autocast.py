@@ -1,0 +1,15 @@
+"""torch.autocast for our convolution ops: like F.conv2d, which autocast runs in its lower
+precision, they cast the activation and the conv's own tensors (weight, bias) to the autocast
+dtype; per-channel epilogue vectors stay in the compute type (float32)."""
+from __future__ import annotations
+
+import torch
+
+
+def cast_for_autocast(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
+    """(x, *tensors) in the autocast dtype of x's device when autocast is on there, else as given."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in (x, *tensors))
