@@ -74,6 +74,22 @@ def test_se_resnet50_is_resnet50_plus_se():
     assert all(".se.fc" in k for k in keys - plain_keys)
 
 
+@pytest.mark.parametrize("depth, params, gmacs", [
+    (18, 11_687_848, 1.81), (34, 21_796_008, 3.66), (50, 25_549_480, 4.09),
+    (101, 44_541_608, 7.80), (152, 60_185_256, 11.51)])
+def test_preact_resnets_have_resnets_convolutions(depth, params, gmacs):
+    """The MACs are torchvision's ResNet-{depth} numbers (same convolutions); the parameter count
+    is this definition's (BatchNorms moved before the convs, one more at the end)."""
+    with torch.device("meta"):
+        model = getattr(models, f"preact_resnet{depth}")()
+        assert count_params(model) == params
+        assert abs(count_macs(model, (3, 224, 224)) / 1e9 - gmacs) <= 0.0055
+        plain = getattr(models, f"resnet{depth}")()
+        convs = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        plain_convs = [tuple(m.weight.shape) for m in plain.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert sorted(convs) == sorted(plain_convs)
+
+
 def same_weights(plain, fused):
     fused.load_state_dict(plain.state_dict())
     assert list(plain.state_dict()) == list(fused.state_dict())
@@ -108,7 +124,8 @@ def compare_steps(plain, fused, x, train):
     (lambda fused: models.se_resnet50(fused=fused), 64),
     (lambda fused: models.mobilenet_v3_small(fused=fused), 64),
     (lambda fused: models.shufflenet_v2_x1_0(fused=fused), 64),
-], ids=["mobilenet_v1", "se_resnet50", "mobilenet_v3_small", "shufflenet_v2"])
+    (lambda fused: models.preact_resnet18(fused=fused), 64),
+], ids=["mobilenet_v1", "se_resnet50", "mobilenet_v3_small", "shufflenet_v2", "preact_resnet18"])
 def test_fused_equals_plain(build, image):
     torch.manual_seed(0)
     plain, fused = build(False).double(), build(True).double()
