@@ -62,3 +62,24 @@ def full_precision_reference():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def run_ranks(worker_file: str, world: int, tmp_path) -> list:
+    """Runs `python worker_file RANK WORLD INIT_FILE OUT` once per rank (the workers meet through
+    a gloo file store in tmp_path) and returns what each rank torch.save'd to OUT."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [here, os.path.dirname(here)]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    outs = [tmp_path / f"rank{rank}.pt" for rank in range(world)]
+    workers = [subprocess.Popen([sys.executable, worker_file, str(rank), str(world),
+                                 str(tmp_path / "init"), str(outs[rank])], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+               for rank in range(world)]
+    for worker in workers:
+        output, _ = worker.communicate(timeout=600)
+        assert worker.returncode == 0, output.decode()
+    return [torch.load(out) for out in outs]

@@ -480,25 +480,10 @@ def test_bad_input_errors():
 # --- SyncBN: two processes with the gloo backend --------------------------------------------------
 
 def test_syncbn_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     import syncbn_worker
+    from conftest import run_ranks
 
-    world = 2
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    outs = [tmp_path / f"rank{rank}.pt" for rank in range(world)]
-    workers = [subprocess.Popen([sys.executable, syncbn_worker.__file__, str(rank), str(world),
-                                 str(tmp_path / "init"), str(outs[rank])], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-               for rank in range(world)]
-    for worker in workers:
-        output, _ = worker.communicate(timeout=300)
-        assert worker.returncode == 0, output.decode()
-    ranks = [torch.load(out) for out in outs]
+    ranks = run_ranks(syncbn_worker.__file__, 2, tmp_path)
     for layout_name, layout in LAYOUTS.items():
         whole = syncbn_worker.run(syncbn_worker.make_module(), 0, 1, layout)
         for step, expected in enumerate(whole):

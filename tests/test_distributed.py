@@ -2,10 +2,6 @@
 exactly as the unconverted one: after three SGD steps every parameter and buffer matches (float64)
 on each rank, and both ranks hold the same parameters (running statistics are per rank after the
 last step: DDP broadcasts rank 0's buffers at the start of each forward, as with plain BatchNorm)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -14,20 +10,9 @@ def test_ddp_training_stays_in_sync_with_the_unconverted_model(tmp_path):
     pytest.importorskip("torchvision")
     import ddp_worker
 
-    world = 2
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [here, os.path.dirname(here)]
-        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    outs = [tmp_path / f"rank{rank}.pt" for rank in range(world)]
-    workers = [subprocess.Popen([sys.executable, ddp_worker.__file__, str(rank), str(world),
-                                 str(tmp_path / "init"), str(outs[rank])], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-               for rank in range(world)]
-    for worker in workers:
-        output, _ = worker.communicate(timeout=600)
-        assert worker.returncode == 0, output.decode()
-    ranks = [torch.load(out) for out in outs]
+    from conftest import run_ranks
+
+    ranks = run_ranks(ddp_worker.__file__, 2, tmp_path)
     plain, converted = ranks[0]["plain"], ranks[0]["converted"]
     assert list(plain) == list(converted)  # same keys
     initial = __import__("torchvision").models.mobilenet_v3_small(num_classes=10)
