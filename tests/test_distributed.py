@@ -7,7 +7,7 @@ import torch
 
 
 def test_ddp_training_stays_in_sync_with_the_unconverted_model(tmp_path):
-    pytest.importorskip("torchvision")
+    torchvision = pytest.importorskip("torchvision")
     import ddp_worker
 
     from conftest import run_ranks
@@ -15,7 +15,7 @@ def test_ddp_training_stays_in_sync_with_the_unconverted_model(tmp_path):
     ranks = run_ranks(ddp_worker.__file__, 2, tmp_path)
     plain, converted = ranks[0]["plain"], ranks[0]["converted"]
     assert list(plain) == list(converted)  # same keys
-    initial = __import__("torchvision").models.mobilenet_v3_small(num_classes=10)
+    initial = torchvision.models.mobilenet_v3_small(num_classes=10)
     moved = 0
     for key, value in plain.items():
         is_buffer = key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
