@@ -15,8 +15,10 @@ class Case:
     op: str
     shape: tuple[int, ...]  # the input [N, C, H, W]
     source: str  # the layer the shape comes from
-    kernel: int = 0  # convolutions: kernel size; squeeze_excite: squeeze channels
+    kernel: int = 0  # convolutions: kernel size; squeeze_excite: squeeze channels;
+    # pointwise_conv2d: output channels
     stride: int = 1
+    residual: bool = False  # pointwise_conv2d: the projection adds the block's residual
 
     @property
     def label(self) -> str:
@@ -90,7 +92,7 @@ _QUICK_SE_SHAPES = [((32, 120, 28, 28), 32, "MobileNetV3-L block 5 SE"),
 
 # Conv1x1 → BN(eval) → act (issue 5's list): (in channels, out channels, size, source); the
 # projections (no activation) add the block's residual, as MobileNetV2's inverted residuals do.
-_POINTWISE_LAYERS = [
+_POINTWISE_LAYERS = [  # (in, out, size, source); "+ residual": the case adds a residual
     (24, 144, 56, "MobileNetV2 block 3 expand"),
     (144, 24, 56, "MobileNetV2 block 3 project + residual"),
     (32, 192, 28, "MobileNetV2 block 5 expand"),
@@ -144,7 +146,8 @@ def cases(ops: tuple[str, ...] = _OPS, quick: bool = False, batch: int | None = 
         elif op == "pointwise_conv2d":
             n = batch or (8 if quick else 32)
             for cin, cout, size, source in (_QUICK_POINTWISE if quick else _POINTWISE_LAYERS):
-                result.append(Case(op, (n, cin, size, size), source, kernel=cout))
+                result.append(Case(op, (n, cin, size, size), source, kernel=cout,
+                                   residual=source.endswith("+ residual")))
         elif op == "depthwise_conv2d":
             n = batch or (8 if quick else 32)
             for c, size, k, s, source in (_QUICK_DEPTHWISE if quick else _DEPTHWISE_LAYERS):
@@ -180,12 +183,8 @@ def min_bytes(case: Case, direction: str, element_size: int) -> int:
         numel *= size
     if case.op == "pointwise_conv2d":  # x read, y written (and the residual read)
         out = numel // case.shape[1] * case.kernel // case.stride ** 2
-        return (numel + out * (2 if _has_residual(case) else 1)) * element_size
+        return (numel + out * (2 if case.residual else 1)) * element_size
     return _MIN_PASSES[(case.op, direction)] * numel * element_size
-
-
-def _has_residual(case: Case) -> bool:
-    return case.op == "pointwise_conv2d" and "residual" in case.source
 
 
 @dataclasses.dataclass
@@ -299,7 +298,7 @@ def _prepare_pointwise_conv2d(case: Case, x: torch.Tensor, gen: torch.Generator)
     out_shape = (case.shape[0], cout, case.shape[2] // case.stride, case.shape[3] // case.stride)
     residual = torch.randn(out_shape, generator=gen).to(x.device, x.dtype).contiguous(
         memory_format=torch.channels_last if not x.is_contiguous() else torch.contiguous_format) \
-        if _has_residual(case) else None
+        if case.residual else None
 
     def torch_fn():
         y = F.batch_norm(F.conv2d(x, weight, None, case.stride), mean, var, gamma, beta, False)

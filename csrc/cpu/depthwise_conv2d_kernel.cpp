@@ -168,14 +168,8 @@ struct Epilogue {
   std::vector<opmath_t> bias, scale, shift;
   bool has_affine;
 
-  template <typename Act>
-  opmath_t apply(int64_t o, opmath_t acc, const Act& act) const {
-    opmath_t v = acc + bias[o];
-    if (has_affine) v = v * scale[o] + shift[o];
-    return act.forward(v);
-  }
-
-  // dst[k] = apply(first + k, acc[k]) for k < n (consecutive channels, contiguous values).
+  // dst[k] = act(scale·(acc[k] + bias) + shift) of channel first + k, for k < n (consecutive
+  // channels, contiguous values).
   template <typename scalar_t, typename Act>
   CNNKERNELS_ALWAYS_INLINE void apply_channels(int64_t first, const opmath_t* acc, scalar_t* dst,
                                                int64_t n, const Act& act) const {
@@ -183,7 +177,7 @@ struct Epilogue {
                  has_affine, act);
   }
 
-  // dst[k] = apply(o, acc[k]) for k < n (one channel, contiguous values).
+  // The same for one channel o and n contiguous values.
   template <typename scalar_t, typename Act>
   CNNKERNELS_ALWAYS_INLINE void apply_channel(int64_t o, const opmath_t* acc, scalar_t* dst,
                                               int64_t n, const Act& act) const {

@@ -9,6 +9,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -133,15 +134,15 @@ void run_pixels(const Problem& p, const Epilogue<T>& e, const Act& act) {
 // oneDNN's convolution for the whole GEMM into z, then the epilogue in place over z in one pass
 // (z becomes the output): better than BLAS tiles where planes are small or K is large.
 template <bool kResidual, typename T, typename Act>
-at::Tensor conv_then_epilogue(const Problem& p, const at::Tensor& x_in, const at::Tensor& weight,
-                              int64_t stride, at::MemoryFormat format, const Epilogue<T>& e,
-                              const Act& act) {
+at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                              int64_t groups, at::MemoryFormat format,
+                              const at::Tensor& residual, const Epilogue<T>& e, const Act& act) {
   const std::vector<int64_t> strides{stride, stride}, zeros{0, 0}, ones{1, 1};
-  at::Tensor z = at::conv2d(x_in, weight, std::optional<at::Tensor>(), strides, zeros, ones,
-                            p.groups).contiguous(format);
+  at::Tensor z = at::conv2d(x, weight, std::optional<at::Tensor>(), strides, zeros, ones, groups)
+                     .contiguous(format);
   const int64_t batch = z.size(0), out_channels = z.size(1), plane = z.size(2) * z.size(3);
   T* y = z.mutable_data_ptr<T>();
-  const T* r = kResidual ? p.residual.const_data_ptr<T>() : nullptr;
+  const T* r = kResidual ? residual.const_data_ptr<T>() : nullptr;
   if (format == at::MemoryFormat::ChannelsLast) {
     epilogue_pixels<kResidual>(y, r, batch * plane, out_channels, e, act);
   } else {
@@ -157,9 +158,11 @@ at::Tensor conv_then_epilogue(const Problem& p, const at::Tensor& x_in, const at
 // BLAS tiles win on large planes with a small reduction (MobileNet expansions: the GEMM is
 // memory-bound and its output never leaves the cache); oneDNN's convolution wins on small planes
 // (per-image GEMMs too small for BLAS) and large reductions. Measured on the 2-vCPU dev VM.
-bool use_tiles(const Problem& p) {
-  const int64_t plane = p.y.size(2) * p.y.size(3), reduction = p.x.size(1) / p.groups;
-  return plane >= 2048 && reduction <= 256;
+bool use_tiles(const std::vector<int64_t>& out_size, int64_t reduction) {
+  if (const char* mode = std::getenv("CNNKERNELS_POINTWISE_GEMM")) {  // tiles | conv: benchmarks
+    return std::string(mode) == "tiles";
+  }
+  return out_size[2] * out_size[3] >= 2048 && reduction <= 256;
 }
 
 // shift + bias, scale (ones when absent), in the compute type.
@@ -189,26 +192,33 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight
   const bool channels_last =
       !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor x = stride > 1 ? x_in.slice(2, 0, std::nullopt, stride).slice(3, 0, std::nullopt, stride)
-                            : x_in;
-  Problem p{x.contiguous(format), weight.reshape({weight.size(0), weight.size(1)}).contiguous(),
-            at::empty(pointwise_output_size(x_in, weight, stride), x_in.options().memory_format(format)),
-            {}, groups};  // y: the tiles' output (the conv path returns its own)
-  if (p.y.numel() == 0) return p.y;
+  const auto out_size = pointwise_output_size(x_in, weight, stride);
+  const bool tiles = use_tiles(out_size, weight.size(1));
   const bool has_residual = residual.has_value() && residual->defined();
-  if (has_residual) p.residual = residual->contiguous(format);
+  Problem p{{}, {}, {}, has_residual ? residual->contiguous(format) : at::Tensor(), groups};
+  if (tiles) {  // the tiles read the strided-sampled input densely and write into y
+    const at::Tensor x = stride > 1 ? x_in.slice(2, 0, std::nullopt, stride)
+                                          .slice(3, 0, std::nullopt, stride)
+                                    : x_in;
+    p.x = x.contiguous(format);
+    p.w = weight.reshape({weight.size(0), weight.size(1)}).contiguous();
+    p.y = at::empty(out_size, x_in.options().memory_format(format));
+  }
+  if (c10::multiply_integers(out_size) == 0) {
+    return tiles ? p.y : at::empty(out_size, x_in.options().memory_format(format));
+  }
   const auto [s, t] = epilogue_vectors(x_in, weight.size(0), bias, scale, shift);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(),
                                   "cnnkernels_pointwise_conv2d", [&] {
     using T = scalar_t;
     using F = at::opmath_type<T>;
     const Epilogue<T> e{s.const_data_ptr<F>(), t.const_data_ptr<F>()};
-    const char* mode = std::getenv("CNNKERNELS_POINTWISE_GEMM");  // tiles | conv: for benchmarks
-    const bool tiles = mode != nullptr ? std::string(mode) == "tiles" : use_tiles(p);
     dispatch_activation(activation, negative_slope, [&](auto act) {
       if (!tiles) {
-        p.y = has_residual ? conv_then_epilogue<true, T>(p, x_in, weight, stride, format, e, act)
-                           : conv_then_epilogue<false, T>(p, x_in, weight, stride, format, e, act);
+        p.y = has_residual ? conv_then_epilogue<true, T>(x_in, weight, stride, groups, format,
+                                                         p.residual, e, act)
+                           : conv_then_epilogue<false, T>(x_in, weight, stride, groups, format,
+                                                          p.residual, e, act);
       } else if (channels_last) {
         has_residual ? run_pixels<true, T>(p, e, act) : run_pixels<false, T>(p, e, act);
       } else {
