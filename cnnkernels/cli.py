@@ -66,8 +66,9 @@ STREAM_CALLS = 20
 
 
 def _bench_case(case, device, dtype, backends, direction, reps, with_compile, with_copy=False,
-                calls_per_rep=1):
-    prepared = bench_cases.prepare(case, device, dtype, requires_grad=direction == "fwd+bwd")
+                calls_per_rep=1, channels_last=False):
+    prepared = bench_cases.prepare(case, device, dtype, requires_grad=direction == "fwd+bwd",
+                                   channels_last=channels_last)
     grad = None
 
     def timed(fn, backend="auto"):
@@ -120,8 +121,9 @@ def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
     calls = STREAM_CALLS if args.timing == "stream" else 1
     info = package_info()
     steady = device.type == "cpu" and profile.keep_cpu_memory_mapped()
+    layout = "channels_last" if args.channels_last else "NCHW"
     print(f"cnnkernels {info['version']} | torch {info['torch']} | {info['device']} | "
-          f"{args.dtype} | median of {reps} round-robin repetitions of "
+          f"{args.dtype} {layout} | median of {reps} round-robin repetitions of "
           + ("1 synchronised call" if calls == 1 else f"{calls} back-to-back calls")
           + (" | CPU heap kept mapped (no page faults in timings)" if steady else ""))
     rows = []
@@ -138,14 +140,15 @@ def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
     for case in progress(todo, len(todo), "bench kernels", label=lambda c: f"{c.op} {c.label}"):
         for direction in bench_cases.directions(case.op):
             medians = _bench_case(case, device, dtype, backends, direction, reps, args.compile,
-                                  with_copy=bandwidth, calls_per_rep=calls)
+                                  with_copy=bandwidth, calls_per_rep=calls,
+                                  channels_last=args.channels_last)
             line = f"{case.op:<17} {case.label:<22} {direction:<8} {medians['torch'] * 1e3:>9.3f}"
             for side in sides:
                 line += (f" {medians[side] * 1e3:>20.3f} {medians['torch'] / medians[side]:>8.2f}x"
                          if side in medians else f" {'-':>20} {'-':>9}")
             row = {"op": case.op, "shape": case.shape, "label": case.label,
                    "source": case.source, "kernel": case.kernel, "stride": case.stride,
-                   "direction": direction, "dtype": args.dtype,
+                   "direction": direction, "dtype": args.dtype, "layout": layout,
                    "median_s": medians,
                    "speedup_vs_torch": {s: medians["torch"] / medians[s] for s in sides
                                         if s in medians}}
@@ -378,6 +381,8 @@ def kernels_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=None,
                         help="also time a copy of the input and print each of our kernels' "
                              "achieved bandwidth as a fraction of it (default: on CUDA)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="inputs in channels_last memory format (default: NCHW)")
     parser.add_argument("--timing", choices=["call", "stream"], default="call",
                         help="call: each repetition is one synchronised call (latency, host "
                              f"overhead included); stream: {STREAM_CALLS} back-to-back calls "

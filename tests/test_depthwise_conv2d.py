@@ -33,6 +33,12 @@ CONFIGS = [
     # wider than 64 columns: the CPU kernels' per-row path at stride 1
     (1, 2, 7, 70, 1, 3, 1, 1, 1),
     (1, 2, 5, 67, 2, 5, 1, 2, 2),
+    # more than 16 channels (float32 on AVX-512 CPUs: two channel blocks, the second partial)
+    (2, 20, 9, 7, 1, 3, 1, 1, 1),
+    (1, 17, 8, 8, 1, 3, 2, 1, 1),
+    # planes tall and wide enough that the channel-blocked CPU kernels cut them into row strips
+    (1, 2, 80, 300, 1, 3, 1, 1, 1),
+    (1, 2, 81, 300, 1, 5, 2, 2, 1),
 ]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
