@@ -13,19 +13,21 @@ conv_bn_act    an ``nn.Sequential`` of exactly Conv2d → BatchNorm2d   ``ConvBN
 hardswish      ``nn.Hardswish``                                       ``cnnkernels.nn.HardSwish``
 hardsigmoid    ``nn.Hardsigmoid``                                     ``cnnkernels.nn.HardSigmoid``
 depthwise      ``nn.Conv2d`` with ``groups == in_channels``           ``cnnkernels.nn.DepthwiseConv2d``
-densenet       torchvision ``_DenseBlock``                            ``DenseBlock(memory="shared")``
+densenet       torchvision ``_DenseBlock``, timm ``DenseBlock``       ``DenseBlock(memory="shared")``
 batchnorm_act  ``BatchNorm2d`` / ``SyncBatchNorm`` then an activation  ``BatchNormAct2d`` (+ ``nn.Identity``
                in an ``nn.Sequential`` (``Conv2dNormActivation``);    where the activation was)
                timm's ``BatchNormAct2d`` (activation one of ours)
-squeeze_excite torchvision ``SqueezeExcitation``                      ``cnnkernels.nn.SqueezeExcite``
-resnet         torchvision ``BasicBlock`` / ``Bottleneck``            ``ResidualBlock``: every BN fused
+squeeze_excite torchvision ``SqueezeExcitation``, timm                ``cnnkernels.nn.SqueezeExcite``
+               ``SqueezeExcite``                                      (timm's keys for timm's)
+resnet         torchvision / timm ``BasicBlock`` / ``Bottleneck``     ``ResidualBlock``: every BN fused
                                                                       with its ReLU, the last with the
                                                                       residual add too
 =============  =====================================================  ==============================
 
 Every kind but ``conv_bn_act`` is on by default (see DEFAULT_KINDS); ``include`` / ``exclude``
-choose. Conv-BN-Act fusion is swapped once
-its kernels exist (see the issues).
+choose. timm's layers are swapped only where they compute exactly what the torchvision layer does
+(e.g. a timm Bottleneck without SE, drop-block or anti-aliasing); ``revert`` gives timm's own
+classes back.
 """
 from __future__ import annotations
 
@@ -40,9 +42,12 @@ from .nn.batchnorm import _TORCH_ACTIVATIONS, BatchNormAct2d
 from .nn.conv import DepthwiseConv2d
 from .nn.conv_bn_act import ConvBNAct2d, conv_bn_act_parts, unsupported_conv
 from .nn.densenet import (DenseBlock, _is_torchvision_dense_block, dense_block_from,
-                          dense_block_to_torchvision)
-from .nn.resnet import ResidualBlock, is_torchvision_resnet_block
-from .nn.squeeze_excite import SqueezeExcite, is_torchvision_squeeze_excitation, unsupported_parts
+                          dense_block_to_torchvision, is_timm_dense_block, timm_dense_block_problem)
+from .nn.resnet import (ResidualBlock, is_timm_resnet_block, is_torchvision_resnet_block,
+                        timm_block_problem)
+from .nn.squeeze_excite import (SqueezeExcite, is_timm_squeeze_excite,
+                                is_torchvision_squeeze_excitation, timm_unsupported_parts,
+                                unsupported_parts)
 
 KINDS = ("conv_bn_act", "hardswish", "hardsigmoid", "depthwise", "densenet", "batchnorm_act",
          "resnet", "squeeze_excite")
@@ -115,12 +120,31 @@ def _timm_batchnorm_act_problem(module: nn.Module) -> str | None:
     return None
 
 
-def _from_timm_batchnorm_act(module: nn.Module) -> BatchNormAct2d:
-    """Ours with the timm layer's BN state; revert() rebuilds the timm layer from the template."""
-    act = getattr(module, "act", None)
-    ours = BatchNormAct2d.from_modules(module, None if type(act) is nn.Identity else act)
-    object.__setattr__(ours, "_revert_template", module)  # a plain attribute, not a submodule
+def _remembering(original: nn.Module, ours: nn.Module) -> nn.Module:
+    """`ours`, with an empty (meta-device) copy of the third-party module it replaces, from which
+    revert() rebuilds that module: timm's layers are not importable by name like torchvision's.
+    A plain attribute, not a submodule: it has no state_dict keys and follows no .to()."""
+    template = copy.deepcopy(original).to("meta")
+    object.__setattr__(ours, "_revert_template", template)
     return ours
+
+
+def _rebuilt_from_template(module: nn.Module, template: nn.Module) -> nn.Module:
+    """The remembered module with `module`'s parameters and buffers, device, dtype and mode."""
+    state = module.state_dict()
+    tensor = next((t for t in state.values() if t.is_floating_point()), None)
+    layer = copy.deepcopy(template).to_empty(device=tensor.device if tensor is not None else "cpu")
+    if tensor is not None:
+        layer = layer.to(dtype=tensor.dtype)
+    layer.load_state_dict(state)
+    return layer.train(module.training)
+
+
+def _from_timm_batchnorm_act(module: nn.Module) -> BatchNormAct2d:
+    """Ours with the timm layer's BN state; revert() rebuilds the timm layer."""
+    act = getattr(module, "act", None)
+    return _remembering(module, BatchNormAct2d.from_modules(
+        module, None if type(act) is nn.Identity else act))
 
 
 def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, str] | None:
@@ -148,11 +172,26 @@ def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, s
         return "depthwise", lambda: DepthwiseConv2d.from_conv(module), ""
     if _is_torchvision_dense_block(module):
         return "densenet", lambda: dense_block_from(module, memory="shared"), ""
+    if is_timm_dense_block(module):
+        problem = timm_dense_block_problem(module)
+        if problem:
+            return "densenet", None, problem
+        return "densenet", lambda: _remembering(module, dense_block_from(module, "shared")), ""
     if is_torchvision_squeeze_excitation(module):
         problem = unsupported_parts(module)
         if problem:
             return "squeeze_excite", None, problem
         return "squeeze_excite", lambda: SqueezeExcite.from_torchvision(module), ""
+    if is_timm_squeeze_excite(module):
+        problem = timm_unsupported_parts(module)
+        if problem:
+            return "squeeze_excite", None, problem
+        return "squeeze_excite", lambda: _remembering(module, SqueezeExcite.from_timm(module)), ""
+    if is_timm_resnet_block(module):
+        problem = timm_block_problem(module)
+        if problem:
+            return "resnet", None, problem
+        return "resnet", lambda: _remembering(module, ResidualBlock.from_timm(module)), ""
     if is_torchvision_resnet_block(module):
         norms = [module._modules.get(f"bn{i}") for i in (1, 2, 3) if f"bn{i}" in module._modules]
         if not all(type(n) in (nn.BatchNorm2d, nn.SyncBatchNorm) for n in norms):
@@ -245,10 +284,8 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     def plain(module: nn.Module) -> nn.Module | None:
         template = getattr(module, "_revert_template", None)
-        if isinstance(module, BatchNormAct2d) and template is not None:  # back to timm's layer
-            layer = copy.deepcopy(template)
-            layer.load_state_dict(module.state_dict())
-            return layer.train(module.training)
+        if template is not None:  # back to the timm layer it replaced
+            return _rebuilt_from_template(module, template)
         if isinstance(module, BatchNormAct2d):
             return module.to_modules()
         if isinstance(module, ConvBNAct2d):

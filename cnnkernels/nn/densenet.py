@@ -419,9 +419,32 @@ def _is_torchvision_dense_block(module: nn.Module) -> bool:
         "torchvision.models.densenet")
 
 
+def is_timm_dense_block(module: nn.Module) -> bool:
+    return type(module).__name__ == "DenseBlock" and type(module).__module__.startswith(
+        "timm.models.densenet")
+
+
+def timm_dense_block_problem(block: nn.Module) -> str | None:
+    """Why a timm DenseBlock is not torchvision's in disguise (None if it is): its layers' norms
+    must be BatchNorm + ReLU with no drop layer, and no gradient checkpointing of its own."""
+    for layer in block.children():
+        if getattr(layer, "grad_checkpointing", False):
+            return "its layers use gradient checkpointing (memory='shared' replaces it; turn it off)"
+        for name in ("norm1", "norm2"):
+            norm = getattr(layer, name, None)
+            if not isinstance(norm, nn.BatchNorm2d):
+                return f"{name} is {type(norm).__name__}, not a BatchNorm"
+            if type(getattr(norm, "act", None)) is not nn.ReLU:
+                return f"{name}'s activation is {type(getattr(norm, 'act', None)).__name__}, not ReLU"
+            if type(getattr(norm, "drop", nn.Identity())) is not nn.Identity:
+                return f"{name} has a drop layer"
+    return None
+
+
 def dense_block_from(block: nn.Module, memory: str = "shared") -> DenseBlock:
-    """Ours, holding copies of the parameters and buffers of a torchvision ``_DenseBlock`` (or of
-    another DenseBlock), with the same state_dict keys, mode, device and dtype."""
+    """Ours, holding copies of the parameters and buffers of a torchvision ``_DenseBlock``, a timm
+    ``DenseBlock`` (see timm_dense_block_problem) or another DenseBlock, with the same state_dict
+    keys, mode, device and dtype."""
     layers = list(block.children())
     if not layers or not all(hasattr(layer, name) for layer in layers
                              for name in ("norm1", "conv1", "norm2", "conv2")):

@@ -27,6 +27,29 @@ def is_torchvision_resnet_block(module: nn.Module) -> bool:
     return bool(blocks) and type(module) in blocks
 
 
+def is_timm_resnet_block(module: nn.Module) -> bool:
+    return type(module).__name__ in ("BasicBlock", "Bottleneck") and \
+        type(module).__module__.startswith("timm.models.resnet")
+
+
+def timm_block_problem(block: nn.Module) -> str | None:
+    """Why a timm BasicBlock / Bottleneck is not the plain torchvision block in disguise."""
+    for name in ("drop_block", "aa"):
+        part = getattr(block, name, None)
+        if part is not None and type(part) is not nn.Identity:
+            return f"its {name} is {type(part).__name__}"
+    for name in ("se", "drop_path"):
+        if getattr(block, name, None) is not None:
+            return f"it has {name} ({type(getattr(block, name)).__name__})"
+    depth = 3 if hasattr(block, "conv3") else 2
+    if not all(type(getattr(block, f"act{i}", None)) is nn.ReLU for i in range(1, depth + 1)):
+        return "its activations are not all ReLU"
+    if not all(type(getattr(block, f"bn{i}")) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+               for i in range(1, depth + 1)):
+        return "its norm layers are not BatchNorm2d"
+    return None
+
+
 class ResidualBlock(nn.Module):
     """relu(bn_last(conv_last(... relu(bn1(conv1(x))) ...)) + downsample(x)) with fused BN+act."""
 
@@ -60,6 +83,21 @@ class ResidualBlock(nn.Module):
         fused = [BatchNormAct2d.from_modules(n, nn.ReLU()) for n in norms]
         return cls(convs, fused, block.downsample, block.relu, block.stride,
                    type(block)).train(block.training)
+
+    @classmethod
+    def from_timm(cls, block: nn.Module) -> "ResidualBlock":
+        """The same for timm's BasicBlock / Bottleneck when it computes what torchvision's does
+        (timm_block_problem is None): same conv/bn/downsample names, so the same keys."""
+        problem = timm_block_problem(block) if is_timm_resnet_block(block) else \
+            f"not timm's BasicBlock or Bottleneck but {type(block).__name__}"
+        if problem:
+            raise TypeError(f"ResidualBlock.from_timm: {problem}")
+        depth = 3 if hasattr(block, "conv3") else 2
+        convs = [getattr(block, f"conv{i}") for i in range(1, depth + 1)]
+        fused = [BatchNormAct2d.from_modules(getattr(block, f"bn{i}"), nn.ReLU())
+                 for i in range(1, depth + 1)]
+        stride = convs[1].stride[0] if depth == 3 else convs[0].stride[0]
+        return cls(convs, fused, block.downsample, nn.ReLU(inplace=True), stride).train(block.training)
 
     def to_torchvision(self) -> nn.Module:
         """torchvision's block with the same modules and weights (for export / revert)."""

@@ -34,8 +34,28 @@ def unsupported_parts(module: nn.Module) -> str | None:
     return None
 
 
+def is_timm_squeeze_excite(module: nn.Module) -> bool:
+    """timm's SqueezeExcite of EfficientNet / MobileNetV3 (conv_reduce, act1, conv_expand, gate)."""
+    return type(module).__name__ == "SqueezeExcite" and type(module).__module__.startswith("timm.") \
+        and all(hasattr(module, name) for name in ("conv_reduce", "act1", "conv_expand", "gate"))
+
+
+def timm_unsupported_parts(module: nn.Module) -> str | None:
+    """Why a timm SqueezeExcite cannot become ours (None if it can)."""
+    if type(module.act1) not in _TORCH_ACTIVATIONS:
+        return f"activation {type(module.act1).__name__} is not one of ours"
+    if type(module.gate) not in _TORCH_GATES:
+        return f"gate {type(module.gate).__name__} (only Sigmoid, Hardsigmoid)"
+    if module.conv_reduce.bias is None or module.conv_expand.bias is None:
+        return "its 1x1 convolutions have no bias"
+    return None
+
+
 class SqueezeExcite(nn.Module):
     """x · gate(fc2(act(fc1(mean_hw(x))))) with torchvision SqueezeExcitation's parameters."""
+
+    # names of the two 1x1 convolutions (state_dict keys); TimmSqueezeExcite uses timm's
+    _names = ("fc1", "fc2")
 
     def __init__(self, input_channels: int, squeeze_channels: int, activation: str = "relu",
                  gate: str = "sigmoid", negative_slope: float = 0.01, device=None,
@@ -44,9 +64,21 @@ class SqueezeExcite(nn.Module):
         activations.activation_code(activation)
         if gate not in GATES:
             raise ValueError(f"SqueezeExcite: unknown gate {gate!r}; expected one of {', '.join(GATES)}")
-        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1, device=device, dtype=dtype)
-        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1, device=device, dtype=dtype)
+        self.add_module(self._names[0], nn.Conv2d(input_channels, squeeze_channels, 1,
+                                                  device=device, dtype=dtype))
+        self.add_module(self._names[1], nn.Conv2d(squeeze_channels, input_channels, 1,
+                                                  device=device, dtype=dtype))
         self.activation, self.gate, self.negative_slope = activation, gate, float(negative_slope)
+
+    @property
+    def reduce(self) -> nn.Conv2d:
+        """The squeezing 1x1 convolution (fc1)."""
+        return self._modules[self._names[0]]  # type: ignore[return-value]
+
+    @property
+    def expand(self) -> nn.Conv2d:
+        """The expanding 1x1 convolution (fc2)."""
+        return self._modules[self._names[1]]  # type: ignore[return-value]
 
     @classmethod
     def from_torchvision(cls, se: nn.Module) -> "SqueezeExcite":
@@ -64,12 +96,30 @@ class SqueezeExcite(nn.Module):
         module.load_state_dict(se.state_dict())
         return module.train(se.training)
 
+    @classmethod
+    def from_timm(cls, se: nn.Module) -> "TimmSqueezeExcite":
+        """Ours with timm's key names (conv_reduce, conv_expand) and a copy of its parameters."""
+        if not is_timm_squeeze_excite(se):
+            raise TypeError(f"SqueezeExcite.from_timm expects timm's SqueezeExcite, got "
+                            f"{type(se).__name__}")
+        problem = timm_unsupported_parts(se)
+        if problem:
+            raise TypeError(f"SqueezeExcite.from_timm: {problem}")
+        act = se.act1
+        module = TimmSqueezeExcite(se.conv_reduce.in_channels, se.conv_reduce.out_channels,
+                                   _TORCH_ACTIVATIONS[type(act)], _TORCH_GATES[type(se.gate)],
+                                   act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.01,
+                                   device=se.conv_reduce.weight.device,
+                                   dtype=se.conv_reduce.weight.dtype)
+        module.load_state_dict(se.state_dict())
+        return module.train(se.training)
+
     def to_torchvision(self) -> nn.Module:
         act_type = {name: t for t, name in _TORCH_ACTIVATIONS.items()}[self.activation]
         gate_type = {name: t for t, name in _TORCH_GATES.items()}[self.gate]
         act = (lambda: act_type(self.negative_slope)) if self.activation == "leaky_relu" else act_type
-        se = _torchvision_se()(self.fc1.in_channels, self.fc1.out_channels, act, gate_type)
-        se = se.to(device=self.fc1.weight.device, dtype=self.fc1.weight.dtype)
+        se = _torchvision_se()(self.reduce.in_channels, self.reduce.out_channels, act, gate_type)
+        se = se.to(device=self.reduce.weight.device, dtype=self.reduce.weight.dtype)
         se.load_state_dict(self.state_dict())
         return se.train(self.training)
 
@@ -77,5 +127,12 @@ class SqueezeExcite(nn.Module):
         return f"activation={self.activation!r}, gate={self.gate!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return squeeze_excite(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                              self.activation, self.gate, self.negative_slope)
+        return squeeze_excite(x, self.reduce.weight, self.reduce.bias, self.expand.weight,
+                              self.expand.bias, self.activation, self.gate, self.negative_slope)
+
+
+class TimmSqueezeExcite(SqueezeExcite):
+    """SqueezeExcite with timm's state_dict keys (conv_reduce, conv_expand), as convert() puts in
+    place of timm's SqueezeExcite."""
+
+    _names = ("conv_reduce", "conv_expand")
