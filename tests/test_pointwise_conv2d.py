@@ -207,3 +207,116 @@ def test_depthwise_autocast_too():
         z = F.conv2d(x, w, None, 1, 1, 1, 6)
     assert y.dtype == z.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), z.float(), rtol=2e-2, atol=2e-2)
+
+
+# --- the input prologue: input_act(input_scale · x + input_shift) before the GEMM ---------------
+
+def make_prologue(x, seed=5, scale=True, shift=True):
+    g = torch.Generator().manual_seed(seed)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = x.shape[1]
+    return dict(input_scale=(torch.rand(c, generator=g) + 0.5).to(compute) if scale else None,
+                input_shift=torch.randn(c, generator=g).to(compute) if shift else None)
+
+
+def prologue_reference(x, prologue, activation, negative_slope=0.01):
+    """The unfused composition in float64: BatchNorm(eval) folded to scale/shift, then the act."""
+    u = x.double()
+    if prologue.get("input_scale") is not None:
+        u = u * prologue["input_scale"].double().view(1, -1, 1, 1)
+    if prologue.get("input_shift") is not None:
+        u = u + prologue["input_shift"].double().view(1, -1, 1, 1)
+    return apply_activation(u, activations.CODES[activation], negative_slope)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride, groups", [(1, 1), (2, 2)], ids=str)
+@pytest.mark.parametrize("input_activation", ["identity", "relu", "hardswish"])
+@pytest.mark.parametrize("epilogue", ["plain", "bn_relu_residual"])
+@pytest.mark.parametrize("parts", ["scale_shift", "shift_only"])
+def test_prologue_matches_the_unfused_composition(impl, layout, stride, groups, input_activation,
+                                                   epilogue, parts):
+    """Values and every gradient (x, weight, bias, scale, shift, residual, input_scale,
+    input_shift) against BN(eval)-act → conv1x1 → BN-act (+ residual) computed by torch."""
+    with_bn = epilogue != "plain"
+    x, weight, args = make(layout=layout, stride=stride, groups=groups, bias=True, bn=with_bn,
+                           residual=with_bn)
+    x, weight = x.to(impl[1]), weight.to(impl[1])
+    args = {k: v.to(impl[1]) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    prologue = {k: v.to(impl[1]) if v is not None else None
+                for k, v in make_prologue(x, scale=parts == "scale_shift").items()}
+    activation = "relu" if with_bn else "identity"
+    leaves = [t for t in (x, weight, *args.values(), *prologue.values())
+              if isinstance(t, torch.Tensor)]
+    mine = [t.detach().clone().requires_grad_() for t in leaves]
+    theirs = [t.detach().double().requires_grad_() for t in leaves]
+
+    def unpack(tensors):
+        it = iter(tensors)
+        xa, wa = next(it), next(it)
+        a = {k: (next(it) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        p = {k: (next(it) if v is not None else None) for k, v in prologue.items()}
+        return xa, wa, a, p
+
+    xa, wa, a, p = unpack(mine)
+    y = ops.pointwise_conv2d(xa, wa, activation=activation, input_activation=input_activation,
+                             **a, **p)
+    xb, wb, b, q = unpack(theirs)
+    want = expected(prologue_reference(xb, q, input_activation), wb, b, activation)
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-5)
+    assert y.is_contiguous(memory_format=LAYOUTS[layout])
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)
+    y.backward(g)
+    want.backward(g.double())
+    for got, ref in zip(mine, theirs):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4,
+                                   atol=1e-4 * max(1.0, ref.grad.abs().max().item()))
+
+
+@pytest.mark.parametrize("input_activation", ["relu", "hardswish", "leaky_relu"])
+def test_prologue_gradcheck_float64(input_activation):
+    x, weight, args = make(n=2, cin=4, cout=6, h=5, w=4, stride=2, groups=2, dtype=torch.float64,
+                           residual=True)
+    # keep the pre-activations off the kinks, where the derivative jumps
+    prologue = make_prologue(x)
+    leaves = [x, weight, args["bias"], args["scale"], args["shift"], args["residual"],
+              prologue["input_scale"], prologue["input_shift"]]
+    for t in leaves:
+        t.requires_grad_()
+
+    def f(x, weight, bias, scale, shift, residual, input_scale, input_shift):
+        return ops.pointwise_conv2d(x, weight, bias, stride=2, groups=2, scale=scale, shift=shift,
+                                    residual=residual, activation="hardswish",
+                                    input_scale=input_scale, input_shift=input_shift,
+                                    input_activation=input_activation, input_negative_slope=0.2)
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_prologue_keeps_only_the_input_for_backward():
+    """Autograd saves x (recomputing the normalised tensor), not x and BN-act(x) as the unfused
+    layers do: count the input-sized tensors saved in a training step."""
+    x, weight, args = make(n=2, cin=16, cout=8, h=8, w=8, bn=True)
+    x.requires_grad_()
+    prologue = make_prologue(x)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.pointwise_conv2d(x, weight, activation="relu", input_activation="relu", **args,
+                             **prologue).sum()
+    assert sizes.count(x.numel()) == 1, sizes
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(input_scale=torch.ones(7)), ValueError, "'input_scale' to have shape \\[12\\]"),
+    (dict(input_shift=torch.ones(12, dtype=torch.float64)), TypeError, "'input_shift' to be torch.float32"),
+    (dict(input_activation="gelu"), ValueError, "unknown activation 'gelu'"),
+])
+def test_bad_prologue_is_refused(change, error, message):
+    x, weight, args = make()
+    with pytest.raises(error, match=message):
+        ops.pointwise_conv2d(x, weight, **args, **change)

@@ -7,8 +7,13 @@ tiles, the epilogue applied to each tile while it is in cache: the output is wri
 and Triton backends: torch's convolution (cuDNN) then our affine_act kernel in place, one extra
 pass; with autograd on those backends, the torch reference. Autograd of the C++ op: the GEMM
 gradients by aten.convolution_backward, the epilogue's by recomputing its input (from the output
-for identity and ReLU). Still to come (issue 5): the input prologue, statistics in the epilogue
-for training, a Triton GEMM with the epilogue inside, half-precision tuning.
+for identity and ReLU).
+
+The input prologue, input_act(input_scale·x + input_shift) per input channel (DenseNet-B's and
+pre-activation ResNet's BN → ReLU → Conv1×1), is one elementwise pass (our affine_act kernel)
+before the GEMM on every backend, inside an autograd Function that saves x, not the normalised
+tensor, and recomputes it in backward (one more elementwise pass). Applying it inside the GEMM's
+operand loads is still to come, with statistics in the epilogue for training and a Triton GEMM.
 """
 from __future__ import annotations
 
@@ -70,21 +75,54 @@ def _check(x, weight, bias, stride, groups, scale, shift, residual) -> None:
                              f"{residual.device}")
 
 
+def _check_prologue(x, input_scale, input_shift) -> None:
+    want = _compute_dtype(x.dtype)
+    for name, t in (("input_scale", input_scale), ("input_shift", input_shift)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != x.shape[1]:
+            raise ValueError(f"{_OP}: expected argument '{name}' to have shape [{x.shape[1]}] (one "
+                             f"value per input channel), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype != want or t.device != x.device:
+            raise TypeError(f"{_OP}: expected argument '{name}' to be {want} on {x.device} (the "
+                            f"compute type of {x.dtype} x), got {t.dtype} on {t.device}")
+
+
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      stride: int = 1, groups: int = 1, scale: torch.Tensor | None = None,
                      shift: torch.Tensor | None = None, activation: str = "identity",
                      negative_slope: float = 0.01,
-                     residual: torch.Tensor | None = None) -> torch.Tensor:
-    """act(scale · conv1x1(x, weight, stride, groups) + shift + bias (+ residual)).
+                     residual: torch.Tensor | None = None,
+                     input_scale: torch.Tensor | None = None,
+                     input_shift: torch.Tensor | None = None,
+                     input_activation: str = "identity",
+                     input_negative_slope: float = 0.01) -> torch.Tensor:
+    """act(scale · conv1x1(u, weight, stride, groups) + shift + bias (+ residual)) with
+    u = input_act(input_scale · x + input_shift) (u = x when no prologue is given).
 
     `weight`: [C_out, C_in / groups, 1, 1] (or [C_out, C_in / groups]); `bias`, `scale`, `shift`:
-    [C_out] in the compute type (float32 for float32/16/bfloat16 x, float64 for float64);
-    `residual`: the output's shape. Differentiable in every tensor argument."""
+    [C_out], `input_scale`, `input_shift`: [C_in], all in the compute type (float32 for
+    float32/16/bfloat16 x, float64 for float64); `residual`: the output's shape. Differentiable in
+    every tensor argument."""
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         weight = weight[:, :, None, None]
     x, weight, residual = cast_for_autocast(x, weight, residual)
     _check(x, weight, bias, stride, groups, scale, shift, residual)
+    _check_prologue(x, input_scale, input_shift)
     code = activations.activation_code(activation)
+    input_code = activations.activation_code(input_activation)
+    if input_scale is not None or input_shift is not None or input_code != activations.IDENTITY:
+        return _PrologueConv.apply(x, input_scale, input_shift, input_activation,
+                                   float(input_negative_slope), weight, bias, stride, groups, scale,
+                                   shift, residual, code, float(negative_slope))
+    return _conv(x, weight, bias, stride, groups, scale, shift, residual, code,
+                 float(negative_slope))
+
+
+def _conv(x, weight, bias, stride, groups, scale, shift, residual, code, negative_slope):
+    """The op without a prologue, on the selected backend (autograd where needed)."""
+    activation = activations.NAMES[code]
     kind = backend.select(x.device, KERNELS, _OP)
     if kind == "cpu" and _extension.cpu_ext:
         return torch.ops.cnnkernels.pointwise_conv2d(x, weight, bias, stride, groups, scale, shift,
@@ -100,18 +138,88 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                                       float(negative_slope))
 
 
+# --- the input prologue ------------------------------------------------------------------------
+
+def _prologue(x, input_scale, input_shift, activation, negative_slope):
+    """u = act(input_scale · x + input_shift), one pass (affine_act), without autograd."""
+    compute = _compute_dtype(x.dtype)
+    channels = x.shape[1]
+    s = input_scale if input_scale is not None else torch.ones(channels, dtype=compute,
+                                                                device=x.device)
+    t = input_shift if input_shift is not None else torch.zeros(channels, dtype=compute,
+                                                                 device=x.device)
+    with torch.no_grad():
+        return affine_act(x, s.detach(), t.detach(), activation, negative_slope)
+
+
+class _PrologueConv(torch.autograd.Function):
+    """pointwise_conv2d with an input prologue. Saves x (not the normalised u, which it
+    recomputes in backward), so that autograd keeps one input-sized tensor, as for a plain conv."""
+
+    @staticmethod
+    def forward(ctx, x, input_scale, input_shift, input_activation, input_slope, weight, bias,
+                stride, groups, scale, shift, residual, code, negative_slope):
+        u = _prologue(x, input_scale, input_shift, input_activation, input_slope)
+        y = _conv(u, weight, bias, stride, groups, scale, shift, residual, code, negative_slope)
+        ctx.prologue = (input_activation, input_slope)
+        ctx.config = (stride, groups, code, negative_slope)
+        ctx.save_for_backward(x, input_scale, input_shift, weight, bias, scale, shift, residual, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, input_scale, input_shift, weight, bias, scale, shift, residual, y = ctx.saved_tensors
+        input_activation, input_slope = ctx.prologue
+        stride, groups, code, negative_slope = ctx.config
+        needs = ctx.needs_input_grad
+        need_prologue = needs[0] or needs[1] or needs[2]
+        u = _prologue(x, input_scale, input_shift, input_activation, input_slope)
+        grad_u, grad_w, grad_b, grad_s, grad_t, grad_r = _gradients(
+            grad, u, weight, bias, scale, shift, residual, y, stride, groups, code, negative_slope,
+            (need_prologue, needs[5], needs[6], needs[9], needs[10], needs[11]))
+        grad_x = grad_in_scale = grad_in_shift = None
+        if need_prologue:
+            compute = _compute_dtype(x.dtype)
+            view = (1, -1, 1, 1)
+            xc = x.to(compute)
+            pre = xc if input_scale is None else xc * input_scale.view(view)
+            if input_shift is not None:
+                pre = pre + input_shift.view(view)
+            dpre = activation_backward(grad_u.to(compute), pre,
+                                       activations.activation_code(input_activation), input_slope)
+            if needs[0]:
+                grad_x = (dpre if input_scale is None else dpre * input_scale.view(view)).to(x.dtype)
+            if needs[1]:
+                grad_in_scale = (dpre * xc).sum((0, 2, 3))
+            if needs[2]:
+                grad_in_shift = dpre.sum((0, 2, 3))
+        return (grad_x, grad_in_scale, grad_in_shift, None, None, grad_w, grad_b, None, None,
+                grad_s, grad_t, grad_r, None, None)
+
+
 # --- autograd of the C++ op ---------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, stride, groups, scale, shift, residual, code, negative_slope = inputs
-    ctx.config = (stride, groups, code, negative_slope, bias is not None, shift is not None)
+    ctx.config = (stride, groups, code, negative_slope)
     ctx.save_for_backward(x, weight, bias, scale, shift, residual, output)
 
 
 def _backward(ctx, grad):
-    stride, groups, code, negative_slope, has_bias, has_shift = ctx.config
+    stride, groups, code, negative_slope = ctx.config
     x, weight, bias, scale, shift, residual, y = ctx.saved_tensors
     need_x, need_w, need_b, _, _, need_s, need_t, need_r = ctx.needs_input_grad[:8]
+    grad_x, grad_w, grad_bias, grad_scale, grad_shift, grad_residual = _gradients(
+        grad, x, weight, bias, scale, shift, residual, y, stride, groups, code, negative_slope,
+        (need_x, need_w, need_b, need_s, need_t, need_r))
+    return grad_x, grad_w, grad_bias, None, None, grad_scale, grad_shift, grad_residual, None, None
+
+
+def _gradients(grad, x, weight, bias, scale, shift, residual, y, stride, groups, code,
+               negative_slope, needs):
+    """Gradients of act(scale·conv1x1(x) + shift + bias (+ residual)) = y for x, weight, bias,
+    scale, shift and residual (None where `needs` says not needed)."""
+    need_x, need_w, need_b, need_s, need_t, need_r = needs
     compute = _compute_dtype(x.dtype)
     z = None
     if code == activations.CODES["identity"]:
@@ -141,7 +249,7 @@ def _backward(ctx, grad):
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             dz, x, weight, None, [stride, stride], [0, 0], [1, 1], False, [0, 0], groups,
             [need_x, need_w, False])
-    return grad_x, grad_w, grad_bias, None, None, grad_scale, grad_shift, grad_residual, None, None
+    return grad_x, grad_w, grad_bias, grad_scale, grad_shift, grad_residual
 
 
 if _extension.cpu_ext:
