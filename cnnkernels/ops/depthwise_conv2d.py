@@ -8,7 +8,8 @@ equals F.conv2d(x, weight, bias, stride, padding, dilation, groups=C) for weight
 act(scale * conv + shift) per output channel (a folded BatchNorm and an activation in the same
 pass). Gradients for x, weight and bias; the epilogue is for inference (no autograd through it).
 Output in the input's memory format (channels_last in, channels_last out).
-Kernels: csrc/cpu/depthwise_conv2d_kernel.cpp, cnnkernels/triton/depthwise_conv2d.py.
+Kernels: csrc/cpu/depthwise_conv2d_kernel.cpp, csrc/cuda/depthwise_conv2d_kernel.cu (not yet
+run on a GPU; see AUTO_KERNELS), cnnkernels/triton/depthwise_conv2d.py.
 """
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ from . import _autograd
 
 IntPair = Union[int, Sequence[int]]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-#: implementations that exist for this op (no CUDA C++ kernel yet: Triton serves CUDA tensors)
-KERNELS = frozenset({"cpu", "triton"})
+#: implementations that exist for this op
+KERNELS = frozenset({"cpu", "cuda", "triton"})
+#: what backend "auto" picks from: the CUDA C++ kernels (csrc/cuda/depthwise_conv2d_kernel.cu,
+#: session 5) have not run on a GPU yet, so Triton keeps serving CUDA tensors until a GPU session
+#: has passed the tests with backend "cuda"; set_backend("cuda") selects them explicitly
+AUTO_KERNELS = frozenset({"cpu", "triton"})
 _OP = "depthwise_conv2d"
 
 
@@ -108,9 +113,10 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         raise RuntimeError(f"{_OP}: the fused scale/shift/activation epilogue is for inference; "
                            "call it under torch.no_grad() or apply BatchNorm and the activation "
                            "separately when training")
-    kind = backend.select(x.device, KERNELS, _OP)
+    kind = backend.select(x.device, AUTO_KERNELS if backend.get_backend() == "auto" else KERNELS,
+                          _OP)
     args = (x, weight, bias, stride, padding, dilation, scale, shift, code, float(negative_slope))
-    if kind == "torch":
+    if kind == "torch" or (kind == "cuda" and not _extension.cuda_ext):
         return reference.depthwise_conv2d(*args)
     if kind == "triton":
         _load_triton_ops()
@@ -204,3 +210,5 @@ def _load_triton_ops() -> None:
 if _extension.cpu_ext:
     _formulas["cpu"] = _register("depthwise_conv2d", "depthwise_conv2d_backward_input",
                                  "depthwise_conv2d_backward_weight", with_fakes=True)
+    if _extension.cuda_ext:  # the same ops, dispatched to csrc/cuda for CUDA tensors
+        _formulas["cuda"] = _formulas["cpu"]
