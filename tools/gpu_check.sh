@@ -3,11 +3,12 @@
 # builds cnnkernels in place with that machine's torch, runs the tests on the GPU, runs the
 # benchmarks, and leaves everything in OUTDIR:
 #   env.txt build.log tests_gpu.log tests_all.log bench.log bench.json bench.md kernels.json
-#   kernels_stream.json
+#   kernels_stream.json kernels_bf16_cl.json
 #   models.json densenet_memory.{json,png,log} _C.so.gz (the build, to reuse with SKIP_BUILD=1)
 #
 # Usage: tools/gpu_check.sh OUTDIR [PHASE ...]
-#   phases: build gpu-tests all-tests kernels kernels-stream models memory pytest-bench
+#   phases: build gpu-tests all-tests kernels kernels-stream kernels-bf16-cl models memory
+#           pytest-bench
 #           (default: all of them, in that order)
 #   PYTHON=...        the interpreter (default python3)
 #   SKIP_BUILD=1      reuse the cnnkernels/_C*.so already in place (built on this kind of machine)
@@ -17,7 +18,7 @@
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR [PHASE ...]}
 shift
-PHASES=${*:-build gpu-tests all-tests kernels kernels-stream models memory pytest-bench}
+PHASES=${*:-build gpu-tests all-tests kernels kernels-stream kernels-bf16-cl models memory pytest-bench}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -98,6 +99,14 @@ if want kernels-stream; then
   stamp "cnnkernels bench kernels --timing stream"
   timeout "$LIMIT" $PY -m cnnkernels bench kernels ${KERNELS_ARGS:---compile} --timing stream \
     --json "$OUT/kernels_stream.json" || status=1
+fi
+
+if want kernels-bf16-cl; then
+  # issue 3's and 5's GPU targets: bf16, channels_last, batch 128 (every backend we have,
+  # including backends `auto` does not pick yet, such as depthwise's CUDA C++ kernels)
+  stamp "cnnkernels bench kernels --dtype bfloat16 --channels-last --batch 128"
+  timeout "$LIMIT" $PY -m cnnkernels bench kernels --ops depthwise_conv2d,batch_norm_act,pointwise_conv2d,squeeze_excite \
+    --dtype bfloat16 --channels-last --batch 128 --compile --bandwidth --json "$OUT/kernels_bf16_cl.json" || status=1
 fi
 
 if want models; then
