@@ -10,9 +10,11 @@
 // rounded value, as `bn(x) + identity` rounds twice in PyTorch.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -67,11 +69,64 @@ void affine_act_loop(at::TensorIteratorBase& iter, const Act& act, bool stream) 
   });
 }
 
+// NCHW float/double with small planes: TensorIterator hands out one plane per inner loop, and a
+// call of the vectorised map costs about as much as the arithmetic of a 14x14 plane (measured on the
+// dev CPU: 32x384x14x14 at 67% of copy bandwidth). Here each task walks many planes in one loop
+// nest compiled for the best instruction set.
+constexpr int64_t kSmallPlane = 1024;
+
+template <typename scalar_t, bool kResidual, typename Act>
+void affine_act_planes(const scalar_t* x, const scalar_t* res, scalar_t* y, const scalar_t* scale,
+                       const scalar_t* shift, int64_t planes, int64_t channels, int64_t hw,
+                       const Act& act) {
+  at::parallel_for(0, planes, std::max<int64_t>(1, 32768 / hw), [&](int64_t begin, int64_t end) {
+    cpu::run_with_best_isa([&] {
+      for (int64_t p = begin; p < end; ++p) {
+        const scalar_t a = scale[p % channels], b = shift[p % channels];
+        const scalar_t* xp = x + p * hw;
+        scalar_t* yp = y + p * hw;  // may be xp (in place): the loop reads each element first
+        for (int64_t i = 0; i < hw; ++i) {
+          scalar_t pre = std::fma(xp[i], a, b);
+          if constexpr (kResidual) pre += res[p * hw + i];
+          yp[i] = act.forward(pre);
+        }
+      }
+    });
+  });
+}
+
+bool small_dense_planes(const at::Tensor& out, const at::Tensor& x, const at::Tensor* residual) {
+  const bool type_ok = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  return type_ok && x.dim() == 4 && x.numel() > 0 && x.size(2) * x.size(3) <= kSmallPlane &&
+         x.is_contiguous() && out.is_contiguous() && (residual == nullptr || residual->is_contiguous());
+}
+
 void affine_act_into(const at::Tensor& out, const at::Tensor& x, const at::Tensor& scale,
                      const at::Tensor& shift, const std::optional<at::Tensor>& residual,
                      int64_t activation, double negative_slope) {
-  const at::Tensor scale_b = channel_view(scale, x), shift_b = channel_view(shift, x);
   const bool with_residual = residual.has_value() && residual->defined();
+  if (small_dense_planes(out, x, with_residual ? &*residual : nullptr)) {
+    const at::Tensor s = scale.contiguous(), t = shift.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cnnkernels_affine_act", [&] {
+      dispatch_activation(activation, negative_slope, [&](auto act) {
+        const int64_t planes = x.size(0) * x.size(1), hw = x.size(2) * x.size(3);
+        if (with_residual) {
+          affine_act_planes<scalar_t, true>(x.const_data_ptr<scalar_t>(),
+                                            residual->const_data_ptr<scalar_t>(),
+                                            out.mutable_data_ptr<scalar_t>(),
+                                            s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+                                            planes, x.size(1), hw, act);
+        } else {
+          affine_act_planes<scalar_t, false>(x.const_data_ptr<scalar_t>(), nullptr,
+                                             out.mutable_data_ptr<scalar_t>(),
+                                             s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+                                             planes, x.size(1), hw, act);
+        }
+      });
+    });
+    return;
+  }
+  const at::Tensor scale_b = channel_view(scale, x), shift_b = channel_view(shift, x);
   auto config = at::TensorIteratorConfig();
   config.check_all_same_dtype(false).add_output(out).add_const_input(x).add_const_input(scale_b)
       .add_const_input(shift_b);
