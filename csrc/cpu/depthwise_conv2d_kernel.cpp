@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "../depthwise_conv2d.h"
@@ -730,6 +731,13 @@ CNNKERNELS_TARGET_AVX512 CNNKERNELS_ALWAYS_INLINE void conv_pixels_direct(
   }
 }
 
+// The output columns [first, last) whose taps all fall inside the image.
+inline std::pair<int64_t, int64_t> interior_columns(const DepthwiseGeometry& g) {
+  const int64_t first = std::min(g.ow, (g.pw + g.sw - 1) / g.sw);
+  const int64_t reach = g.w - 1 + g.pw - g.dw * (g.kw - 1);  // largest ow*sw of an interior pixel
+  return {first, std::max(first, reach < 0 ? 0 : std::min(g.ow, reach / g.sw + 1))};
+}
+
 // Output row oh of image n, every channel block. For each run of output pixels the blocks are
 // the inner loop, so input and output are walked in memory order (pixel, then channel): looping
 // over pixels inside a block instead touches one cache line per 2-4 KB and was 2x slower.
@@ -756,10 +764,7 @@ CNNKERNELS_TARGET_AVX512 void forward_direct_row(const float* x, float* y, const
                              y_row + ow * g.c + c0, g.c, act);                                   \
     }                                                                                            \
   } while (0)
-  // interior: every tap column inside the image
-  const int64_t ow_a = std::min(g.ow, (g.pw + g.sw - 1) / g.sw);
-  const int64_t last = g.w - 1 + g.pw - g.dw * (g.kw - 1);  // largest ow*sw of an interior pixel
-  const int64_t ow_b = std::max(ow_a, last < 0 ? 0 : std::min(g.ow, last / g.sw + 1));
+  const auto [ow_a, ow_b] = interior_columns(g);
   const TapRange all_cols{0, g.kw};
   for (int64_t ow = 0; ow < ow_a; ++ow) {
     const TapRange cols = taps_inside(ow * g.sw - g.pw, g.dw, g.kw, g.w);
@@ -800,7 +805,11 @@ void forward_direct(const float* x, const std::vector<float>& wv, const Epilogue
 template <typename Act>
 void forward_pointers(const float* x, const std::vector<float>& wv, const Epilogue<float>& ep,
                       float* y, const DepthwiseGeometry& g, bool channels_last, Act act) {
-  if (channels_last) {
+  // channels_last in place when most output columns are interior; otherwise (7x7 and 5x5 kernels
+  // on 7x7 planes: one interior column of seven) the edge pixels, one at a time with clipped
+  // taps, cost more than copying into padded windows
+  const auto [first, last] = interior_columns(g);
+  if (channels_last && 2 * (last - first) >= g.ow) {
     forward_direct(x, wv, ep, y, g, act);
     return;
   }
