@@ -68,6 +68,32 @@ void check_channel_vector(const std::optional<at::Tensor>& t, const at::Tensor& 
               "' must be a floating-point tensor, got ", t->scalar_type());
 }
 
+DepthwiseGeometry check_depthwise_forward(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias,
+                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                          at::IntArrayRef dilation,
+                                          const std::optional<at::Tensor>& scale,
+                                          const std::optional<at::Tensor>& shift, const char* op) {
+  const DepthwiseGeometry g =
+      check_depthwise_args(x, x.sizes(), weight.sizes(), stride, padding, dilation, op);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(), op,
+              ": 'weight' must have the dtype and device of 'x' (", x.scalar_type(), ", ",
+              x.device(), "), got ", weight.scalar_type(), ", ", weight.device());
+  check_channel_vector(bias, x, g.out_channels(), op, "bias");
+  check_channel_vector(scale, x, g.out_channels(), op, "scale");
+  check_channel_vector(shift, x, g.out_channels(), op, "shift");
+  TORCH_CHECK(scale.has_value() == shift.has_value(), op,
+              ": 'scale' and 'shift' must be given together");
+  return g;
+}
+
+void check_grad_output_shape(const at::Tensor& grad_output, const DepthwiseGeometry& g,
+                             const char* op) {
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.n, g.out_channels(), g.oh, g.ow}), op,
+              ": 'grad_output' must have shape [", g.n, ", ", g.out_channels(), ", ", g.oh, ", ",
+              g.ow, "], got ", grad_output.sizes());
+}
+
 }  // namespace cnnkernels
 
 TORCH_LIBRARY_FRAGMENT(cnnkernels, m) {

@@ -36,4 +36,23 @@ DepthwiseGeometry check_depthwise_args(const at::Tensor& x, at::IntArrayRef x_si
 void check_channel_vector(const std::optional<at::Tensor>& t, const at::Tensor& x,
                           int64_t channels, const char* op, const char* arg);
 
+// Every check of the forward op (each device's kernel calls it first); returns the geometry.
+DepthwiseGeometry check_depthwise_forward(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias,
+                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                          at::IntArrayRef dilation,
+                                          const std::optional<at::Tensor>& scale,
+                                          const std::optional<at::Tensor>& shift, const char* op);
+
+// The backward ops' check that grad_output has the output's shape.
+void check_grad_output_shape(const at::Tensor& grad_output, const DepthwiseGeometry& g,
+                             const char* op);
+
+// Whether the kernels produce channels_last: exactly when `t` is channels_last and not also plain
+// contiguous (as happens for C == 1 or 1x1 images). The fake kernels in
+// cnnkernels/ops/depthwise_conv2d.py mirror this.
+inline bool wants_channels_last(const at::Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 }  // namespace cnnkernels

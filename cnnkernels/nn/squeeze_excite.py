@@ -88,13 +88,7 @@ class SqueezeExcite(nn.Module):
         problem = unsupported_parts(se)
         if problem:
             raise TypeError(f"SqueezeExcite.from_torchvision: {problem}")
-        act = se.activation
-        module = cls(se.fc1.in_channels, se.fc1.out_channels, _TORCH_ACTIVATIONS[type(act)],
-                     _TORCH_GATES[type(se.scale_activation)],
-                     act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.01,
-                     device=se.fc1.weight.device, dtype=se.fc1.weight.dtype)
-        module.load_state_dict(se.state_dict())
-        return module.train(se.training)
+        return cls._copy_of(se, se.fc1, se.activation, se.scale_activation)
 
     @classmethod
     def from_timm(cls, se: nn.Module) -> "TimmSqueezeExcite":
@@ -105,12 +99,15 @@ class SqueezeExcite(nn.Module):
         problem = timm_unsupported_parts(se)
         if problem:
             raise TypeError(f"SqueezeExcite.from_timm: {problem}")
-        act = se.act1
-        module = TimmSqueezeExcite(se.conv_reduce.in_channels, se.conv_reduce.out_channels,
-                                   _TORCH_ACTIVATIONS[type(act)], _TORCH_GATES[type(se.gate)],
-                                   act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.01,
-                                   device=se.conv_reduce.weight.device,
-                                   dtype=se.conv_reduce.weight.dtype)
+        return TimmSqueezeExcite._copy_of(se, se.conv_reduce, se.act1, se.gate)
+
+    @classmethod
+    def _copy_of(cls, se: nn.Module, reduce: nn.Conv2d, act: nn.Module, gate: nn.Module):
+        """A `cls` with the activation and gate of `se` and a copy of its state (same keys)."""
+        module = cls(reduce.in_channels, reduce.out_channels, _TORCH_ACTIVATIONS[type(act)],
+                     _TORCH_GATES[type(gate)],
+                     act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.01,
+                     device=reduce.weight.device, dtype=reduce.weight.dtype)
         module.load_state_dict(se.state_dict())
         return module.train(se.training)
 

@@ -1099,12 +1099,6 @@ bool use_blocked(const DepthwiseGeometry& g, at::ScalarType dtype) {
 #endif
 }
 
-// channels_last output only when x is channels_last (and not also plain contiguous, as happens
-// for C == 1 or 1x1 images); the fake kernel in cnnkernels/ops/depthwise_conv2d.py mirrors this.
-bool wants_channels_last(const at::Tensor& t) {
-  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 at::Tensor depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -1113,15 +1107,7 @@ at::Tensor depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                                 double negative_slope) {
   constexpr const char* op = "depthwise_conv2d";
   const DepthwiseGeometry g =
-      check_depthwise_args(x, x.sizes(), weight.sizes(), stride, padding, dilation, op);
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(), op,
-              ": 'weight' must have the dtype and device of 'x' (", x.scalar_type(), ", ",
-              x.device(), "), got ", weight.scalar_type(), ", ", weight.device());
-  check_channel_vector(bias, x, g.out_channels(), op, "bias");
-  check_channel_vector(scale, x, g.out_channels(), op, "scale");
-  check_channel_vector(shift, x, g.out_channels(), op, "shift");
-  TORCH_CHECK(scale.has_value() == shift.has_value(), op,
-              ": 'scale' and 'shift' must be given together");
+      check_depthwise_forward(x, weight, bias, stride, padding, dilation, scale, shift, op);
   const bool channels_last = wants_channels_last(x);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({g.n, g.out_channels(), g.oh, g.ow}, x.options().memory_format(format));
@@ -1161,9 +1147,7 @@ at::Tensor depthwise_conv2d_backward_input_cpu(const at::Tensor& grad_output,
   constexpr const char* op = "depthwise_conv2d_backward_input";
   const DepthwiseGeometry g =
       check_depthwise_args(grad_output, input_size, weight.sizes(), stride, padding, dilation, op);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.n, g.out_channels(), g.oh, g.ow}), op,
-              ": 'grad_output' must have shape [", g.n, ", ", g.out_channels(), ", ", g.oh, ", ",
-              g.ow, "], got ", grad_output.sizes());
+  check_grad_output_shape(grad_output, g, op);
   const bool channels_last = wants_channels_last(grad_output);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 #if CNNKERNELS_X86
@@ -1244,9 +1228,7 @@ at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad_output, c
   constexpr const char* op = "depthwise_conv2d_backward_weight";
   const DepthwiseGeometry g =
       check_depthwise_args(x, x.sizes(), weight_size, stride, padding, dilation, op);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.n, g.out_channels(), g.oh, g.ow}), op,
-              ": 'grad_output' must have shape [", g.n, ", ", g.out_channels(), ", ", g.oh, ", ",
-              g.ow, "], got ", grad_output.sizes());
+  check_grad_output_shape(grad_output, g, op);
   TORCH_CHECK(grad_output.scalar_type() == x.scalar_type(), op,
               ": 'grad_output' and 'x' must have the same dtype");
   at::Tensor grad_weight = at::empty(weight_size, x.options());

@@ -191,11 +191,6 @@ int grid_for(int64_t total) {
                                                                  int64_t(65535) * 32)));
 }
 
-// channels_last exactly as the CPU kernels decide it (cpu/depthwise_conv2d_kernel.cpp).
-bool wants_channels_last(const at::Tensor& t) {
-  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 at::MemoryFormat format_of(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
@@ -217,15 +212,7 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
                                  double negative_slope) {
   constexpr const char* op = "depthwise_conv2d";
   const DepthwiseGeometry g =
-      check_depthwise_args(x, x.sizes(), weight.sizes(), stride, padding, dilation, op);
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(), op,
-              ": 'weight' must have the dtype and device of 'x' (", x.scalar_type(), ", ",
-              x.device(), "), got ", weight.scalar_type(), ", ", weight.device());
-  check_channel_vector(bias, x, g.out_channels(), op, "bias");
-  check_channel_vector(scale, x, g.out_channels(), op, "scale");
-  check_channel_vector(shift, x, g.out_channels(), op, "shift");
-  TORCH_CHECK(scale.has_value() == shift.has_value(), op,
-              ": 'scale' and 'shift' must be given together");
+      check_depthwise_forward(x, weight, bias, stride, padding, dilation, scale, shift, op);
   c10::cuda::CUDAGuard guard(x.device());
   const bool channels_last = wants_channels_last(x);
   at::Tensor out = at::empty({g.n, g.out_channels(), g.oh, g.ow},
@@ -258,9 +245,7 @@ at::Tensor depthwise_conv2d_backward_input_cuda(const at::Tensor& grad_output,
   constexpr const char* op = "depthwise_conv2d_backward_input";
   const DepthwiseGeometry g =
       check_depthwise_args(grad_output, input_size, weight.sizes(), stride, padding, dilation, op);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.n, g.out_channels(), g.oh, g.ow}), op,
-              ": 'grad_output' must have shape [", g.n, ", ", g.out_channels(), ", ", g.oh, ", ",
-              g.ow, "], got ", grad_output.sizes());
+  check_grad_output_shape(grad_output, g, op);
   c10::cuda::CUDAGuard guard(grad_output.device());
   const bool channels_last = wants_channels_last(grad_output);
   at::Tensor dx = at::empty(input_size, grad_output.options().memory_format(format_of(channels_last)));
@@ -284,9 +269,7 @@ at::Tensor depthwise_conv2d_backward_weight_cuda(const at::Tensor& grad_output,
   constexpr const char* op = "depthwise_conv2d_backward_weight";
   const DepthwiseGeometry g =
       check_depthwise_args(x, x.sizes(), weight_size, stride, padding, dilation, op);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.n, g.out_channels(), g.oh, g.ow}), op,
-              ": 'grad_output' must have shape [", g.n, ", ", g.out_channels(), ", ", g.oh, ", ",
-              g.ow, "], got ", grad_output.sizes());
+  check_grad_output_shape(grad_output, g, op);
   TORCH_CHECK(grad_output.scalar_type() == x.scalar_type() && grad_output.device() == x.device(),
               op, ": 'grad_output' and 'x' must have the same dtype and device");
   c10::cuda::CUDAGuard guard(x.device());
