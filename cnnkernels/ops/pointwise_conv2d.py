@@ -56,16 +56,8 @@ def _check(x, weight, bias, stride, groups, scale, shift, residual) -> None:
                          f"has {x.shape[1]} channels in {groups} group(s)")
     if not isinstance(stride, int) or stride < 1:
         raise ValueError(f"{_OP}: expected argument 'stride' to be a positive int, got {stride!r}")
-    want = _compute_dtype(x.dtype)
-    for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
-        if t is None:
-            continue
-        if t.dim() != 1 or t.shape[0] != weight.shape[0]:
-            raise ValueError(f"{_OP}: expected argument '{name}' to have shape [{weight.shape[0]}] "
-                             f"(one value per output channel), got {tuple(t.shape)}")
-        if t.dtype != want or t.device != x.device:
-            raise TypeError(f"{_OP}: expected argument '{name}' to be {want} on {x.device} (the "
-                            f"compute type of {x.dtype} x), got {t.dtype} on {t.device}")
+    _check_channel_vectors(x, (("bias", bias), ("scale", scale), ("shift", shift)),
+                           weight.shape[0], "output")
     if residual is not None:
         size = (x.shape[0], weight.shape[0], (x.shape[2] - 1) // stride + 1,
                 (x.shape[3] - 1) // stride + 1)
@@ -75,18 +67,25 @@ def _check(x, weight, bias, stride, groups, scale, shift, residual) -> None:
                              f"{residual.device}")
 
 
-def _check_prologue(x, input_scale, input_shift) -> None:
+def _check_channel_vectors(x, named, length, side) -> None:
+    """Each given (name, tensor): [length] (one value per `side` channel), in the compute type of
+    x, on x's device."""
     want = _compute_dtype(x.dtype)
-    for name, t in (("input_scale", input_scale), ("input_shift", input_shift)):
+    for name, t in named:
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != x.shape[1]:
-            raise ValueError(f"{_OP}: expected argument '{name}' to have shape [{x.shape[1]}] (one "
-                             f"value per input channel), got "
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != length:
+            raise ValueError(f"{_OP}: expected argument '{name}' to have shape [{length}] (one "
+                             f"value per {side} channel), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if t.dtype != want or t.device != x.device:
             raise TypeError(f"{_OP}: expected argument '{name}' to be {want} on {x.device} (the "
                             f"compute type of {x.dtype} x), got {t.dtype} on {t.device}")
+
+
+def _check_prologue(x, input_scale, input_shift) -> None:
+    _check_channel_vectors(x, (("input_scale", input_scale), ("input_shift", input_shift)),
+                           x.shape[1], "input")
 
 
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
