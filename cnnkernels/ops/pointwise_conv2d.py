@@ -207,7 +207,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     stride, groups, code, negative_slope = ctx.config
     x, weight, bias, scale, shift, residual, y = ctx.saved_tensors
-    need_x, need_w, need_b, _, _, need_s, need_t, need_r = ctx.needs_input_grad[:8]
+    # torch.library passes the op's arguments without the trailing ones left at their defaults
+    # (a call with bias=None and nothing after it has two inputs here): pad with 'not needed'
+    needs = tuple(ctx.needs_input_grad) + (False,) * 8
+    need_x, need_w, need_b, _, _, need_s, need_t, need_r = needs[:8]
     grad_x, grad_w, grad_bias, grad_scale, grad_shift, grad_residual = _gradients(
         grad, x, weight, bias, scale, shift, residual, y, stride, groups, code, negative_slope,
         (need_x, need_w, need_b, need_s, need_t, need_r))
