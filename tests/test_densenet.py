@@ -51,13 +51,21 @@ def train_steps(block, inputs, seed=1):
 
 
 def tolerances(dtype, gradients=False):
-    """Outputs and running statistics come from the same ATen kernels in every mode. Gradients in
-    "shared" mode use BN+ReLU outputs recomputed by one fused pass from the saved statistics,
-    which may differ from ATen's in the last bit; weight gradients sum many such products."""
+    """"shared" mode computes BatchNorm with cnnkernels' kernels (statistics per chunk of channels,
+    fused BN+ReLU passes), the other modes with ATen's: the same values up to float rounding.
+    Gradients sum many products, so their tolerance is relative to the tensor's largest value
+    (see close)."""
     if dtype == torch.float32:
         return dict(rtol=1e-4, atol=1e-4) if gradients else dict(rtol=1e-5, atol=1e-5)
     return {torch.float64: dict(rtol=1e-10, atol=1e-10),
             torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
+
+
+def close(actual, expected, rtol, atol, msg=None):
+    """assert_close with atol scaled by the expected tensor's largest magnitude (when above 1):
+    a float sum of products of size M is off by about eps·M whatever the size of one element."""
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, msg=msg)
 
 
 def assert_same_training(a, b, dtype):
@@ -65,12 +73,27 @@ def assert_same_training(a, b, dtype):
     for ya, yb in zip(a[0], b[0]):
         torch.testing.assert_close(yb, ya, **tol)
     for ga, gb in zip(a[1], b[1]):
-        torch.testing.assert_close(gb, ga, **grad_tol)
+        close(gb, ga, **grad_tol)
     assert a[2].keys() == b[2].keys()
     for name in a[2]:
-        torch.testing.assert_close(b[2][name], a[2][name], **grad_tol, msg=lambda m: f"{name}: {m}")
+        close(b[2][name], a[2][name], **grad_tol, msg=lambda m: f"{name}: {m}")
     for name in a[3]:
         torch.testing.assert_close(b[3][name], a[3][name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+def _relative_errors(result, exact):
+    """Normwise relative error of every output, input gradient, parameter gradient and buffer."""
+    pairs = list(zip(result[0] + result[1], exact[0] + exact[1]))
+    pairs += [(result[2][n], exact[2][n]) for n in exact[2]]
+    pairs += [(result[3][n], exact[3][n]) for n in exact[3] if exact[3][n].is_floating_point()]
+    return [((a.double() - e).norm() / e.norm().clamp_min(1e-30)).item() for a, e in pairs]
+
+
+def assert_as_accurate(actual, expected, exact, factor=2.0, floor=1e-3):
+    """`actual` is as close to the float64 `exact` result as `expected` is (within `factor`, and
+    an absolute floor for values both get essentially right), tensor by tensor."""
+    for a, e in zip(_relative_errors(actual, exact), _relative_errors(expected, exact)):
+        assert a <= factor * e + floor, (a, e)
 
 
 def inputs_for(layout, dtype, steps=3, shape=(3, 10, 7, 9)):
@@ -88,7 +111,14 @@ def test_modes_agree_over_training_steps(mode, layout, drop_rate, dtype):
     inputs = inputs_for(layout, dtype)
     expected = train_steps(blocks["naive"], inputs)
     actual = train_steps(blocks[mode], inputs)
-    assert_same_training(expected, actual, dtype)
+    if dtype == torch.bfloat16 and mode == "shared":
+        # bfloat16 BN+ReLU rounds once (cnnkernels) or twice (ATen): a last-bit difference in an
+        # early layer moves later ones by bf16 steps, so both are held to the float64 result
+        exact = train_steps(make_blocks(drop_rate, torch.float64)["naive"],
+                            [x.double() for x in inputs])
+        assert_as_accurate(actual, expected, exact)
+    else:
+        assert_same_training(expected, actual, dtype)
     assert actual[0][0].is_contiguous(memory_format=LAYOUTS[layout])
     # running statistics moved exactly once per forward
     for name, value in actual[3].items():
@@ -106,15 +136,18 @@ def test_cumulative_average_momentum_none(mode):
 
 @pytest.mark.parametrize("mode", ["checkpoint", "shared"])
 def test_shared_mode_updates_running_stats_once_like_batchnorm(mode):
-    """Against nn.BatchNorm2d itself: the first layer's norm1 sees the block input unchanged."""
+    """Against nn.BatchNorm2d itself: the first layer's norm1 sees the block input unchanged.
+    (Checkpoint mode runs ATen's BatchNorm: to the bit. Shared mode computes the statistics with
+    cnnkernels' kernel: to float rounding; a second update would be off by percents.)"""
     blocks = make_blocks()
     block = blocks[mode]
     norm = copy.deepcopy(block.denselayer1.norm1)
     x = inputs_for("nchw", torch.float32, steps=1)[0].requires_grad_()
     block(x).sum().backward()
     norm(x.detach())
-    torch.testing.assert_close(block.denselayer1.norm1.running_mean, norm.running_mean, rtol=0, atol=0)
-    torch.testing.assert_close(block.denselayer1.norm1.running_var, norm.running_var, rtol=0, atol=0)
+    tol = dict(rtol=0, atol=0) if mode == "checkpoint" else dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(block.denselayer1.norm1.running_mean, norm.running_mean, **tol)
+    torch.testing.assert_close(block.denselayer1.norm1.running_var, norm.running_var, **tol)
     assert block.denselayer1.norm1.num_batches_tracked.item() == 1
 
 
@@ -133,9 +166,9 @@ def test_two_forwards_before_one_backward(mode):
                          {n: p.grad.clone() for n, p in block.named_parameters()})
     expected, actual = results["naive"], results[mode]
     for e, a in zip(expected[:4], actual[:4]):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+        close(a, e, rtol=1e-4, atol=1e-4)
     for name in expected[4]:
-        torch.testing.assert_close(actual[4][name], expected[4][name], rtol=1e-4, atol=1e-4)
+        close(actual[4][name], expected[4][name], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["checkpoint", "shared"])
@@ -159,7 +192,7 @@ def test_no_grad_training_forward_updates_stats_and_saves_nothing():
     with torch.no_grad():
         expected = blocks["naive"](x)
         actual = blocks["shared"](x)
-    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     for (name, a), b in zip(blocks["naive"].named_buffers(), blocks["shared"].buffers()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
     with torch.no_grad():
@@ -230,19 +263,30 @@ def test_densenet121_matches_torchvision_both_ways():
         theirs.eval(), ours.eval()
         with torch.no_grad():
             torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
-    # Training mode too: outputs and the first conv's gradient.
+    # Training mode: outputs and every gradient, in float64 (the same function: ~1e-10), and in
+    # float32 as accurate as torchvision's (measured against float64: 121 layers of BatchNorm
+    # over a batch of 2 amplify rounding into percents in some gradients, for both).
     ours = models.densenet121(memory="shared")
     ours.load_state_dict(theirs.state_dict())
-    theirs.train(), ours.train()
     x = torch.randn(2, 3, 64, 64)
-    y_ours, y_theirs = ours(x), theirs(x)
-    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-4, atol=1e-5)
-    y_ours.square().sum().backward()
-    y_theirs.square().sum().backward()
-    # 121 layers of rounding differences: compare every gradient normwise
-    for (name, p_ours), p_theirs in zip(ours.named_parameters(), theirs.parameters()):
-        error = (p_ours.grad - p_theirs.grad).norm() / p_theirs.grad.norm().clamp_min(1e-12)
-        assert error < 1e-4, (name, error.item())
+    grads = {}
+    for name, model in (("ours", ours), ("theirs", theirs),
+                        ("ours64", copy.deepcopy(ours).double()),
+                        ("theirs64", copy.deepcopy(theirs).double())):
+        model.train()
+        y = model(x.to(next(model.parameters()).dtype))
+        y.square().sum().backward()
+        grads[name] = [y.detach().double()] + [p.grad.double() for p in model.parameters()]
+
+    def errors(name, reference="theirs64"):
+        return [((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+                for a, e in zip(grads[name], grads[reference])]
+
+    assert max(errors("ours64")) < 1e-8
+    ours_errors, theirs_errors = errors("ours"), errors("theirs")
+    assert ours_errors[0] < 1e-5  # the output
+    assert max(ours_errors) <= 2 * max(theirs_errors)
+    assert sorted(ours_errors)[len(ours_errors) // 2] <= 3 * sorted(theirs_errors)[len(theirs_errors) // 2]
 
 
 @pytest.mark.parametrize("name, params", [("densenet161", 28_681_000), ("densenet169", 14_149_480),

@@ -12,11 +12,17 @@ that autograd keeps for backward, so memory grows with the square of depth. `Den
   k new channels into its slice, so there are no concatenation copies to keep. The concatenation a
   1×1 conv reads and the BN+ReLU outputs live in two scratch storages shared by all layers of the
   block, overwritten layer after layer, and recomputed in backward. Per layer autograd keeps only the
-  bottleneck (the 1×1 conv's 4k-channel output) and the dropout mask: memory is linear in depth.
-  Recomputed batch statistics come from the same input with the same kernel, so they are
-  bit-identical to the forward's; running statistics are updated exactly once, in forward.
+  bottleneck (the 1×1 conv's 4k-channel output; not even that with ``recompute_bottleneck``) and the
+  dropout mask: memory is linear in depth. BatchNorm+ReLU runs on cnnkernels' batch_norm_act
+  kernels: each channel's batch statistics are computed once, when the channel is written (they are
+  the same in every later layer), the folded scale and shift are saved, and backward recomputes
+  BN+ReLU from them with the forward's kernel (bit-identical) and goes back through it in two
+  passes, ReLU's derivative recomputed from the input. Running statistics are updated exactly once,
+  in forward. On the CPU the block computes in channels_last whatever its input's layout (see
+  _works_in_channels_last) and hands its output back in the input's.
 
-All three compute the same outputs, gradients and running statistics. Parameter names (and hence
+All three compute the same outputs, gradients and running statistics, to float rounding ("shared"
+normalises with cnnkernels' kernels, the others with ATen's). Parameter names (and hence
 state_dict keys) are torchvision's: ``denselayer{i}.norm1/conv1/norm2/conv2``.
 """
 from __future__ import annotations
@@ -27,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from .. import activations
 
 MEMORY_MODES = ("naive", "checkpoint", "shared")
 
@@ -137,6 +145,19 @@ def is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def _format_of(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
+
+def _works_in_channels_last(x: Tensor) -> bool:
+    """Whether a block computes in channels_last whatever x's layout. On the CPU, yes: oneDNN's
+    NCHW convolutions reorder their operands to blocked layouts on every call, and their backward
+    on large planes runs at a third of the channels_last speed (8x128x56x56 -> 32, 3x3: input
+    gradient 22.7 ms NCHW, 9.3 ms channels_last on the dev VM). The block's output goes back to
+    x's layout, one copy per block instead of layer after layer."""
+    return x.device.type == "cpu" or is_channels_last(x)
+
+
 class _BlockPlan:
     """Shapes and scratch storages of one pass over a block."""
 
@@ -169,35 +190,47 @@ class _BlockPlan:
         return _scratch(self.norm2_storage, like.shape, self.channels_last)
 
 
-_STATS_DTYPES: dict[tuple, torch.dtype] = {}
+def _bn_kernels(x: Tensor):
+    """batch_norm_act's kernels (statistics, fold, backward passes) for x's device and backend."""
+    from ..ops.batch_norm_act import _kernels
+
+    return _kernels(x)
 
 
-def _saved_stats_dtype(x: Tensor, weight: Tensor | None) -> torch.dtype:
-    """The dtype ATen gives batch norm's saved mean/invstd (it varies by device and by whether
-    input and parameters share a dtype); learnt once per combination from a tiny batch."""
-    key = (x.device.type, x.dtype, None if weight is None else weight.dtype)
-    if key not in _STATS_DTYPES:
-        probe = torch.ones(2, 1, 1, 1, dtype=x.dtype, device=x.device)
-        one = None if weight is None else weight.new_ones(1)
-        _, mean, _ = torch.ops.aten.native_batch_norm(probe, one, one, None, None, True, 0.0, 1e-5)
-        _STATS_DTYPES[key] = mean.dtype
-    return _STATS_DTYPES[key]
-
-
-def _bn_relu_into(out: Tensor, x: Tensor, norm: nn.BatchNorm2d, weight: Tensor | None,
-                  bias: Tensor | None, update_running: bool) -> tuple[Tensor, Tensor]:
-    """relu(batch_norm(x)) in training mode, written into `out`; returns (mean, invstd)."""
-    mean = x.new_empty(x.shape[1], dtype=_saved_stats_dtype(x, weight))
-    invstd = torch.empty_like(mean)
-    if update_running:
+def _fold_batch(kernels, norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, weight: Tensor | None,
+                bias: Tensor | None, count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(scale, shift, invstd) of `norm` in training mode for a batch with these statistics, and
+    its running statistics moved once, as nn.BatchNorm2d.forward moves them."""
+    if norm.track_running_stats and norm.running_mean is not None:
         momentum = _momentum_and_count(norm)
-        running_mean, running_var = norm.running_mean, norm.running_var
-    else:
-        momentum, running_mean, running_var = 0.0, None, None
-    torch.ops.aten.native_batch_norm.out(x, weight, bias, running_mean, running_var, True, momentum,
-                                         norm.eps, out=out, save_mean=mean, save_invstd=invstd)
-    out.relu_()
-    return mean, invstd
+        return kernels.fold(mean, var, weight, bias, norm.running_mean, norm.running_var,
+                            momentum, norm.eps, count)
+    return kernels.fold(mean, var, weight, bias, None, None, 0.0, norm.eps, count)
+
+
+def _relu_affine_into(out: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """relu(x·scale + shift) per channel, written into `out`: BatchNorm+ReLU with folded batch
+    statistics, one pass (the same kernel and the same scale/shift in forward and in backward's
+    recomputation, so the two agree to the bit)."""
+    from ..ops.affine_act import affine_act
+
+    return affine_act(x, scale, shift, "relu", out=out)
+
+
+_RELU = activations.CODES["relu"]
+
+
+def _bn_relu_backward(kernels, grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+                      scale: Tensor, shift: Tensor, count: int, param_dtype: torch.dtype
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of relu(batch_norm(x)) (training statistics) given the gradient of its output:
+    (grad of x, of the BN weight, of the BN bias). ReLU's derivative is recomputed from x, so the
+    BN+ReLU output is not needed: one reduction pass and one elementwise pass (batch_norm_act's)."""
+    sum_dz, sum_dz_xmu = kernels.backward_reduce(grad, x, scale, shift, mean, None, _RELU, 0.01)
+    dz_xhat, coef_xmu, coef_1 = kernels.backward_coefs(sum_dz, sum_dz_xmu, scale, invstd, count)
+    grad_x, _ = kernels.backward_elemt(grad, x, scale, shift, mean, scale, coef_xmu, coef_1, None,
+                                       _RELU, 0.01, False)
+    return grad_x, dz_xhat.to(param_dtype), sum_dz.to(param_dtype)
 
 
 def _layer_params(layer: DenseLayer) -> list[Tensor]:
@@ -206,73 +239,56 @@ def _layer_params(layer: DenseLayer) -> list[Tensor]:
 
 
 _PARAMS_PER_LAYER = 6
+_STATS_PER_LAYER = 8  # (mean, invstd, scale, shift) of norm1, then of norm2
 
 
 def _forward_shared(block: "DenseBlock", x: Tensor, params: Sequence[Tensor], save: bool
                     ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """The block's forward into one preallocated output; returns it and what backward needs
     besides it: the bottlenecks (when `save` and the block does not recompute them), the dropout
-    masks, and each BatchNorm's batch mean and inverse std. Runs without autograd."""
-    plan = _BlockPlan(block, x, x.shape[0], x.shape[2], x.shape[3], is_channels_last(x))
+    masks, and each BatchNorm's batch mean, inverse std and folded scale and shift. Runs without
+    autograd.
+
+    A channel's batch statistics are the same in every layer that normalises it (the same values
+    of the same batch), so each is computed once, when its channels are written (the block input
+    first, then each layer's new channels): norm1 of layer l reads them instead of a statistics
+    pass over its whole input, which is the square of depth in all."""
+    plan = _BlockPlan(block, x, x.shape[0], x.shape[2], x.shape[3], _works_in_channels_last(x))
     out = torch.empty((plan.n, plan.c0 + plan.num_layers * plan.k, plan.h, plan.w), dtype=x.dtype,
                       device=x.device, memory_format=plan.memory_format)
     out[:, :plan.c0].copy_(x)
+    kernels = _bn_kernels(x)
+    count = plan.n * plan.h * plan.w
+    input_mean, input_var = kernels.stats(x)
+    means, variances = [input_mean], [input_var]  # per chunk of channels of `out`
     bottlenecks: list[Tensor] = []
     masks: list[Tensor] = []
     stats: list[Tensor] = []
     for index, layer in enumerate(block.layers):
         w1, b1, conv1, w2, b2, conv2 = params[index * _PARAMS_PER_LAYER:(index + 1) * _PARAMS_PER_LAYER]
         concat = plan.concat(out, index)
-        normed1 = plan.norm1_output(concat)
-        stats += _bn_relu_into(normed1, concat, layer.norm1, w1, b1, update_running=True)
+        mean1, var1 = torch.cat(means), torch.cat(variances)
+        scale1, shift1, invstd1 = _fold_batch(kernels, layer.norm1, mean1, var1, w1, b1, count)
+        normed1 = _relu_affine_into(plan.norm1_output(concat), concat, scale1, shift1)
         bottleneck = F.conv2d(normed1, conv1)
-        normed2 = plan.norm2_output(bottleneck)
-        stats += _bn_relu_into(normed2, bottleneck, layer.norm2, w2, b2, update_running=True)
+        mean2, var2 = kernels.stats(bottleneck)
+        scale2, shift2, invstd2 = _fold_batch(kernels, layer.norm2, mean2, var2, w2, b2, count)
+        normed2 = _relu_affine_into(plan.norm2_output(bottleneck), bottleneck, scale2, shift2)
         new = F.conv2d(normed2, conv2, padding=1)
-        if layer.drop_rate > 0:
-            new, mask = dropout_with_mask(new, layer.drop_rate)
+        if layer.drop_rate > 0:  # in x's layout: the same random numbers as the other modes
+            new, mask = dropout_with_mask(new.contiguous(memory_format=_format_of(x)),
+                                          layer.drop_rate)
             masks.append(mask)
         channels = plan.layer_input_channels(index)
         out[:, channels:channels + plan.k].copy_(new)
+        if index + 1 < plan.num_layers:
+            new_mean, new_var = kernels.stats(new)
+            means.append(new_mean)
+            variances.append(new_var)
+        stats += [mean1, invstd1, scale1, shift1, mean2, invstd2, scale2, shift2]
         if save and not block.recompute_bottleneck:
             bottlenecks.append(bottleneck)
-    return out, bottlenecks, masks, stats
-
-
-def _relu_backward_(grad: Tensor, relu_output: Tensor) -> Tensor:
-    """ReLU's backward (autograd's threshold_backward) written over `grad`: no extra input-sized
-    tensor. (masked_fill_ would do the same but is 5x slower on CPU.)"""
-    return torch.ops.aten.threshold_backward.grad_input(grad, relu_output, 0, grad_input=grad)
-
-
-def _affine_relu_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
-                      invstd: Tensor) -> None:
-    """relu(batch_norm(x)) again from the forward's batch statistics: one elementwise pass
-    (cnnkernels.ops.affine_act) instead of BatchNorm's statistics pass, normalising pass and ReLU
-    pass. ATen's CPU BatchNorm computes alpha = invstd·weight, beta = fma(−mean, alpha, bias) and
-    fma(x, alpha, beta); we fold the statistics the same way (the float32 fma as an exact float64
-    product and one subtraction), so on the CPU the recomputed values equal the forward's in
-    float32 (to the last bit, but for a double rounding once in ~2^29 channels)."""
-    from ..ops.affine_act import _compute_dtype, affine_act
-    from ..ops.batch_norm_act import fold_statistics
-
-    scale, shift = fold_statistics(mean, invstd, weight, bias, _compute_dtype(x.dtype))
-    affine_act(x, scale, shift, "relu", out=out)
-
-
-def _back_through_bn_relu_conv(grad_out: Tensor, normed: Tensor, conv_weight: Tensor,
-                               padding: int, bn_input: Tensor, bn_weight: Tensor, mean: Tensor,
-                               invstd: Tensor, eps: float) -> tuple[Tensor, ...]:
-    """Gradients of conv(relu(batch_norm(bn_input))) given `normed` = relu(batch_norm(bn_input)):
-    (grad of bn_input, of the conv weight, of the BN weight, of the BN bias). The same ATen
-    backward kernels autograd would call for the naive layer."""
-    grad_normed, grad_conv, _ = torch.ops.aten.convolution_backward(
-        grad_out, normed, conv_weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
-        [True, True, False])
-    grad_input, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-        _relu_backward_(grad_normed, normed), bn_input, bn_weight, None, None, mean, invstd, True,
-        eps, [True, True, True])
-    return grad_input, grad_conv, grad_bn_weight, grad_bn_bias
+    return out.contiguous(memory_format=_format_of(x)), bottlenecks, masks, stats
 
 
 def _backward_shared(block: "DenseBlock", out: Tensor, grad_out: Tensor, params: Sequence[Tensor],
@@ -280,8 +296,13 @@ def _backward_shared(block: "DenseBlock", out: Tensor, grad_out: Tensor, params:
                      ) -> tuple[Tensor, list[Tensor]]:
     """Gradients of the block input and of every parameter, last layer first, recomputing the
     overwritten concatenation and BN+ReLU outputs (and the bottleneck, unless it was saved)."""
-    plan = _BlockPlan(block, out, out.shape[0], out.shape[2], out.shape[3], is_channels_last(out))
+    plan = _BlockPlan(block, out, out.shape[0], out.shape[2], out.shape[3],
+                      _works_in_channels_last(out))
+    out_format = _format_of(out)
+    out = out.contiguous(memory_format=plan.memory_format)
     grad = grad_out.clone(memory_format=plan.memory_format)  # accumulates every layer's input gradient
+    kernels = _bn_kernels(out)
+    count = plan.n * plan.h * plan.w
     param_grads: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
     mask_iter = iter(reversed(masks))
     for index in reversed(range(block.num_layers)):
@@ -292,25 +313,32 @@ def _backward_shared(block: "DenseBlock", out: Tensor, grad_out: Tensor, params:
         if layer.drop_rate > 0:
             grad_new = grad_new * _dropout_scale(next(mask_iter), layer.drop_rate, grad.dtype)
         # Recompute the layer's overwritten tensors from its input and the saved statistics.
-        mean1, invstd1, mean2, invstd2 = stats[4 * index:4 * index + 4]
+        mean1, invstd1, scale1, shift1, mean2, invstd2, scale2, shift2 = \
+            stats[_STATS_PER_LAYER * index:_STATS_PER_LAYER * (index + 1)]
         concat = plan.concat(out, index)
-        normed1 = plan.norm1_output(concat)
-        _affine_relu_into(normed1, concat, w1, b1, mean1, invstd1)
+        normed1 = _relu_affine_into(plan.norm1_output(concat), concat, scale1, shift1)
         bottleneck = F.conv2d(normed1, conv1) if block.recompute_bottleneck else bottlenecks[index]
-        normed2 = plan.norm2_output(bottleneck)
-        _affine_relu_into(normed2, bottleneck, w2, b2, mean2, invstd2)
-        # Then back through it.
-        grad_bottleneck, grad_conv2, grad_w2, grad_b2 = _back_through_bn_relu_conv(
-            grad_new, normed2, conv2, 1, bottleneck, w2, mean2, invstd2, layer.norm2.eps)
-        del grad_new, bottleneck
-        grad_concat, grad_conv1, grad_w1, grad_b1 = _back_through_bn_relu_conv(
-            grad_bottleneck, normed1, conv1, 0, concat, w1, mean1, invstd1, layer.norm1.eps)
+        normed2 = _relu_affine_into(plan.norm2_output(bottleneck), bottleneck, scale2, shift2)
+        # Then back through it: conv2, BN2+ReLU, conv1, BN1+ReLU.
+        grad_normed2, grad_conv2, _ = torch.ops.aten.convolution_backward(
+            grad_new, normed2, conv2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [True, True, False])
+        del grad_new
+        grad_bottleneck, grad_w2, grad_b2 = _bn_relu_backward(
+            kernels, grad_normed2, bottleneck, mean2, invstd2, scale2, shift2, count, w2.dtype)
+        del grad_normed2, bottleneck
+        grad_normed1, grad_conv1, _ = torch.ops.aten.convolution_backward(
+            grad_bottleneck, normed1, conv1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [True, True, False])
         del grad_bottleneck
+        grad_concat, grad_w1, grad_b1 = _bn_relu_backward(
+            kernels, grad_normed1, concat, mean1, invstd1, scale1, shift1, count, w1.dtype)
+        del grad_normed1
         grad[:, :channels] += grad_concat
         del grad_concat
         param_grads[index * _PARAMS_PER_LAYER:(index + 1) * _PARAMS_PER_LAYER] = [
             grad_w1, grad_b1, grad_conv1, grad_w2, grad_b2, grad_conv2]
-    return grad[:, :plan.c0], param_grads
+    return grad[:, :plan.c0].contiguous(memory_format=out_format), param_grads
 
 
 class _SharedDenseBlock(torch.autograd.Function):
@@ -404,14 +432,14 @@ class DenseBlock(nn.Module):
     def _forward_eval(self, x: Tensor) -> Tensor:
         """Inference: each layer writes its new channels into the preallocated output."""
         n, c0, h, w = x.shape
-        memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+        memory_format = torch.channels_last if _works_in_channels_last(x) else torch.contiguous_format
         out = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device,
                           memory_format=memory_format)
         out[:, :c0].copy_(x)
         for index, layer in enumerate(self.layers):
             channels = c0 + index * self.growth_rate
             out[:, channels:channels + self.growth_rate].copy_(layer([out[:, :channels]]))
-        return out
+        return out.contiguous(memory_format=_format_of(x))
 
 
 def _is_torchvision_dense_block(module: nn.Module) -> bool:
@@ -441,10 +469,13 @@ def timm_dense_block_problem(block: nn.Module) -> str | None:
     return None
 
 
-def dense_block_from(block: nn.Module, memory: str = "shared") -> DenseBlock:
+def dense_block_from(block: nn.Module, memory: str = "shared",
+                     recompute_bottleneck: bool = False) -> DenseBlock:
     """Ours, holding copies of the parameters and buffers of a torchvision ``_DenseBlock``, a timm
     ``DenseBlock`` (see timm_dense_block_problem) or another DenseBlock, with the same state_dict
-    keys, mode, device and dtype."""
+    keys, mode, device and dtype. The bottlenecks are kept by default (what convert() builds): one
+    1x1 conv less per layer in backward for 4k channels per layer of memory, still linear in
+    depth (DenseNet-121, batch 8 at 224²: training step ~10% faster on the dev CPU)."""
     layers = list(block.children())
     if not layers or not all(hasattr(layer, name) for layer in layers
                              for name in ("norm1", "conv1", "norm2", "conv2")):
@@ -454,7 +485,7 @@ def dense_block_from(block: nn.Module, memory: str = "shared") -> DenseBlock:
     growth_rate = first.conv2.out_channels
     ours = DenseBlock(len(layers), first.norm1.num_features, growth_rate,
                       first.conv1.out_channels // growth_rate, float(getattr(first, "drop_rate", 0.0)),
-                      memory=memory)
+                      memory=memory, recompute_bottleneck=recompute_bottleneck)
     for layer, source in zip(ours.layers, layers):
         for norm, source_norm in ((layer.norm1, source.norm1), (layer.norm2, source.norm2)):
             norm.eps, norm.momentum = source_norm.eps, source_norm.momentum
