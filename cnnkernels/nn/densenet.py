@@ -168,17 +168,20 @@ class _BlockPlan:
         self.num_layers = block.num_layers
         self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        widest_input = self.c0 + (self.num_layers - 1) * self.k
+        self.widest_input = self.c0 + (self.num_layers - 1) * self.k
         bottleneck = block.bn_size * self.k
-        self.concat_storage = like.new_empty(self.n * widest_input * self.h * self.w)
-        self.norm1_storage = like.new_empty(self.n * widest_input * self.h * self.w)
+        self.concat_storage: Tensor | None = None  # backward only: the forward reads `out` in place
+        self.norm1_storage = like.new_empty(self.n * self.widest_input * self.h * self.w)
         self.norm2_storage = like.new_empty(self.n * bottleneck * self.h * self.w)
 
     def layer_input_channels(self, index: int) -> int:
         return self.c0 + index * self.k
 
     def concat(self, out: Tensor, index: int) -> Tensor:
-        """Layer `index`'s input, copied from the block output into the shared concat storage."""
+        """Layer `index`'s input, copied from the block output into the shared concat storage
+        (backward: its BatchNorm kernels read a dense input)."""
+        if self.concat_storage is None:
+            self.concat_storage = out.new_empty(self.n * self.widest_input * self.h * self.w)
         channels = self.layer_input_channels(index)
         view = _scratch(self.concat_storage, (self.n, channels, self.h, self.w), self.channels_last)
         return view.copy_(out[:, :channels])
@@ -266,7 +269,7 @@ def _forward_shared(block: "DenseBlock", x: Tensor, params: Sequence[Tensor], sa
     stats: list[Tensor] = []
     for index, layer in enumerate(block.layers):
         w1, b1, conv1, w2, b2, conv2 = params[index * _PARAMS_PER_LAYER:(index + 1) * _PARAMS_PER_LAYER]
-        concat = plan.concat(out, index)
+        concat = out[:, :plan.layer_input_channels(index)]  # read in place: no copy
         mean1, var1 = torch.cat(means), torch.cat(variances)
         scale1, shift1, invstd1 = _fold_batch(kernels, layer.norm1, mean1, var1, w1, b1, count)
         normed1 = _relu_affine_into(plan.norm1_output(concat), concat, scale1, shift1)
