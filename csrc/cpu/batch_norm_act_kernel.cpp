@@ -144,36 +144,46 @@ CNNKERNELS_ALWAYS_INLINE void sum_channel_planes(Inputs<T> in, int64_t batch, in
   sum_b = total_b;
 }
 
-// Adds Σa, Σb over rows [row0, row1) of C channels into sum_a[c], sum_b[c].
+// Adds Σa, Σb over rows [row0, row1) of C channels into sum_a[c], sum_b[c]. Each block of 16 rows
+// is walked row after row, in memory order, with float partial sums for up to kLocalChannels
+// channels in local arrays. (Walking a block chunk of channels by chunk instead revisits each row
+// C / kChunk times at a stride of C values: 8x512x28x28 ran at 13 GB/s against NCHW's 52 on the
+// dev CPU.)
+constexpr int64_t kLocalChannels = 2048;
+
 template <bool kAvx2, bool kGrad, bool kResidual, typename T, typename Op>
 CNNKERNELS_ALWAYS_INLINE void sum_rows(Inputs<T> in, int64_t row0, int64_t row1, int64_t channels,
                                        const Op& op, double* sum_a, double* sum_b) {
   using F = opmath<T>;
   ChunkReader<kAvx2, T> rx, rg, rr;
-  alignas(64) F a[kChunk];
-  alignas(64) F b[kChunk];
-  for (int64_t rb = row0; rb < row1; rb += kRowBlock) {
-    const int64_t re = std::min(row1, rb + kRowBlock);
-    for (int64_t c0 = 0; c0 < channels; c0 += kChunk) {
-      const int64_t m = std::min(kChunk, channels - c0);
-      for (int64_t j = 0; j < m; ++j) a[j] = b[j] = F(0);
+  alignas(64) F a[kLocalChannels];
+  alignas(64) F b[kLocalChannels];
+  for (int64_t cb = 0; cb < channels; cb += kLocalChannels) {
+    const int64_t width = std::min(kLocalChannels, channels - cb);
+    for (int64_t rb = row0; rb < row1; rb += kRowBlock) {
+      const int64_t re = std::min(row1, rb + kRowBlock);
+      for (int64_t j = 0; j < width; ++j) a[j] = b[j] = F(0);
       for (int64_t row = rb; row < re; ++row) {
-        const int64_t at = row * channels + c0;
-        const F* x = rx.read(in.x + at, m);
-        const F* g = x;
-        const F* r = x;
-        if constexpr (kGrad) g = rg.read(in.grad + at, m);
-        if constexpr (kResidual) r = rr.read(in.residual + at, m);
-        for (int64_t j = 0; j < m; ++j) {
-          F da, db;
-          op(x[j], g[j], r[j], c0 + j, da, db);
-          a[j] += da;
-          b[j] += db;
+        for (int64_t c0 = cb; c0 < cb + width; c0 += kChunk) {
+          const int64_t m = std::min(kChunk, cb + width - c0), at = row * channels + c0;
+          const F* x = rx.read(in.x + at, m);
+          const F* g = x;
+          const F* r = x;
+          if constexpr (kGrad) g = rg.read(in.grad + at, m);
+          if constexpr (kResidual) r = rr.read(in.residual + at, m);
+          F* pa = a + (c0 - cb);
+          F* pb = b + (c0 - cb);
+          for (int64_t j = 0; j < m; ++j) {
+            F da, db;
+            op(x[j], g[j], r[j], c0 + j, da, db);
+            pa[j] += da;
+            pb[j] += db;
+          }
         }
       }
-      for (int64_t j = 0; j < m; ++j) {
-        sum_a[c0 + j] += a[j];
-        sum_b[c0 + j] += b[j];
+      for (int64_t j = 0; j < width; ++j) {
+        sum_a[cb + j] += a[j];
+        sum_b[cb + j] += b[j];
       }
     }
   }
