@@ -110,9 +110,10 @@ _QUICK_POINTWISE = [_POINTWISE_LAYERS[0], _POINTWISE_LAYERS[1], _POINTWISE_LAYER
 _OPS = ("hardswish", "hardsigmoid", "depthwise_conv2d", "batch_norm_act", "squeeze_excite",
         "affine_act", "pointwise_conv2d")
 
-# Ops timed forward only: passes without autograd (affine_act), and pointwise_conv2d, whose fused
-# form is the inference one (folded BatchNorm); its training path is conv + BatchNormAct2d.
-_FORWARD_ONLY = frozenset({"affine_act", "pointwise_conv2d"})
+# Ops timed forward only: passes without autograd (affine_act). pointwise_conv2d's "fwd" is the
+# inference Conv1x1-BN-Act (BatchNorm folded into the epilogue), its "fwd+bwd" the training step
+# of Conv1x1-BN-Act as ConvBNAct2d runs it (torch's conv, then our batch_norm_act).
+_FORWARD_ONLY = frozenset({"affine_act"})
 
 
 def directions(op: str) -> tuple[str, ...]:
@@ -181,9 +182,12 @@ def min_bytes(case: Case, direction: str, element_size: int) -> int:
     numel = 1
     for size in case.shape:
         numel *= size
-    if case.op == "pointwise_conv2d":  # x read, y written (and the residual read)
+    if case.op == "pointwise_conv2d":
         out = numel // case.shape[1] * case.kernel // case.stride ** 2
-        return (numel + out * (2 if case.residual else 1)) * element_size
+        if direction == "fwd":  # x read, y written (and the residual read)
+            return (numel + out * (2 if case.residual else 1)) * element_size
+        # + backward: grad read, x read again (weight gradient), dx written (and dresidual)
+        return (3 * numel + out * (4 if case.residual else 2)) * element_size
     return _MIN_PASSES[(case.op, direction)] * numel * element_size
 
 
@@ -224,6 +228,8 @@ def prepare(case: Case, device, dtype: torch.dtype, requires_grad: bool,
     if case.op == "affine_act":
         return _prepare_affine_act(case, x, gen)
     if case.op == "pointwise_conv2d":
+        if requires_grad:
+            return _prepare_conv_bn_act_training(case, x, gen)
         return _prepare_pointwise_conv2d(case, x, gen)
     raise ValueError(f"unknown op {case.op!r}")
 
@@ -308,3 +314,37 @@ def _prepare_pointwise_conv2d(case: Case, x: torch.Tensor, gen: torch.Generator)
     return Prepared([x], torch_fn, lambda: ops.pointwise_conv2d(
         x, weight, stride=case.stride, scale=scale, shift=shift, activation=activation,
         residual=residual))
+
+
+def _prepare_conv_bn_act_training(case: Case, x: torch.Tensor, gen: torch.Generator) -> Prepared:
+    """A training step of Conv1x1 → BatchNorm → ReLU (projections: BN then + residual) as
+    torchvision runs it vs as ConvBNAct2d runs it (the same conv, then our batch_norm_act with the
+    residual fused), sharing x, the conv weight and the BN affine parameters (the leaves); each
+    side updates its own running statistics."""
+    from . import ops
+
+    cin, cout = case.shape[1], case.kernel
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight = (torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5).to(x.device, x.dtype)
+    gamma = (torch.rand(cout, generator=gen) + 0.5).to(x.device, compute)
+    beta = torch.randn(cout, generator=gen).to(x.device, compute)
+    for t in (weight, gamma, beta):
+        t.requires_grad_()
+    torch_stats = [torch.zeros(cout, device=x.device, dtype=compute),
+                   torch.ones(cout, device=x.device, dtype=compute)]
+    our_stats = [t.clone() for t in torch_stats]
+    out_shape = (case.shape[0], cout, case.shape[2] // case.stride, case.shape[3] // case.stride)
+    residual = torch.randn(out_shape, generator=gen).to(x.device, x.dtype).contiguous(
+        memory_format=torch.channels_last if not x.is_contiguous() else torch.contiguous_format) \
+        if case.residual else None
+
+    def torch_fn():
+        y = F.batch_norm(F.conv2d(x, weight, None, case.stride), *torch_stats, gamma, beta, True)
+        return y + residual if residual is not None else F.relu(y, inplace=True)
+
+    def ours_fn():
+        return ops.batch_norm_act(F.conv2d(x, weight, None, case.stride), gamma, beta, *our_stats,
+                                  True, 0.1, 1e-5, "identity" if residual is not None else "relu",
+                                  residual=residual)
+
+    return Prepared([x, weight, gamma, beta], torch_fn, ours_fn)
