@@ -61,16 +61,33 @@ void check_batch_norm_act_args(const at::Tensor& x, const at::Tensor* grad,
   }
 }
 
+int64_t channels_last_row_stride(const at::Tensor& x) {
+  if (x.dim() != 4 || x.numel() == 0) return 0;
+  const int64_t channels = x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t row = x.stride(3);
+  const bool rows = x.stride(1) == 1 && row > channels && (height == 1 || x.stride(2) == width * row) &&
+                    (x.size(0) == 1 || x.stride(0) == height * width * row);
+  return rows ? row : 0;
+}
+
 BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& x,
                                const std::optional<at::Tensor>& residual,
                                std::initializer_list<ChannelArg> per_channel, int64_t activation,
-                               const char* op) {
+                               const char* op, bool strided_rows) {
   check_batch_norm_act_args(x, &grad, residual, per_channel, op);
   activation_from_int(activation);
+  const int64_t row_stride = strided_rows ? channels_last_row_stride(x) : 0;
+  if (row_stride > 0) {  // x read in place; everything else dense channels_last
+    const auto format = at::MemoryFormat::ChannelsLast;
+    std::optional<at::Tensor> dense_residual;
+    if (residual.has_value() && residual->defined()) dense_residual = residual->contiguous(format);
+    return {format, x, grad.contiguous(format), dense_residual, row_stride};
+  }
   const auto format = kernel_memory_format(x);
   std::optional<at::Tensor> dense_residual;
   if (residual.has_value() && residual->defined()) dense_residual = residual->contiguous(format);
-  return {format, x.contiguous(format), grad.contiguous(format), dense_residual};
+  const int64_t rows = x.dim() >= 2 ? x.size(1) : 0;
+  return {format, x.contiguous(format), grad.contiguous(format), dense_residual, rows};
 }
 
 at::Tensor no_residual_grad(const at::Tensor& x) { return at::empty({0}, x.options()); }

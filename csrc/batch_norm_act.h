@@ -27,19 +27,28 @@ void check_batch_norm_act_args(const at::Tensor& x, const at::Tensor* grad,
                                const std::optional<at::Tensor>& residual,
                                std::initializer_list<ChannelArg> per_channel, const char* op);
 
-// What a backward kernel reads, checked and made dense in the kernels' layout.
+// The distance, in values, between consecutive pixels of a 4-D x whose pixels are rows of C
+// channels lying further apart than C: a channel slice x[:, :C] of a wider channels_last tensor
+// (a DenseNet block's concatenation, read in place). 0 for any other x.
+int64_t channels_last_row_stride(const at::Tensor& x);
+
+// What a backward kernel reads, checked and made dense in the kernels' layout. x_row_stride: the
+// distance between x's rows in channels_last (C when x is dense; larger when the caller accepts
+// strided rows and x is such a slice, see channels_last_row_stride).
 struct BackwardInputs {
   at::MemoryFormat format;
   at::Tensor x, grad;
   std::optional<at::Tensor> residual;
+  int64_t x_row_stride;
 };
 
 // check_batch_norm_act_args + a valid activation code, then grad, x (and residual) in x's kernel
-// layout; every per-channel argument is checked the same way.
+// layout; every per-channel argument is checked the same way. `strided_rows`: leave an x with
+// strided channels_last rows as it is (the CPU kernels read it in place).
 BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& x,
                                const std::optional<at::Tensor>& residual,
                                std::initializer_list<ChannelArg> per_channel, int64_t activation,
-                               const char* op);
+                               const char* op, bool strided_rows = false);
 
 // The empty tensor returned in place of grad_residual when it was not asked for.
 at::Tensor no_residual_grad(const at::Tensor& x);

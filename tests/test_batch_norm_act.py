@@ -221,6 +221,38 @@ def test_opcheck():
     torch.library.opcheck(ops.batch_norm_act_backward_coefs.default, (mean, shift, scale, scale, 9))
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (1, 40, 3, 1), (2, 300, 4, 4)], ids=str)
+def test_backward_kernels_read_a_channel_slice_of_channels_last(impl, residual, shape):
+    """x = wide[:, :C] of a channels_last tensor (a DenseNet block's concatenation): the same
+    sums and dx as from a dense copy of x (the CPU kernels read it in place: to the bit)."""
+    backend_name, device = impl
+    n, c, h, w = shape
+    x_dense, grad, r, (scale, shift, mean) = kernel_inputs("channels_last", device,
+                                                           residual=residual, shape=shape)
+    wide = torch.randn(n, c + 9, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    wide[:, :c] = x_dense
+    x = wide[:, :c]
+    assert bn_ops._strided_rows(x) and not x.is_contiguous(memory_format=torch.channels_last)
+    k = bn_ops._kernels(x)
+    exact = dict(rtol=0, atol=0) if backend_name == "cpu" else {}
+    for a, e in zip(k.backward_reduce(grad, x, scale, shift, mean, r, 1, 0.01),
+                    k.backward_reduce(grad, x_dense, scale, shift, mean, r, 1, 0.01)):
+        torch.testing.assert_close(a, e, **exact)
+    coefs = (scale * 0.7, shift * 0.1, mean * 0.01)
+    actual = k.backward_elemt(grad, x, scale, shift, mean, *coefs, r, 1, 0.01, residual)
+    expected = k.backward_elemt(grad, x_dense, scale, shift, mean, *coefs, r, 1, 0.01, residual)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **exact)
+    if backend_name == "cpu":  # in place, dx dense channels_last
+        assert actual[0].is_contiguous(memory_format=torch.channels_last)
+        ops = torch.ops.cnnkernels
+        torch.library.opcheck(ops.batch_norm_act_backward_reduce.default,
+                              (grad, x, scale, shift, mean, r, 1, 0.01))
+        torch.library.opcheck(ops.batch_norm_act_backward_elemt.default,
+                              (grad, x, scale, shift, mean, *coefs, r, 1, 0.01, residual))
+
+
 # --- the per-channel kernels: fold (forward) and the backward's coefficients --------------------
 
 def channel_inputs(device, channels=37, dtype=torch.float32, running_dtype=torch.float32):

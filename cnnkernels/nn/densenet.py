@@ -170,7 +170,7 @@ class _BlockPlan:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.widest_input = self.c0 + (self.num_layers - 1) * self.k
         bottleneck = block.bn_size * self.k
-        self.concat_storage: Tensor | None = None  # backward only: the forward reads `out` in place
+        self.concat_storage: Tensor | None = None  # off the CPU, in backward (see _layer_input)
         self.norm1_storage = like.new_empty(self.n * self.widest_input * self.h * self.w)
         self.norm2_storage = like.new_empty(self.n * bottleneck * self.h * self.w)
 
@@ -234,6 +234,15 @@ def _bn_relu_backward(kernels, grad: Tensor, x: Tensor, mean: Tensor, invstd: Te
     grad_x, _ = kernels.backward_elemt(grad, x, scale, shift, mean, scale, coef_xmu, coef_1, None,
                                        _RELU, 0.01, False)
     return grad_x, dz_xhat.to(param_dtype), sum_dz.to(param_dtype)
+
+
+def _layer_input(plan: _BlockPlan, out: Tensor, index: int) -> Tensor:
+    """Layer `index`'s input for backward: on the CPU the channel slice of the block's
+    channels_last output, which batch_norm_act's CPU kernels read in place; elsewhere a dense copy
+    in the concat scratch storage."""
+    if out.device.type == "cpu" and plan.channels_last:
+        return out[:, :plan.layer_input_channels(index)]
+    return plan.concat(out, index)
 
 
 def _layer_params(layer: DenseLayer) -> list[Tensor]:
@@ -318,7 +327,7 @@ def _backward_shared(block: "DenseBlock", out: Tensor, grad_out: Tensor, params:
         # Recompute the layer's overwritten tensors from its input and the saved statistics.
         mean1, invstd1, scale1, shift1, mean2, invstd2, scale2, shift2 = \
             stats[_STATS_PER_LAYER * index:_STATS_PER_LAYER * (index + 1)]
-        concat = plan.concat(out, index)
+        concat = _layer_input(plan, out, index)
         normed1 = _relu_affine_into(plan.norm1_output(concat), concat, scale1, shift1)
         bottleneck = F.conv2d(normed1, conv1) if block.recompute_bottleneck else bottlenecks[index]
         normed2 = _relu_affine_into(plan.norm2_output(bottleneck), bottleneck, scale2, shift2)

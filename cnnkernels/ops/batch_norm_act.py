@@ -190,8 +190,20 @@ class _BatchNormAct(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None, None
 
 
+def _strided_rows(x) -> bool:
+    """x[:, :C] of a wider channels_last tensor: pixels are rows of C channels further apart than
+    C, which the CPU backward kernels read in place (csrc: channels_last_row_stride)."""
+    if x.dim() != 4 or x.numel() == 0:
+        return False
+    n, c, h, w = x.shape
+    row = x.stride(3)
+    return (x.stride(1) == 1 and row > c and (h == 1 or x.stride(2) == w * row)
+            and (n == 1 or x.stride(0) == h * w * row))
+
+
 def _format(x):
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if x.dim() == 4 and not x.is_contiguous() and (
+            x.is_contiguous(memory_format=torch.channels_last) or _strided_rows(x)):
         return torch.channels_last
     return torch.contiguous_format
 

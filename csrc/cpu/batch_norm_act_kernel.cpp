@@ -4,7 +4,9 @@
 // Layouts. NCHW: a channel's data is N planes of H·W contiguous values; the reductions split the
 // channels over threads, the elementwise pass splits the planes. channels_last (and 2-D [N, C]):
 // rows of C values; the reductions give each thread a range of rows with its own per-channel
-// partials, summed at the end, and the elementwise pass splits the rows.
+// partials, summed at the end, and the elementwise pass splits the rows. The backward passes also
+// read an x whose rows lie further apart than C (a channel slice of a wider channels_last tensor:
+// a DenseNet block's concatenation) in place.
 //
 // Accuracy. Values are summed in the compute type over chunks of at most 256 (vector lanes of a
 // plane's chunk in NCHW, 16 rows per channel in channels_last) and the chunk sums are added in
@@ -144,7 +146,8 @@ CNNKERNELS_ALWAYS_INLINE void sum_channel_planes(Inputs<T> in, int64_t batch, in
   sum_b = total_b;
 }
 
-// Adds Σa, Σb over rows [row0, row1) of C channels into sum_a[c], sum_b[c]. Each block of 16 rows
+// Adds Σa, Σb over rows [row0, row1) of C channels into sum_a[c], sum_b[c] (x's rows x_stride values
+// apart, grad's and residual's C). Each block of 16 rows
 // is walked row after row, in memory order, with float partial sums for up to kLocalChannels
 // channels in local arrays. (Walking a block chunk of channels by chunk instead revisits each row
 // C / kChunk times at a stride of C values: 8x512x28x28 ran at 13 GB/s against NCHW's 52 on the
@@ -153,7 +156,8 @@ constexpr int64_t kLocalChannels = 2048;
 
 template <bool kAvx2, bool kGrad, bool kResidual, typename T, typename Op>
 CNNKERNELS_ALWAYS_INLINE void sum_rows(Inputs<T> in, int64_t row0, int64_t row1, int64_t channels,
-                                       const Op& op, double* sum_a, double* sum_b) {
+                                       int64_t x_stride, const Op& op, double* sum_a,
+                                       double* sum_b) {
   using F = opmath<T>;
   ChunkReader<kAvx2, T> rx, rg, rr;
   alignas(64) F a[kLocalChannels];
@@ -166,7 +170,7 @@ CNNKERNELS_ALWAYS_INLINE void sum_rows(Inputs<T> in, int64_t row0, int64_t row1,
       for (int64_t row = rb; row < re; ++row) {
         for (int64_t c0 = cb; c0 < cb + width; c0 += kChunk) {
           const int64_t m = std::min(kChunk, cb + width - c0), at = row * channels + c0;
-          const F* x = rx.read(in.x + at, m);
+          const F* x = rx.read(in.x + row * x_stride + c0, m);
           const F* g = x;
           const F* r = x;
           if constexpr (kGrad) g = rg.read(in.grad + at, m);
@@ -192,16 +196,20 @@ CNNKERNELS_ALWAYS_INLINE void sum_rows(Inputs<T> in, int64_t row0, int64_t row1,
 // The shape the kernels walk: channel planes (NCHW, any number of trailing dims) or rows.
 struct Walk {
   bool rows;
-  int64_t batch, channels, plane;  // plane: values per (n, c) in NCHW; 1 for rows
+  int64_t batch, channels, plane;  // plane: values per (n, c) (rows: pixels per image)
+  int64_t x_stride;  // rows: values between x's rows (C, or more for a channel slice read in place)
   int64_t count() const { return batch * plane; }  // values per channel
   int64_t rows_total() const { return batch * plane; }
 };
 
-Walk walk_of(const at::Tensor& x) {
+// `x_row_stride`: BackwardInputs::x_row_stride (0: x is dense).
+Walk walk_of(const at::Tensor& x, int64_t x_row_stride = 0) {
   const int64_t channels = x.size(1), batch = x.size(0);
   const int64_t plane = batch * channels == 0 ? 0 : x.numel() / (batch * channels);
-  const bool rows = x.dim() == 2 || kernel_memory_format(x) == at::MemoryFormat::ChannelsLast;
-  return {rows, batch, channels, plane};
+  const bool strided = x_row_stride > channels;
+  const bool rows = strided || x.dim() == 2 ||
+                    kernel_memory_format(x) == at::MemoryFormat::ChannelsLast;
+  return {rows, batch, channels, plane, strided ? x_row_stride : channels};
 }
 
 int64_t grain_in_units(int64_t elements_per_unit) {
@@ -282,7 +290,7 @@ void sum_per_channel(Inputs<T> in, const Walk& w, const MakeOp& make_op, std::ve
       constexpr bool kAvx2 = decltype(avx2)::value;
       for (int64_t p = p0; p < p1; ++p) {
         sum_rows<kAvx2, kGrad, kResidual>(in, rows * p / parts, rows * (p + 1) / parts, w.channels,
-                                          make_op(-1), part_a.data() + p * w.channels,
+                                          w.x_stride, make_op(-1), part_a.data() + p * w.channels,
                                           part_b.data() + p * w.channels);
       }
     });
@@ -384,11 +392,11 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_reduce_cpu(
     int64_t activation, double negative_slope) {
   const BackwardInputs in_ = backward_inputs(
       grad_in, x_in, residual_in, {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"}},
-      activation, "batch_norm_act_backward_reduce");
+      activation, "batch_norm_act_backward_reduce", /*strided_rows=*/true);
   const at::Tensor &x = in_.x, &grad = in_.grad;
   const auto& residual = in_.residual;
   at::Tensor sum_dz = at::zeros_like(scale), sum_dz_xmu = at::zeros_like(scale);
-  const Walk w = walk_of(x);
+  const Walk w = walk_of(x, in_.x_row_stride);
   if (w.count() == 0 || w.channels == 0) return {sum_dz, sum_dz_xmu};
   const ChannelTensors p{scale.contiguous(), shift.contiguous(), mean.contiguous(), {}, {}, {}};
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -495,6 +503,22 @@ void grad_input(Inputs<T> in, const Walk& w, const ChannelTensors& t, int64_t ac
                                      t.mean.const_data_ptr<F>(),  t.k_dz.const_data_ptr<F>(),
                                      t.k_xmu.const_data_ptr<F>(), t.k_1.const_data_ptr<F>()};
   dispatch_activation(activation, negative_slope, [&](auto act) {
+    if (w.rows && w.x_stride != w.channels) {  // x's rows apart: one row at a time
+      const int64_t rows = w.rows_total(), c = w.channels;
+      at::parallel_for(0, rows, grain_in_units(c), [&](int64_t r0, int64_t r1) {
+        cpu::run_with_best_isa_flag([&](auto avx2) {
+          constexpr bool kAvx2 = decltype(avx2)::value;
+          for (int64_t r = r0; r < r1; ++r) {
+            const Inputs<T> row{in.x + r * w.x_stride, in.grad + r * c,
+                                kResidual ? in.residual + r * c : nullptr};
+            elemt_block<kAvx2, kResidual, true>(row, dx + r * c,
+                                                kResidual ? dresidual + r * c : nullptr, 0, c,
+                                                arrays, c, act, false);
+          }
+        });
+      });
+      return;
+    }
     if (w.rows) {
       const int64_t rows = w.rows_total();
       at::parallel_for(0, rows, grain_in_units(w.channels), [&](int64_t r0, int64_t r1) {
@@ -531,14 +555,14 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_elemt_cpu(
       grad_in, x_in, residual_in,
       {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"}, {&k_dz, "coef_dz"}, {&k_xmu, "coef_xmu"},
        {&k_1, "coef_1"}},
-      activation, "batch_norm_act_backward_elemt");
+      activation, "batch_norm_act_backward_elemt", /*strided_rows=*/true);
   const at::Tensor &x = in_.x, &grad = in_.grad;
   const auto& residual = in_.residual;
   const auto format = in_.format;
   at::Tensor dx = at::empty_like(x, format);
   // dz is the residual's gradient; computed in the same pass whenever a residual was added
   at::Tensor dresidual = residual ? at::empty_like(x, format) : no_residual_grad(x);
-  const Walk w = walk_of(x);
+  const Walk w = walk_of(x, in_.x_row_stride);
   if (x.numel() > 0) {
     const ChannelTensors t{scale.contiguous(), shift.contiguous(), mean.contiguous(),
                            k_dz.contiguous(),  k_xmu.contiguous(), k_1.contiguous()};
