@@ -236,6 +236,14 @@ def _bn_relu_backward(kernels, grad: Tensor, x: Tensor, mean: Tensor, invstd: Te
     return grad_x, dz_xhat.to(param_dtype), sum_dz.to(param_dtype)
 
 
+def _conv_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int) -> tuple[Tensor, Tensor]:
+    """(grad of x, grad of weight) of a stride-1, bias-free F.conv2d(x, weight, padding=padding)."""
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+        [True, True, False])
+    return grad_x, grad_weight
+
+
 def _layer_input(plan: _BlockPlan, out: Tensor, index: int) -> Tensor:
     """Layer `index`'s input for backward: on the CPU the channel slice of the block's
     channels_last output, which batch_norm_act's CPU kernels read in place; elsewhere a dense copy
@@ -278,7 +286,8 @@ def _forward_shared(block: "DenseBlock", x: Tensor, params: Sequence[Tensor], sa
     stats: list[Tensor] = []
     for index, layer in enumerate(block.layers):
         w1, b1, conv1, w2, b2, conv2 = params[index * _PARAMS_PER_LAYER:(index + 1) * _PARAMS_PER_LAYER]
-        concat = out[:, :plan.layer_input_channels(index)]  # read in place: no copy
+        channels = plan.layer_input_channels(index)
+        concat = out[:, :channels]  # read in place: no copy
         mean1, var1 = torch.cat(means), torch.cat(variances)
         scale1, shift1, invstd1 = _fold_batch(kernels, layer.norm1, mean1, var1, w1, b1, count)
         normed1 = _relu_affine_into(plan.norm1_output(concat), concat, scale1, shift1)
@@ -291,7 +300,6 @@ def _forward_shared(block: "DenseBlock", x: Tensor, params: Sequence[Tensor], sa
             new, mask = dropout_with_mask(new.contiguous(memory_format=_format_of(x)),
                                           layer.drop_rate)
             masks.append(mask)
-        channels = plan.layer_input_channels(index)
         out[:, channels:channels + plan.k].copy_(new)
         if index + 1 < plan.num_layers:
             new_mean, new_var = kernels.stats(new)
@@ -332,16 +340,12 @@ def _backward_shared(block: "DenseBlock", out: Tensor, grad_out: Tensor, params:
         bottleneck = F.conv2d(normed1, conv1) if block.recompute_bottleneck else bottlenecks[index]
         normed2 = _relu_affine_into(plan.norm2_output(bottleneck), bottleneck, scale2, shift2)
         # Then back through it: conv2, BN2+ReLU, conv1, BN1+ReLU.
-        grad_normed2, grad_conv2, _ = torch.ops.aten.convolution_backward(
-            grad_new, normed2, conv2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [True, True, False])
+        grad_normed2, grad_conv2 = _conv_backward(grad_new, normed2, conv2, padding=1)
         del grad_new
         grad_bottleneck, grad_w2, grad_b2 = _bn_relu_backward(
             kernels, grad_normed2, bottleneck, mean2, invstd2, scale2, shift2, count, w2.dtype)
         del grad_normed2, bottleneck
-        grad_normed1, grad_conv1, _ = torch.ops.aten.convolution_backward(
-            grad_bottleneck, normed1, conv1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [True, True, False])
+        grad_normed1, grad_conv1 = _conv_backward(grad_bottleneck, normed1, conv1, padding=0)
         del grad_bottleneck
         grad_concat, grad_w1, grad_b1 = _bn_relu_backward(
             kernels, grad_normed1, concat, mean1, invstd1, scale1, shift1, count, w1.dtype)
