@@ -78,16 +78,19 @@ def test_float64_is_exact_to_rounding(layout):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_reduced_precision(dtype, layout):
-    x, weight, args = make(dtype=dtype, layout=layout, residual=True)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_reduced_precision(dtype, layout, residual):
+    """bfloat16 without a residual runs oneDNN's fused convolution on CPUs with native bfloat16."""
+    x, weight, args = make(dtype=dtype, layout=layout, residual=residual)
     y = ops.pointwise_conv2d(x, weight, activation="relu", **args)
     assert y.dtype == dtype
     tol = 1e-2 if dtype == torch.float16 else 5e-2
     torch.testing.assert_close(y.double(), expected(x, weight, args, "relu"), rtol=tol, atol=tol)
 
 
-def test_tiles_cover_large_planes_and_many_channels():
+def test_tiles_cover_large_planes_and_many_channels(monkeypatch):
     """More than one output tile per plane (NCHW) and per group of pixels (channels_last)."""
+    monkeypatch.setenv("CNNKERNELS_POINTWISE_GEMM", "tiles")
     for layout in LAYOUTS:
         x, weight, args = make(n=2, cin=24, cout=144, h=56, w=56, layout=layout)
         y = ops.pointwise_conv2d(x, weight, activation="relu6", **args)
@@ -98,6 +101,54 @@ def test_tiles_cover_large_planes_and_many_channels():
 def needs_ext():
     if not cnnkernels.info()["cpu_ext"]:
         pytest.skip("the C++ extension is not built")
+
+
+def calls_onednn(fn) -> bool:
+    """Whether fn() runs ATen's fused oneDNN convolution (mkldnn::_convolution_pointwise)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any("_convolution_pointwise" in event.name for event in prof.events())
+
+
+@pytest.mark.parametrize("gemm", ["onednn", "tiles", "conv"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("activation", ACTS + ["hardsigmoid"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_every_cpu_gemm_path(monkeypatch, gemm, layout, activation, residual):
+    """The three CPU paths (CNNKERNELS_POINTWISE_GEMM forces one): oneDNN's fused convolution
+    (float32, the default where its post-ops match ours), BLAS tiles + our epilogue, oneDNN's
+    plain convolution + our epilogue; stride 2 and groups on each."""
+    needs_ext()
+    monkeypatch.setenv("CNNKERNELS_POINTWISE_GEMM", gemm)
+    x, weight, args = make(n=2, cin=24, cout=40, h=46, w=47, groups=2, stride=2, layout=layout,
+                           residual=residual)
+    with cnnkernels.use_backend("cpu"), torch.no_grad():
+        run = lambda: ops.pointwise_conv2d(x, weight, activation=activation, **args)  # noqa: E731
+        y = run()
+        fused = calls_onednn(run)
+    torch.testing.assert_close(y.double(), expected(x, weight, args, activation), rtol=1e-5,
+                               atol=1e-5)
+    assert y.is_contiguous(memory_format=LAYOUTS[layout])
+    onednn_applies = torch.backends.mkldnn.is_available() and \
+        (not residual or activation in ("identity", "relu"))
+    assert fused == (gemm == "onednn" and onednn_applies)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+def test_onednn_only_for_float32():
+    """float64 keeps our own kernels (oneDNN has no float64 convolution), and so does a torch
+    with oneDNN switched off."""
+    needs_ext()
+    x, weight, args = make(dtype=torch.float64)
+    with cnnkernels.use_backend("cpu"), torch.no_grad():
+        assert not calls_onednn(lambda: ops.pointwise_conv2d(x, weight, **args))
+        x32, w32 = x.float(), weight.float()
+        args32 = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with torch.backends.mkldnn.flags(enabled=False):
+            y = ops.pointwise_conv2d(x32, w32, **args32)
+            assert not calls_onednn(lambda: ops.pointwise_conv2d(x32, w32, **args32))
+    torch.testing.assert_close(y.double(), expected(x, weight, args, "identity"), rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("activation", ["identity", "relu", "hardswish"])

@@ -6,9 +6,17 @@
 // channels_last). Each tile is computed by BLAS (at::mm_out into a strided view of y, no copy) and
 // the epilogue act(fma(z, scale, shift) + residual) rewrites it in place while it is still in L2,
 // so the output reaches memory once: eager Conv → BN → act writes and reads it three times.
+//
+// float32 (and bfloat16 on CPUs with native bfloat16) goes to oneDNN instead where ATen has it
+// (every x86 build): its convolution with the scale folded into the weight, shift + bias as its
+// bias and the activation (and residual add) as post-ops, the same fused convolution Inductor's
+// CPU backend calls. It matches or beats the tiles and conv-then-epilogue paths on every measured
+// layer, by up to 1.75x in channels_last.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -155,14 +163,114 @@ at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, int
   return z;
 }
 
-// BLAS tiles win on large planes with a small reduction (MobileNet expansions: the GEMM is
-// memory-bound and its output never leaves the cache); oneDNN's convolution wins on small planes
-// (per-image GEMMs too small for BLAS) and large reductions. Measured on the 2-vCPU dev VM.
-bool use_tiles(const std::vector<int64_t>& out_size, int64_t reduction) {
-  if (const char* mode = std::getenv("CNNKERNELS_POINTWISE_GEMM")) {  // tiles | conv: benchmarks
-    return std::string(mode) == "tiles";
+// --- oneDNN's fused convolution --------------------------------------------------------------
+
+// mkldnn::_convolution_pointwise (and its .binary overload for the residual add): ATen's oneDNN
+// convolution with post-ops. Looked up at run time and called boxed, so a torch built without
+// oneDNN, or one whose C++ signature of the op differs, falls back to our own paths.
+const std::optional<c10::OperatorHandle>& onednn_op(bool binary) {
+  static const std::optional<c10::OperatorHandle> unary =
+      c10::Dispatcher::singleton().findOp({"mkldnn::_convolution_pointwise", ""});
+  static const std::optional<c10::OperatorHandle> with_add =
+      c10::Dispatcher::singleton().findOp({"mkldnn::_convolution_pointwise", "binary"});
+  return binary ? with_add : unary;
+}
+
+// The post-op name and scalars of our activation; nullopt where oneDNN's post-op would differ from
+// our functor or the .binary overload cannot follow the add with it (only relu there).
+std::optional<std::pair<std::string, c10::List<std::optional<at::Scalar>>>> onednn_post_op(
+    int64_t activation, double negative_slope, bool residual) {
+  c10::List<std::optional<at::Scalar>> scalars;
+  switch (activation_from_int(activation)) {
+    case Activation::Identity: return std::make_pair(std::string("none"), scalars);
+    case Activation::ReLU: return std::make_pair(std::string("relu"), scalars);
+    default: break;
   }
-  return out_size[2] * out_size[3] >= 2048 && reduction <= 256;
+  if (residual) return std::nullopt;
+  switch (activation_from_int(activation)) {
+    case Activation::ReLU6:
+      scalars.push_back(at::Scalar(0.0));
+      scalars.push_back(at::Scalar(6.0));
+      return std::make_pair(std::string("hardtanh"), scalars);
+    case Activation::LeakyReLU:
+      scalars.push_back(at::Scalar(negative_slope));
+      return std::make_pair(std::string("leaky_relu"), scalars);
+    case Activation::HardSwish: return std::make_pair(std::string("hardswish"), scalars);
+    case Activation::HardSigmoid: return std::make_pair(std::string("hardsigmoid"), scalars);
+    default: return std::nullopt;
+  }
+}
+
+// float32 always; bfloat16 where the CPU has native bfloat16 dot products (oneDNN's own test,
+// mkldnn::_is_mkldnn_bf16_supported): elsewhere oneDNN emulates them slowly. float16 and float64
+// stay on our paths (oneDNN has no float64 convolution, and float16 needs AVX512-FP16).
+bool onednn_supports(at::ScalarType dtype) {
+  if (dtype == at::kFloat) return true;
+  if (dtype != at::kBFloat16) return false;
+  static const bool bf16 = [] {
+    const auto op = c10::Dispatcher::singleton().findOp({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    if (!op.has_value()) return false;
+    torch::jit::Stack stack;
+    op->callBoxed(stack);
+    return stack.at(0).toBool();
+  }();
+  return bf16;
+}
+
+bool onednn_usable(const at::Tensor& x, int64_t activation, bool residual) {
+  // .binary in bfloat16 may fall back to ATen's add_relu, which has no bfloat16 kernel.
+  const bool supported = residual ? x.scalar_type() == at::kFloat
+                                  : onednn_supports(x.scalar_type());
+  return supported && at::hasMKLDNN() &&
+         at::globalContext().userEnabledMkldnn() && onednn_op(residual).has_value() &&
+         onednn_post_op(activation, 0.0, residual).has_value();
+}
+
+// act(conv(x, scale·W) + (shift + bias) [+ residual]) in one oneDNN call; the output in `format`.
+at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                       int64_t groups, at::MemoryFormat format, const at::Tensor& residual,
+                       const at::Tensor& scale, const at::Tensor& shift, int64_t activation,
+                       double negative_slope) {
+  const bool has_residual = residual.defined();
+  auto [attr, scalars] = *onednn_post_op(activation, negative_slope, has_residual);
+  // Folded in float, rounded once to the input's type (the bias stays float).
+  const at::Tensor folded = (weight.to(scale.scalar_type()) * scale.view({-1, 1, 1, 1}))
+                                .to(x.scalar_type());
+  const c10::List<int64_t> zeros({0, 0}), strides({stride, stride}), ones({1, 1});
+  torch::jit::Stack stack{x.contiguous(format)};
+  if (has_residual) stack.emplace_back(residual);
+  stack.insert(stack.end(), {folded, shift, zeros, strides, ones, groups});
+  if (has_residual) {  // binary_attr, alpha, unary_attr, unary_scalars, unary_algorithm
+    stack.insert(stack.end(), {std::string("add"), c10::IValue(),
+                               attr == "none" ? c10::IValue() : c10::IValue(attr), scalars,
+                               c10::IValue()});
+  } else {  // attr, scalars, algorithm
+    stack.insert(stack.end(), {attr, scalars, c10::IValue()});
+  }
+  onednn_op(has_residual)->callBoxed(stack);
+  return stack.at(0).toTensor().contiguous(format);
+}
+
+// --- choosing the GEMM ------------------------------------------------------------------------
+
+enum class Gemm { kOneDnn, kTiles, kConv };
+
+// oneDNN's fused convolution where it applies (float32, supported post-ops). Otherwise: BLAS tiles
+// win on large planes with a small reduction (MobileNet expansions: the GEMM is memory-bound and
+// its output never leaves the cache); oneDNN's plain convolution then our epilogue wins on small
+// planes (per-image GEMMs too small for BLAS) and large reductions. Measured on the 2-vCPU dev VM.
+// CNNKERNELS_POINTWISE_GEMM=onednn|tiles|conv forces a path (tests, benchmarks); onednn only
+// where it applies.
+Gemm choose_gemm(const at::Tensor& x, const std::vector<int64_t>& out_size, int64_t reduction,
+                 int64_t activation, bool residual) {
+  const bool onednn = onednn_usable(x, activation, residual);
+  if (const char* mode = std::getenv("CNNKERNELS_POINTWISE_GEMM")) {
+    const std::string forced(mode);
+    if (forced == "tiles") return Gemm::kTiles;
+    if (forced == "conv") return Gemm::kConv;
+  }
+  if (onednn) return Gemm::kOneDnn;
+  return out_size[2] * out_size[3] >= 2048 && reduction <= 256 ? Gemm::kTiles : Gemm::kConv;
 }
 
 // shift + bias, scale (ones when absent), in the compute type.
@@ -193,8 +301,9 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight
       !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto out_size = pointwise_output_size(x_in, weight, stride);
-  const bool tiles = use_tiles(out_size, weight.size(1));
   const bool has_residual = residual.has_value() && residual->defined();
+  const Gemm gemm = choose_gemm(x_in, out_size, weight.size(1), activation, has_residual);
+  const bool tiles = gemm == Gemm::kTiles;
   Problem p{{}, {}, {}, has_residual ? residual->contiguous(format) : at::Tensor(), groups};
   if (tiles) {  // the tiles read the strided-sampled input densely and write into y
     const at::Tensor x = stride > 1 ? x_in.slice(2, 0, std::nullopt, stride)
@@ -208,13 +317,17 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight
     return tiles ? p.y : at::empty(out_size, x_in.options().memory_format(format));
   }
   const auto [s, t] = epilogue_vectors(x_in, weight.size(0), bias, scale, shift);
+  if (gemm == Gemm::kOneDnn) {
+    return onednn_conv(x_in, weight, stride, groups, format, p.residual, s, t, activation,
+                       negative_slope);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(),
                                   "cnnkernels_pointwise_conv2d", [&] {
     using T = scalar_t;
     using F = at::opmath_type<T>;
     const Epilogue<T> e{s.const_data_ptr<F>(), t.const_data_ptr<F>()};
     dispatch_activation(activation, negative_slope, [&](auto act) {
-      if (!tiles) {
+      if (gemm == Gemm::kConv) {
         p.y = has_residual ? conv_then_epilogue<true, T>(x_in, weight, stride, groups, format,
                                                          p.residual, e, act)
                            : conv_then_epilogue<false, T>(x_in, weight, stride, groups, format,
