@@ -24,7 +24,7 @@ resnet         torchvision / timm ``BasicBlock`` / ``Bottleneck``     ``Residual
                                                                       residual add too
 =============  =====================================================  ==============================
 
-Every kind but ``conv_bn_act`` is on by default (see DEFAULT_KINDS); ``include`` / ``exclude``
+Every kind is on by default (see DEFAULT_KINDS); ``include`` / ``exclude``
 choose. timm's layers are swapped only where they compute exactly what the torchvision layer does
 (e.g. a timm Bottleneck without SE, drop-block or anti-aliasing); ``revert`` gives timm's own
 classes back.
@@ -51,12 +51,13 @@ from .nn.squeeze_excite import (SqueezeExcite, is_timm_squeeze_excite,
 
 KINDS = ("conv_bn_act", "hardswish", "hardsigmoid", "depthwise", "densenet", "batchnorm_act",
          "resnet", "squeeze_excite")
-# conv_bn_act is opt-in (include=["conv_bn_act", ...]): its eval path (BatchNorm folded into the
-# 1x1 and depthwise convs' epilogues) has not yet measured reliably faster than the default
-# conversion inside whole models on the dev CPU (MobileNetV2 inference 0.78-0.99x vs 0.90-0.93x,
-# MobileNetV3-Large 1.06x vs 0.94x, in interleaved runs on a noisy VM), and it must never slow a
-# default convert() down.
-DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "conv_bn_act")
+# Every kind is on by default. conv_bn_act was opt-in until its eval path (BatchNorm folded into
+# the conv) measured faster inside whole models than the default conversion: with oneDNN's fused
+# 1x1 convolution it does on the dev CPU (session 7, interleaved runs, batch 8, NCHW: MobileNetV2
+# inference 1.16-1.22x eager vs 1.08-1.13x without it, MobileNetV3-Large 1.04-1.15x vs 0.96-1.07x;
+# channels_last 1.02-1.07x vs 0.87-0.96x; training unchanged or faster). A kind added later starts
+# opt-in by leaving it out of DEFAULT_KINDS.
+DEFAULT_KINDS = KINDS
 
 
 @dataclass
@@ -147,6 +148,13 @@ def _from_timm_batchnorm_act(module: nn.Module) -> BatchNormAct2d:
         module, None if type(act) is nn.Identity else act))
 
 
+def _conv_bn_act_from(module: nn.Sequential, parts) -> ConvBNAct2d:
+    """Ours for a Conv → BN (→ act) Sequential; revert() gives back a subclass such as
+    torchvision's Conv2dNormActivation as that class, not as a plain nn.Sequential."""
+    ours = ConvBNAct2d.from_modules(*parts)
+    return ours if type(module) is nn.Sequential else _remembering(module, ours)
+
+
 def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, str] | None:
     """(kind, factory of the replacement or None, reason when None) for modules we know."""
     parts = conv_bn_act_parts(module)
@@ -154,7 +162,7 @@ def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, s
         problem = unsupported_conv(parts[0])
         if problem:
             return "conv_bn_act", None, problem
-        return "conv_bn_act", lambda: ConvBNAct2d.from_modules(*parts), ""
+        return "conv_bn_act", lambda: _conv_bn_act_from(module, parts), ""
     if _is_timm_batchnorm_act(module):
         problem = _timm_batchnorm_act_problem(module)
         if problem:

@@ -40,7 +40,7 @@ def test_bench_models_checks_outputs_and_prints_ratios(tmp_path, capsys):
                      "--image-size", "64", "--reps", "1", "--device", "cpu",
                      "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "mobilenet_v3_large   inference" in printed and "31 batchnorm_act" in printed
+    assert "mobilenet_v3_large   inference" in printed and "46 conv_bn_act" in printed
     rows = json.loads(out.read_text())["rows"]
     assert [r["direction"] for r in rows] == ["inference", "training"]
     assert all(r["speedup"] > 0 and r["relative_output_error"] < 1e-3 for r in rows)
@@ -52,7 +52,7 @@ def test_convert_prints_report_check_and_timings(tmp_path, capsys):
     assert cli.main(["convert", "torchvision:mobilenet_v3_small", "--batch", "1", "--image-size",
                      "64", "--reps", "1", "--device", "cpu", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "replaced: 23 batchnorm_act, 11 depthwise, 9 squeeze_excite, 1 hardswish" in printed
+    assert "replaced: 34 conv_bn_act, 9 squeeze_excite, 1 hardswish" in printed
     assert "outputs match" in printed
     assert [r["direction"] for r in json.loads(out.read_text())["rows"]] == ["inference", "training"]
 

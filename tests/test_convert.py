@@ -175,21 +175,19 @@ def test_sync_batchnorm_becomes_batchnorm_act_with_the_default_group():
 # nothing of ours to run (SqueezeNet: no BatchNorm; GoogLeNet: BN → F.relu inside forward) must
 # still convert to an identical model.
 ZOO = {
-    "mobilenet_v2": {"batchnorm_act": 35, "depthwise": 17},
-    "mobilenet_v3_large": {"batchnorm_act": 31, "depthwise": 15, "squeeze_excite": 8,
-                           "hardswish": 1},
-    "mobilenet_v3_small": {"batchnorm_act": 23, "depthwise": 11, "squeeze_excite": 9,
-                           "hardswish": 1},
+    "mobilenet_v2": {"conv_bn_act": 35},
+    "mobilenet_v3_large": {"conv_bn_act": 46, "squeeze_excite": 8, "hardswish": 1},
+    "mobilenet_v3_small": {"conv_bn_act": 34, "squeeze_excite": 9, "hardswish": 1},
     "resnet18": {"resnet": 8},
     "resnet50": {"resnet": 16},
     "resnext50_32x4d": {"resnet": 16},
     "densenet121": {"batchnorm_act": 4, "densenet": 4},
     "squeezenet1_1": {},
-    "shufflenet_v2_x1_0": {"batchnorm_act": 37, "depthwise": 19},
-    "mnasnet1_0": {"batchnorm_act": 35, "depthwise": 17},
-    "efficientnet_b0": {"depthwise": 16},  # SiLU everywhere: BN-act and SE are left alone
+    "shufflenet_v2_x1_0": {"conv_bn_act": 2, "batchnorm_act": 35, "depthwise": 19},
+    "mnasnet1_0": {"batchnorm_act": 35, "depthwise": 17},  # plain Sequentials, not Conv2dNormActivation
+    "efficientnet_b0": {"conv_bn_act": 16, "depthwise": 16},  # SiLU: only the conv → BN pairs
     "convnext_tiny": {"depthwise": 18},
-    "regnet_y_400mf": {"batchnorm_act": 33, "squeeze_excite": 16},
+    "regnet_y_400mf": {"conv_bn_act": 53, "squeeze_excite": 16},
     "vgg11_bn": {"batchnorm_act": 8},
     "googlenet": {},
     "timm:mobilenetv3_large_100": {"batchnorm_act": 46, "depthwise": 15, "squeeze_excite": 8,
@@ -270,9 +268,9 @@ def test_conv_bn_act_swaps_conv2d_norm_activation_and_fuses_in_eval():
     keys; in eval its 1x1 and depthwise convs run with the BatchNorm folded into their epilogue."""
     torch.manual_seed(0)
     original = torchvision.models.mobilenet_v2()
-    assert not any(isinstance(m, cnnkernels.nn.ConvBNAct2d)  # opt-in
-                   for m in cnnkernels.convert(original).modules())
-    converted, report = cnnkernels.convert(original, include=["conv_bn_act"], report=True)
+    assert not any(isinstance(m, cnnkernels.nn.ConvBNAct2d)
+                   for m in cnnkernels.convert(original, exclude=["conv_bn_act"]).modules())
+    converted, report = cnnkernels.convert(original, report=True)  # on by default
     # stem, 16 expansions, 17 depthwise, last 1x1; the 17 projections (conv, BN inside the block's
     # Sequential with the other layers) are left as they are
     assert report.counts() == {"conv_bn_act": 35}
@@ -290,6 +288,7 @@ def test_conv_bn_act_swaps_conv2d_norm_activation_and_fuses_in_eval():
         torch.testing.assert_close(converted(x.float()), original(x.float()), rtol=1e-4, atol=1e-4)
     reverted = cnnkernels.revert(converted)
     assert not any(isinstance(m, cnnkernels.nn.ConvBNAct2d) for m in reverted.modules())
+    assert type(reverted.features[0]) is type(original.features[0])  # Conv2dNormActivation
     assert list(reverted.state_dict()) == list(original.state_dict())
 
 
