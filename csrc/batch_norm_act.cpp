@@ -6,6 +6,9 @@
 //       -> (Σ dz, Σ dz·(x − mean))                          one read of x, grad (and residual)
 //   batch_norm_act_backward_elemt(grad, x, scale, shift, mean, k_dz, k_xmu, k_1, residual, act)
 //       -> (dx = k_dz·dz + k_xmu·(x − mean) + k_1, dresidual = dz)
+//   batch_norm_act_backward_elemt_add_(out!, grad, x, scale, shift, mean, k_dz, k_xmu, k_1, act)
+//       out += dx, out and x channels_last (or channel slices of channels_last tensors); CPU only,
+//       for the DenseNet block's backward, which sums every layer's input gradient into one tensor
 // and the per-channel algebra between them, one small kernel each instead of a dozen torch ops
 // (on a GPU each of those is a launch, and their host overhead dominated the first H100 timings):
 //   batch_norm_act_fold(mean, var, weight, bias, running_mean!, running_var!, momentum, eps, count)
@@ -68,6 +71,18 @@ int64_t channels_last_row_stride(const at::Tensor& x) {
   const bool rows = x.stride(1) == 1 && row > channels && (height == 1 || x.stride(2) == width * row) &&
                     (x.size(0) == 1 || x.stride(0) == height * width * row);
   return rows ? row : 0;
+}
+
+void check_out_rows(const at::Tensor& out, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
+                  out.device() == x.device(),
+              op, ": expected argument 'out' to have x's sizes, dtype and device (", x.sizes(), ", ",
+              x.scalar_type(), ", ", x.device(), "), got (", out.sizes(), ", ", out.scalar_type(),
+              ", ", out.device(), ")");
+  const bool dense_rows = out.dim() == 4 && out.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(out.dim() == 4 && (dense_rows || channels_last_row_stride(out) > 0), op,
+              ": expected argument 'out' to be a channels_last 4-D tensor or a channel slice of "
+              "one, got strides ", out.strides());
 }
 
 BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& x,
@@ -182,6 +197,9 @@ TORCH_LIBRARY_FRAGMENT(cnnkernels, m) {
         "Tensor mean, Tensor coef_dz, Tensor coef_xmu, Tensor coef_1, Tensor? residual=None, "
         "int activation=0, float negative_slope=0.01, bool residual_grad=False) "
         "-> (Tensor grad_x, Tensor grad_residual)");
+  m.def("batch_norm_act_backward_elemt_add_(Tensor(a!) out, Tensor grad, Tensor x, Tensor scale, "
+        "Tensor shift, Tensor mean, Tensor coef_dz, Tensor coef_xmu, Tensor coef_1, "
+        "int activation=0, float negative_slope=0.01) -> ()");
   m.def("batch_norm_act_fold(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
         "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, int count) "
         "-> (Tensor scale, Tensor shift, Tensor invstd)");

@@ -50,6 +50,10 @@ BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& x,
                                std::initializer_list<ChannelArg> per_channel, int64_t activation,
                                const char* op, bool strided_rows = false);
 
+// batch_norm_act_backward_elemt_add_'s `out`: x's sizes, dtype and device, pixels as rows of
+// channels (channels_last, or a channel slice of a channels_last tensor).
+void check_out_rows(const at::Tensor& out, const at::Tensor& x, const char* op);
+
 // The empty tensor returned in place of grad_residual when it was not asked for.
 at::Tensor no_residual_grad(const at::Tensor& x);
 

@@ -253,6 +253,63 @@ def test_backward_kernels_read_a_channel_slice_of_channels_last(impl, residual, 
                               (grad, x, scale, shift, mean, *coefs, r, 1, 0.01, residual))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["identity", "relu", "hardswish"])
+@pytest.mark.parametrize("slices", ["dense", "x-slice", "both-slices"])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (2, 300, 4, 4), (1, 17, 1, 3)], ids=str)
+def test_backward_elemt_add_adds_dx_into_a_channels_last_slice(dtype, activation, slices, shape):
+    """out += dx in one pass (the DenseNet block's accumulation of input gradients): equals
+    out + backward_elemt's dx, for dense channels_last tensors and for channel slices of wider
+    ones (x, and out too), without touching out's other channels."""
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    n, c, h, w = shape
+    x_dense, grad, _, (scale, shift, mean) = kernel_inputs("channels_last", "cpu", residual=False,
+                                                           shape=shape)
+    x_dense, grad = x_dense.to(dtype), grad.to(dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    scale, shift, mean = (t.to(compute) for t in (scale, shift, mean))
+    coefs = (scale * 0.7, shift * 0.1, mean * 0.01)
+    code = activations.CODES[activation]
+    wide_x = torch.randn(n, c + 5, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    wide_x[:, 2:2 + c] = x_dense
+    x = wide_x[:, 2:2 + c] if slices != "dense" else x_dense
+    target = (torch.randn(n, c + 3, h, w) * 2).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    out = target[:, 1:1 + c] if slices == "both-slices" else target[:, :c].contiguous(
+        memory_format=torch.channels_last)
+    before, whole_before = out.clone(), target.clone()
+    ops = torch.ops.cnnkernels
+    dx, _ = ops.batch_norm_act_backward_elemt(grad, x_dense, scale, shift, mean, *coefs, None,
+                                              code, 0.01, False)
+    ops.batch_norm_act_backward_elemt_add_(out, grad, x, scale, shift, mean, *coefs, code, 0.01)
+    expected = (before.to(compute) + dx.to(compute)).to(dtype)
+    tol = dict(rtol=0, atol=0) if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out, expected, **tol)
+    if slices == "both-slices":  # the channels around the slice are untouched
+        torch.testing.assert_close(target[:, :1], whole_before[:, :1], rtol=0, atol=0)
+        torch.testing.assert_close(target[:, 1 + c:], whole_before[:, 1 + c:], rtol=0, atol=0)
+        torch.library.opcheck(ops.batch_norm_act_backward_elemt_add_.default,
+                              (out, grad, x, scale, shift, mean, *coefs, code, 0.01))
+
+
+def test_backward_elemt_add_refuses_what_it_cannot_add_into():
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    x, grad, _, (scale, shift, mean) = kernel_inputs("channels_last", "cpu", residual=False)
+    args = (grad, x, scale, shift, mean, scale, shift, mean, 1, 0.01)
+    op = torch.ops.cnnkernels.batch_norm_act_backward_elemt_add_
+    with pytest.raises(RuntimeError, match="'out' to have x's sizes"):
+        op(torch.zeros(4, 6, 5, 8).contiguous(memory_format=torch.channels_last), *args)
+    with pytest.raises(RuntimeError, match="'out' to be a channels_last"):
+        op(torch.zeros(4, 6, 5, 7), *args)
+    with pytest.raises(RuntimeError, match="'x' to be a channels_last"):
+        op(torch.zeros(4, 6, 5, 7).contiguous(memory_format=torch.channels_last), grad.contiguous(),
+           x.contiguous(), scale, shift, mean, scale, shift, mean, 1, 0.01)
+    with pytest.raises(RuntimeError, match="must not share memory"):
+        op(x, *args)
+
+
 # --- the per-channel kernels: fold (forward) and the backward's coefficients --------------------
 
 def channel_inputs(device, channels=37, dtype=torch.float32, running_dtype=torch.float32):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import activations
+from .. import _extension, activations
 
 MEMORY_MODES = ("naive", "checkpoint", "shared")
 
@@ -149,6 +149,16 @@ def _format_of(x: Tensor) -> torch.memory_format:
     return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
+def _in_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """x in `memory_format` (itself when it already is): channels_last to NCHW through our CPU
+    transposing copy, 4-10x ATen's on the dev VM."""
+    if memory_format == torch.contiguous_format:
+        from ..ops.layout import contiguous_from_channels_last
+
+        return contiguous_from_channels_last(x)
+    return x.contiguous(memory_format=memory_format)
+
+
 def _works_in_channels_last(x: Tensor) -> bool:
     """Whether a block computes in channels_last whatever x's layout. On the CPU, yes: oneDNN's
     NCHW convolutions reorder their operands to blocked layouts on every call, and their backward
@@ -224,16 +234,34 @@ _RELU = activations.CODES["relu"]
 
 
 def _bn_relu_backward(kernels, grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
-                      scale: Tensor, shift: Tensor, count: int, param_dtype: torch.dtype
-                      ) -> tuple[Tensor, Tensor, Tensor]:
+                      scale: Tensor, shift: Tensor, count: int, param_dtype: torch.dtype,
+                      add_to: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:
     """Gradients of relu(batch_norm(x)) (training statistics) given the gradient of its output:
     (grad of x, of the BN weight, of the BN bias). ReLU's derivative is recomputed from x, so the
-    BN+ReLU output is not needed: one reduction pass and one elementwise pass (batch_norm_act's)."""
+    BN+ReLU output is not needed: one reduction pass and one elementwise pass (batch_norm_act's).
+    With `add_to`, x's gradient is added into it instead (and None returned): on the CPU by the
+    elementwise pass itself, for channels_last tensors and channel slices of them."""
     sum_dz, sum_dz_xmu = kernels.backward_reduce(grad, x, scale, shift, mean, None, _RELU, 0.01)
     dz_xhat, coef_xmu, coef_1 = kernels.backward_coefs(sum_dz, sum_dz_xmu, scale, invstd, count)
+    param_grads = dz_xhat.to(param_dtype), sum_dz.to(param_dtype)
+    if add_to is not None and _adds_in_place(kernels, x, add_to):
+        torch.ops.cnnkernels.batch_norm_act_backward_elemt_add_(
+            add_to, grad, x, scale, shift, mean, scale, coef_xmu, coef_1, _RELU, 0.01)
+        return (None, *param_grads)
     grad_x, _ = kernels.backward_elemt(grad, x, scale, shift, mean, scale, coef_xmu, coef_1, None,
                                        _RELU, 0.01, False)
-    return grad_x, dz_xhat.to(param_dtype), sum_dz.to(param_dtype)
+    if add_to is not None:
+        add_to += grad_x
+        return (None, *param_grads)
+    return (grad_x, *param_grads)
+
+
+def _adds_in_place(kernels, x: Tensor, target: Tensor) -> bool:
+    """Whether batch_norm_act_backward_elemt_add_ (CPU, channels_last rows) can add x's gradient
+    into `target`."""
+    return x.device.type == "cpu" and _extension.cpu_ext and \
+        kernels.backward_elemt is torch.ops.cnnkernels.batch_norm_act_backward_elemt.default and \
+        all(t.stride(1) == 1 and t.stride(2) == t.shape[3] * t.stride(3) for t in (x, target))
 
 
 def _conv_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int) -> tuple[Tensor, Tensor]:
@@ -308,7 +336,7 @@ def _forward_shared(block: "DenseBlock", x: Tensor, params: Sequence[Tensor], sa
         stats += [mean1, invstd1, scale1, shift1, mean2, invstd2, scale2, shift2]
         if save and not block.recompute_bottleneck:
             bottlenecks.append(bottleneck)
-    return out.contiguous(memory_format=_format_of(x)), bottlenecks, masks, stats
+    return _in_format(out, _format_of(x)), bottlenecks, masks, stats
 
 
 def _backward_shared(block: "DenseBlock", out: Tensor, grad_out: Tensor, params: Sequence[Tensor],
@@ -347,14 +375,13 @@ def _backward_shared(block: "DenseBlock", out: Tensor, grad_out: Tensor, params:
         del grad_normed2, bottleneck
         grad_normed1, grad_conv1 = _conv_backward(grad_bottleneck, normed1, conv1, padding=0)
         del grad_bottleneck
-        grad_concat, grad_w1, grad_b1 = _bn_relu_backward(
-            kernels, grad_normed1, concat, mean1, invstd1, scale1, shift1, count, w1.dtype)
+        _, grad_w1, grad_b1 = _bn_relu_backward(
+            kernels, grad_normed1, concat, mean1, invstd1, scale1, shift1, count, w1.dtype,
+            add_to=grad[:, :channels])
         del grad_normed1
-        grad[:, :channels] += grad_concat
-        del grad_concat
         param_grads[index * _PARAMS_PER_LAYER:(index + 1) * _PARAMS_PER_LAYER] = [
             grad_w1, grad_b1, grad_conv1, grad_w2, grad_b2, grad_conv2]
-    return grad[:, :plan.c0].contiguous(memory_format=out_format), param_grads
+    return _in_format(grad[:, :plan.c0], out_format), param_grads
 
 
 class _SharedDenseBlock(torch.autograd.Function):

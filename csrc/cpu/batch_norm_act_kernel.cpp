@@ -421,7 +421,9 @@ struct ElemtParams {
 
 // dx = k_dz·dz + k_xmu·(x − mean) + k_1 and dresidual = dz for `count` ≤ kChunk consecutive
 // values whose channel is c0 + j (rows) or fixed (planes: P = Uniform).
-template <bool kAvx2, bool kResidual, typename T, typename P, typename Act>
+// kAccumulate: dx += the gradient instead of dx = (batch_norm_act_backward_elemt_add_).
+template <bool kAvx2, bool kResidual, typename T, typename P, typename Act,
+          bool kAccumulate = false>
 CNNKERNELS_ALWAYS_INLINE void elemt_run(Inputs<T> in, T* dx, T* dresidual, int64_t count,
                                         const ElemtParams<P>& p, int64_t c0, const Act& act) {
   using F = opmath<T>;
@@ -447,7 +449,10 @@ CNNKERNELS_ALWAYS_INLINE void elemt_run(Inputs<T> in, T* dx, T* dresidual, int64
       out[j] = value(j, dz);
       if constexpr (kResidual) out_r[j] = dz;
     }
-    if constexpr (cpu::is_reduced_float<T>) {
+    if constexpr (kAccumulate) {
+      static_assert(!kResidual, "accumulating dx has no residual gradient");
+      for (int64_t j = 0; j < count; ++j) dx[j] = static_cast<T>(static_cast<F>(dx[j]) + out[j]);
+    } else if constexpr (cpu::is_reduced_float<T>) {
       cpu::store_floats<kAvx2>(out, dx, count);
       if constexpr (kResidual) cpu::store_floats<kAvx2>(out_r, dresidual, count);
     } else {
@@ -457,7 +462,11 @@ CNNKERNELS_ALWAYS_INLINE void elemt_run(Inputs<T> in, T* dx, T* dresidual, int64
   } else {
     for (int64_t j = 0; j < count; ++j) {
       F dz;
-      dx[j] = value(j, dz);
+      if constexpr (kAccumulate) {
+        dx[j] = static_cast<T>(static_cast<F>(dx[j]) + value(j, dz));
+      } else {
+        dx[j] = value(j, dz);
+      }
       if constexpr (kResidual) dresidual[j] = dz;
     }
   }
@@ -466,7 +475,8 @@ CNNKERNELS_ALWAYS_INLINE void elemt_run(Inputs<T> in, T* dx, T* dresidual, int64
 // Elements [first, first + count) of the flat tensor, dx written to `dst` (the output itself or
 // the streaming buffer). `channel_of(i)` gives the channel of flat element i and `segment(i)` how
 // many elements from i on share the per-channel parameter indexing (the rest of a row or plane).
-template <bool kAvx2, bool kResidual, bool kRows, typename T, typename P, typename Act>
+template <bool kAvx2, bool kResidual, bool kRows, typename T, typename P, typename Act,
+          bool kAccumulate = false>
 CNNKERNELS_ALWAYS_INLINE void elemt_span(Inputs<T> in, T* dst, T* dresidual, int64_t first,
                                          int64_t count, const ElemtParams<P>& p, int64_t channels,
                                          const Act& act) {
@@ -475,7 +485,8 @@ CNNKERNELS_ALWAYS_INLINE void elemt_span(Inputs<T> in, T* dst, T* dresidual, int
     const int64_t c = kRows ? i % channels : 0;
     const int64_t m = std::min({kChunk, count - done, kRows ? channels - c : count - done});
     Inputs<T> at{in.x + i, in.grad + i, kResidual ? in.residual + i : nullptr};
-    elemt_run<kAvx2, kResidual>(at, dst + done, kResidual ? dresidual + i : nullptr, m, p, c, act);
+    elemt_run<kAvx2, kResidual, T, P, Act, kAccumulate>(
+        at, dst + done, kResidual ? dresidual + i : nullptr, m, p, c, act);
     done += m;
   }
 }
@@ -585,10 +596,69 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_elemt_cpu(
   return {dx, dresidual};
 }
 
+// out += dx, row by row: x's rows (pixels) read in place, out's written in place, both possibly
+// channel slices of wider channels_last tensors (the DenseNet block accumulates every layer's
+// input gradient into its block's gradient this way: one pass less than dx then out += dx).
+template <typename T>
+void grad_input_add_rows(Inputs<T> in, const Walk& w, const ChannelTensors& t, int64_t activation,
+                         double negative_slope, T* out, int64_t out_stride) {
+  using F = opmath<T>;
+  const ElemtParams<const F*> arrays{t.scale.const_data_ptr<F>(), t.shift.const_data_ptr<F>(),
+                                     t.mean.const_data_ptr<F>(),  t.k_dz.const_data_ptr<F>(),
+                                     t.k_xmu.const_data_ptr<F>(), t.k_1.const_data_ptr<F>()};
+  dispatch_activation(activation, negative_slope, [&](auto act) {
+    using Act = decltype(act);
+    const int64_t rows = w.rows_total(), c = w.channels;
+    at::parallel_for(0, rows, grain_in_units(c), [&](int64_t r0, int64_t r1) {
+      cpu::run_with_best_isa_flag([&](auto avx2) {
+        constexpr bool kAvx2 = decltype(avx2)::value;
+        for (int64_t r = r0; r < r1; ++r) {
+          const Inputs<T> row{in.x + r * w.x_stride, in.grad + r * c, nullptr};
+          elemt_span<kAvx2, false, true, T, const F*, Act, true>(row, out + r * out_stride,
+                                                                  nullptr, 0, c, arrays, c, act);
+        }
+      });
+    });
+  });
+}
+
+void batch_norm_act_backward_elemt_add_cpu(
+    const at::Tensor& out, const at::Tensor& grad_in, const at::Tensor& x_in,
+    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+    const at::Tensor& k_dz, const at::Tensor& k_xmu, const at::Tensor& k_1, int64_t activation,
+    double negative_slope) {
+  constexpr const char* op = "batch_norm_act_backward_elemt_add_";
+  const BackwardInputs in_ = backward_inputs(
+      grad_in, x_in, std::nullopt,
+      {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"}, {&k_dz, "coef_dz"},
+       {&k_xmu, "coef_xmu"}, {&k_1, "coef_1"}},
+      activation, op, /*strided_rows=*/true);
+  const at::Tensor &x = in_.x, &grad = in_.grad;
+  const Walk w = walk_of(x, in_.x_row_stride);
+  check_out_rows(out, x, op);
+  TORCH_CHECK(x.dim() == 4 && w.rows, op, ": expected argument 'x' to be a channels_last 4-D "
+              "tensor (or a channel slice of one), got sizes ", x.sizes(), " and strides ",
+              x.strides());
+  TORCH_CHECK(!out.is_alias_of(x) && !out.is_alias_of(grad), op,
+              ": argument 'out' must not share memory with 'x' or 'grad'");
+  if (x.numel() == 0) return;
+  const int64_t out_stride = out.stride(3);
+  const ChannelTensors t{scale.contiguous(), shift.contiguous(), mean.contiguous(),
+                         k_dz.contiguous(),  k_xmu.contiguous(), k_1.contiguous()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "cnnkernels_batch_norm_act_backward_elemt_add_", [&] {
+    const Inputs<scalar_t> in{x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                              nullptr};
+    grad_input_add_rows<scalar_t>(in, w, t, activation, negative_slope,
+                                  out.mutable_data_ptr<scalar_t>(), out_stride);
+  });
+}
+
 }  // namespace
 }  // namespace cnnkernels
 
 TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
+  m.impl("batch_norm_act_backward_elemt_add_", &cnnkernels::batch_norm_act_backward_elemt_add_cpu);
   m.impl("batch_norm_act_stats", &cnnkernels::batch_norm_act_stats_cpu);
   m.impl("batch_norm_act_backward_reduce", &cnnkernels::batch_norm_act_backward_reduce_cpu);
   m.impl("batch_norm_act_backward_elemt", &cnnkernels::batch_norm_act_backward_elemt_cpu);

@@ -1,0 +1,84 @@
+// CPU kernel of contiguous_from_channels_last (schema: ../layout.cpp).
+//
+// Per image, a [pixels, channels] matrix (rows `row_stride` apart) becomes [channels, pixels]:
+// 16x16 tiles loaded as 16 pixel rows of 16 channels, transposed in registers, stored as 16
+// channel rows of 16 pixels. Tasks are (image, block of 16 channels); each walks all pixels, so
+// it reads one cache line per pixel row and writes whole lines of 16 pixels. float32 with
+// AVX-512; other dtypes and CPUs use ATen's copy.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cnnkernels/cpu/channel_blocks.h"
+#include "cnnkernels/cpu/map.h"
+
+namespace cnnkernels {
+namespace {
+
+// Whether x's element (n, c, h, w) lies at n·stride(0) + (h·W + w)·row_stride + c.
+bool pixels_are_rows(const at::Tensor& x) {
+  const int64_t channels = x.size(1), width = x.size(3), row = x.stride(3);
+  return x.stride(1) == 1 && row >= channels && x.stride(2) == width * row;
+}
+
+#if CNNKERNELS_X86
+// Channels [0, channels ≤ 16) of `pixels` rows `row_stride` apart, into `channels` rows of `dst`
+// `plane` apart.
+CNNKERNELS_TARGET_AVX512 void transpose_block(const float* src, int64_t row_stride, float* dst,
+                                              int64_t plane, int64_t channels, int64_t pixels) {
+  const __mmask16 lanes = cpu::first_lanes(channels);
+  __m512 r[16];
+  int64_t p = 0;
+  for (; p + 16 <= pixels; p += 16) {
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(lanes, src + (p + i) * row_stride);
+    cpu::transpose16x16(r);
+    for (int64_t c = 0; c < channels; ++c) _mm512_storeu_ps(dst + c * plane + p, r[c]);
+  }
+  if (p < pixels) {
+    const int64_t rest = pixels - p;
+    for (int i = 0; i < 16; ++i) {
+      r[i] = i < rest ? _mm512_maskz_loadu_ps(lanes, src + (p + i) * row_stride)
+                      : _mm512_setzero_ps();
+    }
+    cpu::transpose16x16(r);
+    const __mmask16 tail = cpu::first_lanes(rest);
+    for (int64_t c = 0; c < channels; ++c) _mm512_mask_storeu_ps(dst + c * plane + p, tail, r[c]);
+  }
+}
+#endif
+
+at::Tensor contiguous_from_channels_last_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "contiguous_from_channels_last: expected argument 'x' to be a 4-D "
+              "[N, C, H, W] tensor, got ", x.dim(), " dimensions");
+#if CNNKERNELS_X86
+  const bool fast = x.scalar_type() == at::kFloat && pixels_are_rows(x) && cpu::has_avx512() &&
+                    x.numel() > 0 && !x.is_contiguous();
+#else
+  const bool fast = false;
+#endif
+  if (!fast) return x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+#if CNNKERNELS_X86
+  const int64_t batch = x.size(0), channels = x.size(1), plane = x.size(2) * x.size(3);
+  const int64_t blocks = (channels + cpu::kBlock - 1) / cpu::kBlock;
+  const int64_t row_stride = x.stride(3), image_stride = x.stride(0);
+  const float* src = x.const_data_ptr<float>();
+  float* dst = y.mutable_data_ptr<float>();
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / blocks, c0 = (t % blocks) * cpu::kBlock;
+      transpose_block(src + n * image_stride + c0, row_stride,
+                      dst + (n * channels + c0) * plane, plane,
+                      std::min<int64_t>(cpu::kBlock, channels - c0), plane);
+    }
+  });
+#endif
+  return y;
+}
+
+}  // namespace
+}  // namespace cnnkernels
+
+TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
+  m.impl("contiguous_from_channels_last", &cnnkernels::contiguous_from_channels_last_cpu);
+}

@@ -1,0 +1,61 @@
+"""contiguous_from_channels_last: the same tensor as x.contiguous(), for channels_last tensors and
+channel slices of them (the CPU kernel's tiles and their tails), and for everything it hands to
+ATen (other dtypes, layouts); opcheck; errors."""
+import pytest
+import torch
+
+import cnnkernels
+from cnnkernels import ops
+
+
+def needs_ext():
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+
+
+SHAPES = [(2, 37, 5, 7), (3, 16, 4, 4), (1, 64, 56, 56), (2, 5, 1, 1), (1, 1, 3, 17), (4, 33, 7, 9)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "channel-slice"])
+def test_equals_contiguous(shape, sliced):
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, c + (11 if sliced else 0), h, w, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    x = base[:, 3:3 + c] if sliced else base
+    y = ops.contiguous_from_channels_last(x)
+    assert y.is_contiguous()
+    assert torch.equal(y, x.contiguous())
+    if not x.is_contiguous():  # a copy, never a view of the input
+        assert y.data_ptr() != base.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16, torch.int32],
+                         ids=str)
+def test_other_dtypes_and_layouts_are_copied_too(dtype):
+    x = (torch.randn(2, 20, 3, 5) * 10).to(dtype).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ops.contiguous_from_channels_last(x), x.contiguous())
+    odd = torch.randn(2, 3, 5, 20).permute(0, 3, 1, 2)  # W is the innermost dim: not pixel rows
+    assert torch.equal(ops.contiguous_from_channels_last(odd), odd.contiguous())
+    nchw = torch.randn(2, 3, 4, 5)
+    assert ops.contiguous_from_channels_last(nchw) is nchw  # already contiguous: itself
+
+
+def test_empty_and_the_op_directly():
+    needs_ext()
+    op = torch.ops.cnnkernels.contiguous_from_channels_last
+    empty = torch.randn(0, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert op(empty).shape == (0, 8, 3, 3)
+    x = torch.randn(3, 40, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(op(x), x.contiguous())
+    with pytest.raises(RuntimeError, match="expected argument 'x' to be a 4-D"):
+        op(torch.randn(3, 4, 5))
+
+
+def test_opcheck():
+    needs_ext()
+    x = torch.randn(2, 19, 5, 6).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.cnnkernels.contiguous_from_channels_last.default, (x,))
+    torch.library.opcheck(torch.ops.cnnkernels.contiguous_from_channels_last.default,
+                          (x.requires_grad_(),))
