@@ -4,30 +4,31 @@ The walk needs no tracing: it looks at each submodule and replaces the ones it r
 every parameter and buffer and keeping train/eval mode, device, dtype and every state_dict key, so
 checkpoints load in both directions. Recognised today:
 
-=============  =====================================================  ==============================
-kind           replaced                                               by
-=============  =====================================================  ==============================
-conv_bn_act    an ``nn.Sequential`` of exactly Conv2d → BatchNorm2d   ``ConvBNAct2d`` (same "0.*",
-               (→ activation): torchvision's ``Conv2dNormActivation``  "1.*" keys; BN folded into
-                                                                      the conv's epilogue in eval)
-hardswish      ``nn.Hardswish``                                       ``cnnkernels.nn.HardSwish``
-hardsigmoid    ``nn.Hardsigmoid``                                     ``cnnkernels.nn.HardSigmoid``
-depthwise      ``nn.Conv2d`` with ``groups == in_channels``           ``cnnkernels.nn.DepthwiseConv2d``
-densenet       torchvision ``_DenseBlock``, timm ``DenseBlock``       ``DenseBlock(memory="shared")``
-batchnorm_act  ``BatchNorm2d`` / ``SyncBatchNorm`` then an activation  ``BatchNormAct2d`` (+ ``nn.Identity``
-               in an ``nn.Sequential`` (``Conv2dNormActivation``);    where the activation was)
-               timm's ``BatchNormAct2d`` (activation one of ours)
-squeeze_excite torchvision ``SqueezeExcitation``, timm                ``cnnkernels.nn.SqueezeExcite``
-               ``SqueezeExcite``                                      (timm's keys for timm's)
-resnet         torchvision / timm ``BasicBlock`` / ``Bottleneck``     ``ResidualBlock``: every BN fused
-                                                                      with its ReLU, the last with the
-                                                                      residual add too
-=============  =====================================================  ==============================
+================  =====================================================  ==============================
+kind              replaced                                               by
+================  =====================================================  ==============================
+conv_bn_act       an ``nn.Sequential`` of exactly Conv2d → BatchNorm2d   ``ConvBNAct2d`` (same "0.*",
+                  (→ activation): torchvision's ``Conv2dNormActivation``  "1.*" keys; BN folded into
+                                                                         the conv's epilogue in eval)
+hardswish         ``nn.Hardswish``                                       ``cnnkernels.nn.HardSwish``
+hardsigmoid       ``nn.Hardsigmoid``                                     ``cnnkernels.nn.HardSigmoid``
+depthwise         ``nn.Conv2d`` with ``groups == in_channels``           ``cnnkernels.nn.DepthwiseConv2d``
+densenet          torchvision ``_DenseBlock``, timm ``DenseBlock``       ``DenseBlock(memory="shared")``
+dense_transition  torchvision ``_Transition`` (BN → ReLU → conv1×1 →     ``DenseTransition``: BN+ReLU
+                  2×2 avg pool)                                          fused, pool before the conv
+batchnorm_act     ``BatchNorm2d`` / ``SyncBatchNorm`` then an activation  ``BatchNormAct2d`` (+ ``nn.Identity``
+                  in an ``nn.Sequential`` (``Conv2dNormActivation``);    where the activation was)
+                  timm's ``BatchNormAct2d`` (activation one of ours)
+squeeze_excite    torchvision ``SqueezeExcitation``, timm                ``cnnkernels.nn.SqueezeExcite``
+                  ``SqueezeExcite``                                      (timm's keys for timm's)
+resnet            torchvision / timm ``BasicBlock`` / ``Bottleneck``     ``ResidualBlock``: every BN fused
+                                                                         with its ReLU, the last with the
+                                                                         residual add too
+================  =====================================================  ==============================
 
-Every kind is on by default (see DEFAULT_KINDS); ``include`` / ``exclude``
-choose. timm's layers are swapped only where they compute exactly what the torchvision layer does
-(e.g. a timm Bottleneck without SE, drop-block or anti-aliasing); ``revert`` gives timm's own
-classes back.
+Every kind is on by default (see DEFAULT_KINDS); ``include`` / ``exclude`` choose. timm's layers
+are swapped only where they compute exactly what the torchvision layer does (e.g. a timm
+Bottleneck without SE, drop-block or anti-aliasing); ``revert`` gives timm's own classes back.
 """
 from __future__ import annotations
 
@@ -41,16 +42,17 @@ from .nn.activation import HardSigmoid, HardSwish
 from .nn.batchnorm import _TORCH_ACTIVATIONS, BatchNormAct2d
 from .nn.conv import DepthwiseConv2d
 from .nn.conv_bn_act import ConvBNAct2d, conv_bn_act_parts, unsupported_conv
-from .nn.densenet import (DenseBlock, _is_torchvision_dense_block, dense_block_from,
-                          dense_block_to_torchvision, is_timm_dense_block, timm_dense_block_problem)
+from .nn.densenet import (DenseBlock, DenseTransition, _is_torchvision_dense_block,
+                          dense_block_from, dense_block_to_torchvision, is_dense_transition,
+                          is_timm_dense_block, timm_dense_block_problem, transition_problem)
 from .nn.resnet import (ResidualBlock, is_timm_resnet_block, is_torchvision_resnet_block,
                         timm_block_problem)
 from .nn.squeeze_excite import (SqueezeExcite, is_timm_squeeze_excite,
                                 is_torchvision_squeeze_excitation, timm_unsupported_parts,
                                 unsupported_parts)
 
-KINDS = ("conv_bn_act", "hardswish", "hardsigmoid", "depthwise", "densenet", "batchnorm_act",
-         "resnet", "squeeze_excite")
+KINDS = ("conv_bn_act", "hardswish", "hardsigmoid", "depthwise", "densenet", "dense_transition",
+         "batchnorm_act", "resnet", "squeeze_excite")
 # Every kind is on by default. conv_bn_act was opt-in until its eval path (BatchNorm folded into
 # the conv) measured faster inside whole models than the default conversion: with oneDNN's fused
 # 1x1 convolution it does on the dev CPU (session 7, interleaved runs, batch 8, NCHW: MobileNetV2
@@ -90,10 +92,10 @@ class ConversionReport:
         return counts
 
     def __str__(self) -> str:
-        lines = [f"{'module':<40} {'kind':<12} {'was':<18} now / why not"]
+        lines = [f"{'module':<40} {'kind':<16} {'was':<18} now / why not"]
         for s in self.swaps:
             outcome = s.replacement if s.replacement is not None else f"left alone: {s.reason}"
-            lines.append(f"{s.name:<40} {s.kind:<12} {s.original:<18} {outcome}")
+            lines.append(f"{s.name:<40} {s.kind:<16} {s.original:<18} {outcome}")
         summary = ", ".join(f"{n} {k}" for k, n in self.counts().items()) or "nothing"
         lines.append(f"replaced: {summary}; left alone: {len(self.left_alone)}")
         return "\n".join(lines)
@@ -180,6 +182,12 @@ def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, s
         return "depthwise", lambda: DepthwiseConv2d.from_conv(module), ""
     if _is_torchvision_dense_block(module):
         return "densenet", lambda: dense_block_from(module, memory="shared"), ""
+    if is_dense_transition(module):
+        problem = transition_problem(module)
+        if problem:
+            return "dense_transition", None, problem
+        return "dense_transition", lambda: _remembering(
+            module, DenseTransition.from_transition(module)), ""
     if is_timm_dense_block(module):
         problem = timm_dense_block_problem(module)
         if problem:

@@ -68,13 +68,19 @@ def test_densenet121_blocks_become_shared_and_revert():
     torch.manual_seed(0)
     original = torchvision.models.densenet121()
     converted, report = cnnkernels.convert(original, report=True)
-    assert report.counts() == {"densenet": 4, "batchnorm_act": 4}  # + norm0 and 3 transitions
+    # + norm0 → relu0 and the 3 transitions (BN+ReLU fused, the pool before the conv)
+    assert report.counts() == {"densenet": 4, "batchnorm_act": 1, "dense_transition": 3}
     blocks = [m for m in converted.modules() if isinstance(m, DenseBlock)]
     assert [b.num_layers for b in blocks] == [6, 12, 24, 16]
     assert all(b.memory == "shared" for b in blocks)
-    check_same_model(original, converted, torch.randn(2, 3, 64, 64))
+    # gradients in float64: in float32, 121 batch-statistics BNs over 2x2 maps amplify rounding
+    # into errors of up to 1e-2 against float64 (torchvision's own float32 too, see the zoo test)
+    x = torch.randn(2, 3, 64, 64)
+    check_same_model(original, converted, x, gradients=False)
+    check_same_model(copy.deepcopy(original).double(), copy.deepcopy(converted).double(), x.double())
     reverted = cnnkernels.revert(converted)
     assert type(reverted.features.denseblock1).__name__ == "_DenseBlock"
+    assert type(reverted.features.transition1).__name__ == "_Transition"
     reverted.eval(), converted.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():  # the same weights and running statistics; ATen's BN vs our fold
@@ -181,7 +187,7 @@ ZOO = {
     "resnet18": {"resnet": 8},
     "resnet50": {"resnet": 16},
     "resnext50_32x4d": {"resnet": 16},
-    "densenet121": {"batchnorm_act": 4, "densenet": 4},
+    "densenet121": {"batchnorm_act": 1, "densenet": 4, "dense_transition": 3},
     "squeezenet1_1": {},
     "shufflenet_v2_x1_0": {"conv_bn_act": 2, "batchnorm_act": 35, "depthwise": 19},
     "mnasnet1_0": {"batchnorm_act": 35, "depthwise": 17},  # plain Sequentials, not Conv2dNormActivation

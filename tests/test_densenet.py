@@ -402,3 +402,79 @@ def test_shared_mode_keeping_the_bottleneck_agrees_and_saves_more(drop_rate):
     blocks = make_blocks(drop_rate)
     keep.load_state_dict(blocks["naive"].state_dict())
     assert_same_training(train_steps(blocks["naive"], inputs), train_steps(keep, inputs), torch.float32)
+
+
+# --- transitions --------------------------------------------------------------------------------
+
+def _torchvision_transition(in_channels=24, out_channels=12, dtype=torch.float32):
+    from torchvision.models.densenet import _Transition
+
+    torch.manual_seed(3)
+    t = _Transition(in_channels, out_channels)
+    with torch.no_grad():
+        t.norm.weight.uniform_(0.5, 1.5), t.norm.bias.normal_()
+        t.norm.running_mean.normal_(), t.norm.running_var.uniform_(0.5, 1.5)
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_dense_transition_matches_torchvision(layout, dtype):
+    """BN → ReLU → pool → conv1x1 (ours) against torchvision's BN → ReLU → conv1x1 → pool: outputs,
+    every gradient and the running statistics over training steps, then eval; the same keys."""
+    from cnnkernels.nn import DenseTransition
+
+    theirs = _torchvision_transition(dtype=dtype)
+    ours = DenseTransition.from_transition(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for step in range(3):
+        x = torch.randn(3, 24, 10, 9, dtype=dtype).contiguous(memory_format=LAYOUTS[layout])
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        assert ya.shape == yb.shape == (3, 12, 5, 4)
+        torch.testing.assert_close(ya, yb, **tol)
+        grad = torch.randn_like(yb)
+        ya.backward(grad), yb.backward(grad)
+        torch.testing.assert_close(xa.grad, xb.grad, **tol)
+        for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, **tol, msg=name)
+    for a, b in zip(ours.buffers(), theirs.buffers()):
+        torch.testing.assert_close(a, b, **tol)
+    ours.eval(), theirs.eval()
+    x = torch.randn(2, 24, 8, 8, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), **tol)
+
+
+def test_transitions_that_do_not_commute_are_refused():
+    from cnnkernels import convert
+    from cnnkernels.nn import DenseTransition
+    from cnnkernels.nn.densenet import transition_problem
+
+    assert transition_problem(_torchvision_transition()) is None
+    strided = _torchvision_transition()
+    strided.conv = torch.nn.Conv2d(24, 12, 1, stride=2, bias=False)
+    assert transition_problem(strided) == "its conv is not a plain 1x1 convolution"
+    pooled = _torchvision_transition()
+    pooled.pool = torch.nn.AvgPool2d(3, 2)
+    assert transition_problem(pooled) == "its pool is not a 2x2 average pool of stride 2"
+    with pytest.raises(ValueError, match="not a 2x2 average pool"):
+        DenseTransition.from_transition(pooled)
+    _, report = convert(torch.nn.Sequential(pooled), report=True)
+    assert [(s.kind, s.reason) for s in report.left_alone] == [
+        ("dense_transition", "its pool is not a 2x2 average pool of stride 2")]
+
+
+def test_our_densenet_transitions_convert_and_revert():
+    from cnnkernels import convert, revert
+    from cnnkernels.models.densenet import Transition
+    from cnnkernels.nn import DenseTransition
+
+    model = models.densenet_bc(depth=40, growth_rate=12)
+    converted, report = convert(model, report=True)
+    assert report.counts().get("dense_transition") == 2
+    assert sum(isinstance(m, DenseTransition) for m in converted.modules()) == 2
+    reverted = revert(converted)
+    assert sum(type(m) is Transition for m in reverted.modules()) == 2
+    assert list(reverted.state_dict()) == list(model.state_dict())

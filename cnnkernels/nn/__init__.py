@@ -3,9 +3,9 @@ from .activation import HardSigmoid, HardSwish
 from .batchnorm import BatchNormAct2d
 from .conv import DepthwiseConv2d
 from .conv_bn_act import ConvBNAct2d
-from .densenet import DenseBlock, DenseLayer
+from .densenet import DenseBlock, DenseLayer, DenseTransition
 from .resnet import ResidualBlock
 from .squeeze_excite import SqueezeExcite
 
-__all__ = ["HardSwish", "HardSigmoid", "DepthwiseConv2d", "DenseBlock", "DenseLayer", "BatchNormAct2d",
-           "ResidualBlock", "SqueezeExcite", "ConvBNAct2d"]
+__all__ = ["HardSwish", "HardSigmoid", "DepthwiseConv2d", "DenseBlock", "DenseLayer",
+           "DenseTransition", "BatchNormAct2d", "ResidualBlock", "SqueezeExcite", "ConvBNAct2d"]
