@@ -166,8 +166,9 @@ at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, int
 // --- oneDNN's fused convolution --------------------------------------------------------------
 
 // mkldnn::_convolution_pointwise (and its .binary overload for the residual add): ATen's oneDNN
-// convolution with post-ops. Looked up at run time and called boxed, so a torch built without
-// oneDNN, or one whose C++ signature of the op differs, falls back to our own paths.
+// convolution with post-ops. Looked up at run time (a torch built without oneDNN has no such op:
+// our own paths run instead) and called boxed, so this file does not depend on the op's C++
+// signature, only on its schema (unchanged from torch 2.1 to 2.14).
 const std::optional<c10::OperatorHandle>& onednn_op(bool binary) {
   static const std::optional<c10::OperatorHandle> unary =
       c10::Dispatcher::singleton().findOp({"mkldnn::_convolution_pointwise", ""});
