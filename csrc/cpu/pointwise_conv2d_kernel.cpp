@@ -168,7 +168,7 @@ at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, int
 // mkldnn::_convolution_pointwise (and its .binary overload for the residual add): ATen's oneDNN
 // convolution with post-ops. Looked up at run time (a torch built without oneDNN has no such op:
 // our own paths run instead) and called boxed, so this file does not depend on the op's C++
-// signature, only on its schema (unchanged from torch 2.1 to 2.14).
+// signature, only on its schema (as printed by torch 2.14; not yet run on another version).
 const std::optional<c10::OperatorHandle>& onednn_op(bool binary) {
   static const std::optional<c10::OperatorHandle> unary =
       c10::Dispatcher::singleton().findOp({"mkldnn::_convolution_pointwise", ""});
