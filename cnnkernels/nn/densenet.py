@@ -260,9 +260,11 @@ def _bn_relu_backward(kernels, grad: Tensor, x: Tensor, mean: Tensor, invstd: Te
 def _adds_in_place(kernels, x: Tensor, target: Tensor) -> bool:
     """Whether batch_norm_act_backward_elemt_add_ (CPU, channels_last rows) can add x's gradient
     into `target`."""
+    from ..ops.batch_norm_act import _strided_rows
+
     return x.device.type == "cpu" and _extension.cpu_ext and \
         kernels.backward_elemt is torch.ops.cnnkernels.batch_norm_act_backward_elemt.default and \
-        all(t.stride(1) == 1 and t.stride(2) == t.shape[3] * t.stride(3) for t in (x, target))
+        all(_strided_rows(t) or is_channels_last(t) for t in (x, target))
 
 
 def _conv_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int) -> tuple[Tensor, Tensor]:

@@ -506,6 +506,26 @@ CNNKERNELS_ALWAYS_INLINE void elemt_block(Inputs<T> in, T* dx, T* dresidual, int
   }
 }
 
+// dx (kAccumulate: dx +=) one pixel row at a time: x's rows w.x_stride apart (read in place from a
+// channel slice), grad's and dresidual's dense, dx's `dx_stride` apart (a slice too, when adding).
+template <bool kResidual, bool kAccumulate, typename T, typename F, typename Act>
+void elemt_rows(Inputs<T> in, const Walk& w, const ElemtParams<const F*>& arrays, const Act& act,
+                T* dx, int64_t dx_stride, T* dresidual) {
+  const int64_t rows = w.rows_total(), c = w.channels;
+  at::parallel_for(0, rows, grain_in_units(c), [&](int64_t r0, int64_t r1) {
+    cpu::run_with_best_isa_flag([&](auto avx2) {
+      constexpr bool kAvx2 = decltype(avx2)::value;
+      for (int64_t r = r0; r < r1; ++r) {
+        const Inputs<T> row{in.x + r * w.x_stride, in.grad + r * c,
+                            kResidual ? in.residual + r * c : nullptr};
+        elemt_span<kAvx2, kResidual, true, T, const F*, Act, kAccumulate>(
+            row, dx + r * dx_stride, kResidual ? dresidual + r * c : nullptr, 0, c, arrays, c,
+            act);
+      }
+    });
+  });
+}
+
 template <typename T, bool kResidual>
 void grad_input(Inputs<T> in, const Walk& w, const ChannelTensors& t, int64_t activation,
                 double negative_slope, T* dx, T* dresidual, bool stream) {
@@ -515,19 +535,7 @@ void grad_input(Inputs<T> in, const Walk& w, const ChannelTensors& t, int64_t ac
                                      t.k_xmu.const_data_ptr<F>(), t.k_1.const_data_ptr<F>()};
   dispatch_activation(activation, negative_slope, [&](auto act) {
     if (w.rows && w.x_stride != w.channels) {  // x's rows apart: one row at a time
-      const int64_t rows = w.rows_total(), c = w.channels;
-      at::parallel_for(0, rows, grain_in_units(c), [&](int64_t r0, int64_t r1) {
-        cpu::run_with_best_isa_flag([&](auto avx2) {
-          constexpr bool kAvx2 = decltype(avx2)::value;
-          for (int64_t r = r0; r < r1; ++r) {
-            const Inputs<T> row{in.x + r * w.x_stride, in.grad + r * c,
-                                kResidual ? in.residual + r * c : nullptr};
-            elemt_block<kAvx2, kResidual, true>(row, dx + r * c,
-                                                kResidual ? dresidual + r * c : nullptr, 0, c,
-                                                arrays, c, act, false);
-          }
-        });
-      });
+      elemt_rows<kResidual, false>(in, w, arrays, act, dx, w.channels, dresidual);
       return;
     }
     if (w.rows) {
@@ -607,18 +615,7 @@ void grad_input_add_rows(Inputs<T> in, const Walk& w, const ChannelTensors& t, i
                                      t.mean.const_data_ptr<F>(),  t.k_dz.const_data_ptr<F>(),
                                      t.k_xmu.const_data_ptr<F>(), t.k_1.const_data_ptr<F>()};
   dispatch_activation(activation, negative_slope, [&](auto act) {
-    using Act = decltype(act);
-    const int64_t rows = w.rows_total(), c = w.channels;
-    at::parallel_for(0, rows, grain_in_units(c), [&](int64_t r0, int64_t r1) {
-      cpu::run_with_best_isa_flag([&](auto avx2) {
-        constexpr bool kAvx2 = decltype(avx2)::value;
-        for (int64_t r = r0; r < r1; ++r) {
-          const Inputs<T> row{in.x + r * w.x_stride, in.grad + r * c, nullptr};
-          elemt_span<kAvx2, false, true, T, const F*, Act, true>(row, out + r * out_stride,
-                                                                  nullptr, 0, c, arrays, c, act);
-        }
-      });
-    });
+    elemt_rows<false, true>(in, w, arrays, act, out, out_stride, static_cast<T*>(nullptr));
   });
 }
 
