@@ -78,15 +78,26 @@ def test_out_and_in_place(device):
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
 
 
-def test_large_tensor_streaming_path():
-    """Past 32 MiB of traffic the CPU kernel streams its stores (cnnkernels/cpu/map.h)."""
+@pytest.mark.parametrize("shape,format", [
+    ((4, 3, 1001, 1003), torch.contiguous_format), ((2, 2049, 31, 33), torch.contiguous_format),
+    ((2, 2049, 31, 33), torch.channels_last)], ids=["large-planes", "small-planes", "channels-last"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_large_tensor_streaming_path(shape, format, with_residual):
+    """Past 32 MiB of traffic the CPU kernel streams its stores (cnnkernels/cpu/map.h), in the
+    per-plane loop and in the row loops of small planes and of channels_last pixels (rows of 31x33
+    or 2049 values: the streamed chunks of 256 values straddle rows, and tasks start unaligned)."""
     skip_without_extension()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 3, 1001, 1003, generator=g)
-    scale, shift = torch.rand(3, generator=g), torch.randn(3, generator=g)
-    y = affine_act(x, scale, shift, "relu6")
-    expected = F.relu6(torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)))
+    x = torch.randn(*shape, generator=g).contiguous(memory_format=format)
+    c = shape[1]
+    scale, shift = torch.rand(c, generator=g), torch.randn(c, generator=g)
+    residual = torch.randn(*shape, generator=g).contiguous(memory_format=format) \
+        if with_residual else None
+    y = affine_act(x, scale, shift, "relu6", residual=residual)
+    pre = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+    expected = F.relu6(pre if residual is None else pre + residual)
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    assert y.is_contiguous(memory_format=format)
 
 
 @pytest.mark.parametrize("case", range(4))

@@ -70,6 +70,24 @@ def test_training_and_eval_match_torch(name, layout, dtype):
         torch.testing.assert_close(ours(xs[1]), reference(xs[1]), **tol)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_eval_op_equals_aten_bit_for_bit_on_cpu(layout, dtype, affine):
+    """ops.batch_norm_act in evaluation folds the running statistics as ATen's CPU kernel does
+    (beta rounded once), so its output is nn.BatchNorm2d's + ReLU's to the last bit."""
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(3)
+    c = 37
+    x = (torch.randn(3, c, 5, 7, generator=g) * 3).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+    stats = [torch.randn(c, generator=g).to(dtype), (torch.rand(c, generator=g) * 3 + 1e-3).to(dtype)]
+    params = [torch.randn(c, generator=g).to(dtype) for _ in range(2)] if affine else [None, None]
+    expected = torch.relu(torch.nn.functional.batch_norm(x, *stats, *params, False, 0.1, 1e-5))
+    actual = cnnkernels.ops.batch_norm_act(x, *params, *stats, False, 0.1, 1e-5, "relu")
+    assert torch.equal(actual, expected)
+
+
 @pytest.mark.parametrize("kwargs", [dict(momentum=None), dict(affine=False),
                                     dict(track_running_stats=False)])
 def test_batchnorm_options(kwargs):

@@ -249,9 +249,11 @@ def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     if not training and not needs_grad:  # one fused pass with the running statistics
         compute = _compute_dtype(x.dtype)
-        scale, shift = _fold(running_mean.to(compute), _eval_invstd(running_var, eps, compute),
-                             weight, bias)
-        return _kernels(x).affine(x, scale, shift, code, float(negative_slope), residual)
+        kernels = _kernels(x)
+        # the fold kernel with no running statistics to update: one call, not six small ops
+        scale, shift, _ = kernels.fold(running_mean.to(compute), running_var.to(compute), weight,
+                                       bias, None, None, 0.0, eps, 1)
+        return kernels.affine(x, scale, shift, code, float(negative_slope), residual)
     return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training,
                                momentum, eps, code, float(negative_slope), process_group)
 

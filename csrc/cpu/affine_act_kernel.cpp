@@ -69,58 +69,109 @@ void affine_act_loop(at::TensorIteratorBase& iter, const Act& act, bool stream) 
   });
 }
 
-// NCHW float/double with small planes: TensorIterator hands out one plane per inner loop, and a
-// call of the vectorised map costs about as much as the arithmetic of a 14x14 plane (measured on the
-// dev CPU: 32x384x14x14 at 67% of copy bandwidth). Here each task walks many planes in one loop
-// nest compiled for the best instruction set.
+// Dense float/double tensors whose runs are short: NCHW with small planes, where TensorIterator hands
+// out one plane per inner loop and a call of the vectorised map costs about as much as the
+// arithmetic of a 14x14 plane (measured on the dev CPU: 32x384x14x14 at 67% of copy bandwidth),
+// and channels_last, where each inner loop is one pixel's C channels. Here each task walks many
+// rows (planes, or pixels) in one loop nest compiled for the best instruction set, and streams its
+// stores when the tensors outgrow the cache (cpu/map.h).
 constexpr int64_t kSmallPlane = 1024;
 
-template <typename scalar_t, bool kResidual, typename Act>
-void affine_act_planes(const scalar_t* x, const scalar_t* res, scalar_t* y, const scalar_t* scale,
-                       const scalar_t* shift, int64_t planes, int64_t channels, int64_t hw,
-                       const Act& act) {
-  at::parallel_for(0, planes, std::max<int64_t>(1, 32768 / hw), [&](int64_t begin, int64_t end) {
-    cpu::run_with_best_isa([&] {
-      for (int64_t p = begin; p < end; ++p) {
-        const scalar_t a = scale[p % channels], b = shift[p % channels];
-        const scalar_t* xp = x + p * hw;
-        scalar_t* yp = y + p * hw;  // may be xp (in place): the loop reads each element first
-        for (int64_t i = 0; i < hw; ++i) {
-          scalar_t pre = std::fma(xp[i], a, b);
-          if constexpr (kResidual) pre += res[p * hw + i];
-          yp[i] = act.forward(pre);
+template <typename scalar_t, bool kResidual, bool kChannelsLast, typename Act>
+void affine_act_rows(const scalar_t* x, const scalar_t* res, scalar_t* y, const scalar_t* scale,
+                     const scalar_t* shift, int64_t rows, int64_t row_len, int64_t channels,
+                     const Act& act, bool stream) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / row_len), [&](int64_t begin, int64_t end) {
+    // Elements [from, from + count) of the output, written to dst; a run may span rows.
+    auto run = [&](int64_t from, scalar_t* dst, int64_t count) CNNKERNELS_ALWAYS_INLINE_LAMBDA {
+      while (count > 0) {
+        const int64_t row = from / row_len, offset = from - row * row_len;
+        const int64_t m = std::min(count, row_len - offset);
+        const scalar_t* xp = x + from;
+        const scalar_t* rp = kResidual ? res + from : nullptr;
+        // NCHW: one channel per row (its plane); channels_last: a row is the channels
+        const scalar_t* a = kChannelsLast ? scale + offset : scale + row % channels;
+        const scalar_t* b = kChannelsLast ? shift + offset : shift + row % channels;
+        for (int64_t i = 0; i < m; ++i) {
+          scalar_t pre = std::fma(xp[i], a[kChannelsLast ? i : 0], b[kChannelsLast ? i : 0]);
+          if constexpr (kResidual) pre += rp[i];
+          dst[i] = act.forward(pre);  // dst may be xp (in place): each element is read first
         }
+        from += m;
+        dst += m;
+        count -= m;
+      }
+    };
+    const int64_t first = begin * row_len, n = (end - begin) * row_len;
+    cpu::run_with_best_isa([&] {
+      if (stream && cpu::has_avx2()) {
+        cpu::streamed<true>(y + first, n, [&](int64_t offset, scalar_t* dst, int64_t count)
+                                              CNNKERNELS_ALWAYS_INLINE_LAMBDA {
+          run(first + offset, dst, count);
+        });
+      } else {
+        run(first, y + first, n);
       }
     });
   });
 }
 
-bool small_dense_planes(const at::Tensor& out, const at::Tensor& x, const at::Tensor* residual) {
+enum class DenseRows { kNone, kPlanes, kPixels };
+
+// Which loop of affine_act_rows fits: x, out (and residual) dense in one memory format.
+DenseRows dense_rows(const at::Tensor& out, const at::Tensor& x, const at::Tensor* residual) {
   const bool type_ok = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-  return type_ok && x.dim() == 4 && x.numel() > 0 && x.size(2) * x.size(3) <= kSmallPlane &&
-         x.is_contiguous() && out.is_contiguous() && (residual == nullptr || residual->is_contiguous());
+  if (!type_ok || x.dim() != 4 || x.numel() == 0) return DenseRows::kNone;
+  auto all_contiguous = [&](at::MemoryFormat format) {
+    return x.is_contiguous(format) && out.is_contiguous(format) &&
+           (residual == nullptr || residual->is_contiguous(format));
+  };
+  if (x.size(2) * x.size(3) <= kSmallPlane && all_contiguous(at::MemoryFormat::Contiguous)) {
+    return DenseRows::kPlanes;
+  }
+  if (x.size(1) > 1 && !x.is_contiguous() && all_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return DenseRows::kPixels;
+  }
+  return DenseRows::kNone;
+}
+
+template <bool kChannelsLast, typename scalar_t, typename Act>
+void affine_act_dense(const at::Tensor& out, const at::Tensor& x, const at::Tensor& scale,
+                      const at::Tensor& shift, const at::Tensor* residual, const Act& act,
+                      bool stream) {
+  const int64_t channels = x.size(1), hw = x.size(2) * x.size(3);
+  const int64_t rows = kChannelsLast ? x.size(0) * hw : x.size(0) * channels;
+  const int64_t row_len = kChannelsLast ? channels : hw;
+  const scalar_t* s = scale.const_data_ptr<scalar_t>();
+  const scalar_t* t = shift.const_data_ptr<scalar_t>();
+  if (residual != nullptr) {
+    affine_act_rows<scalar_t, true, kChannelsLast>(
+        x.const_data_ptr<scalar_t>(), residual->const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), s, t, rows, row_len, channels, act, stream);
+  } else {
+    affine_act_rows<scalar_t, false, kChannelsLast>(
+        x.const_data_ptr<scalar_t>(), nullptr, out.mutable_data_ptr<scalar_t>(), s, t, rows,
+        row_len, channels, act, stream);
+  }
 }
 
 void affine_act_into(const at::Tensor& out, const at::Tensor& x, const at::Tensor& scale,
                      const at::Tensor& shift, const std::optional<at::Tensor>& residual,
                      int64_t activation, double negative_slope) {
   const bool with_residual = residual.has_value() && residual->defined();
-  if (small_dense_planes(out, x, with_residual ? &*residual : nullptr)) {
+  const int64_t bytes = x.numel() * static_cast<int64_t>(x.element_size());
+  const bool in_place = out.is_same(x) || (with_residual && out.is_same(*residual));
+  const bool stream = !in_place && cpu::streaming_pays_off((with_residual ? 3 : 2) * bytes);
+  const at::Tensor* res = with_residual ? &*residual : nullptr;
+  const DenseRows rows = dense_rows(out, x, res);
+  if (rows != DenseRows::kNone) {
     const at::Tensor s = scale.contiguous(), t = shift.contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cnnkernels_affine_act", [&] {
       dispatch_activation(activation, negative_slope, [&](auto act) {
-        const int64_t planes = x.size(0) * x.size(1), hw = x.size(2) * x.size(3);
-        if (with_residual) {
-          affine_act_planes<scalar_t, true>(x.const_data_ptr<scalar_t>(),
-                                            residual->const_data_ptr<scalar_t>(),
-                                            out.mutable_data_ptr<scalar_t>(),
-                                            s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-                                            planes, x.size(1), hw, act);
+        if (rows == DenseRows::kPixels) {
+          affine_act_dense<true, scalar_t>(out, x, s, t, res, act, stream);
         } else {
-          affine_act_planes<scalar_t, false>(x.const_data_ptr<scalar_t>(), nullptr,
-                                             out.mutable_data_ptr<scalar_t>(),
-                                             s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-                                             planes, x.size(1), hw, act);
+          affine_act_dense<false, scalar_t>(out, x, s, t, res, act, stream);
         }
       });
     });
@@ -132,9 +183,6 @@ void affine_act_into(const at::Tensor& out, const at::Tensor& x, const at::Tenso
       .add_const_input(shift_b);
   if (with_residual) config.add_const_input(*residual);
   auto iter = config.build();
-  const int64_t bytes = x.numel() * static_cast<int64_t>(x.element_size());
-  const bool in_place = out.is_same(x) || (with_residual && out.is_same(*residual));
-  const bool stream = !in_place && cpu::streaming_pays_off((with_residual ? 3 : 2) * bytes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cnnkernels_affine_act",
                                   [&] {
                                     dispatch_activation(activation, negative_slope, [&](auto act) {

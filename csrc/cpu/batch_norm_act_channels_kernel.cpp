@@ -56,7 +56,10 @@ void fold_channels(const FoldArgs& a, double momentum, double eps, int64_t count
     const F b = bias != nullptr ? bias[c] : F(0);
     invstd_p[c] = inv;
     scale_p[c] = s;
-    shift_p[c] = count == 0 ? b : b - mean[c] * s;
+    // rounded once, as ATen's CPU BatchNorm computes beta (its kernels are compiled with FMA
+    // contraction; this file is not) and as nvcc contracts the CUDA twin: then the eval output
+    // matches nn.BatchNorm2d's bit for bit in float32 and float64
+    shift_p[c] = count == 0 ? b : std::fma(-mean[c], s, b);
     if (running_mean != nullptr && count > 0) {
       running_mean[c] = moved_average(running_mean[c], mean[c], m);
       running_var[c] = moved_average(running_var[c], var[c] * unbias, m);
