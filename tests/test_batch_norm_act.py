@@ -453,6 +453,41 @@ def test_training_step_launches_few_ops():
     assert len(counted.ops) <= 12, counted.ops  # the rest: views, num_batches_tracked, grad sums
 
 
+def test_batch_stats_replace_the_statistics_pass():
+    """Given x's (mean, biased var), training uses them (no statistics kernel runs) and the result,
+    gradients and running statistics are those of computing them; bad pairs are refused."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cnnkernels.ops import batch_norm_act
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 6, 5, 7, generator=g) * 2 + 3
+    weight, bias = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    results = []
+    for stats in (None, (mean, var)):
+        xa = x.clone().requires_grad_()
+        running = [torch.zeros(6), torch.ones(6)]
+        called = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                called.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        with Record():
+            y = batch_norm_act(xa, weight, bias, *running, True, 0.1, 1e-5, "relu",
+                               batch_stats=stats)
+        y.backward(torch.ones_like(y))
+        assert any("batch_norm_act_stats" in op for op in called) == (stats is None), called
+        results.append((y.detach(), xa.grad, *running))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for bad in ((mean,), (mean, var[:5]), (mean.double(), var)):
+        with pytest.raises(ValueError, match="batch_stats"):
+            batch_norm_act(x, weight, bias, None, None, True, batch_stats=bad)
+
+
 # --- the module with a residual, reduced precision, options --------------------------------------
 
 def residual_reference(name, x, r, bn, act_kwargs=None):

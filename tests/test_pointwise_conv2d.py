@@ -386,3 +386,115 @@ def test_bad_prologue_is_refused(change, error, message):
     x, weight, args = make()
     with pytest.raises(error, match=message):
         ops.pointwise_conv2d(x, weight, **args, **change)
+
+
+# --- statistics in the epilogue (pointwise_conv2d_stats) and the fused Triton GEMM ----------------
+
+def dispatched_ops(fn):
+    """Names of the ops fn() sends to the dispatcher."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn()
+    return record.ops
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride, groups", [(1, 1), (2, 2)], ids=str)
+@pytest.mark.parametrize("epilogue", ["plain", "bn_relu_residual"])
+def test_stats_are_the_outputs_mean_and_variance(impl, layout, stride, groups, epilogue):
+    """mean and biased variance per output channel of y as stored, also when |mean| >> std (a
+    shift of 1000 on values of std ~1: a sum of squares in float32 would lose every digit), over
+    more pixels than one GEMM tile holds (3x17x19 outputs: several row tiles to combine)."""
+    with_bn = epilogue != "plain"
+    x, weight, args = make(n=3, h=17 * stride, w=19 * stride, stride=stride, groups=groups,
+                           layout=layout, bn=with_bn, residual=with_bn)
+    args["bias"] = args["bias"] + 1000.0
+    x, weight = x.to(impl[1]), weight.to(impl[1])
+    args = {k: v.to(impl[1]) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    activation = "relu" if with_bn else "identity"
+    y, mean, var = ops.pointwise_conv2d_stats(x, weight, activation=activation, **args)
+    torch.testing.assert_close(y, ops.pointwise_conv2d(x, weight, activation=activation, **args),
+                               rtol=0, atol=0)
+    expected_var, expected_mean = torch.var_mean(y.double(), dim=(0, 2, 3), unbiased=False)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (8,)
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var.double(), expected_var, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.triton
+def test_triton_gemm_fuses_prologue_and_epilogue():
+    """On the Triton backend, without autograd, prologue + GEMM + epilogue are one kernel: the
+    normalised input never goes to memory (no affine_act, no convolution)."""
+    if not cnnkernels.backend.triton_interpreted():
+        pytest.skip("runs the Triton kernel under the interpreter (no GPU here)")
+    x, weight, args = make(n=2, cin=40, cout=300, h=5, w=6, bn=True, residual=True)
+    prologue = make_prologue(x)
+    with cnnkernels.use_backend("triton"):
+        ops.pointwise_conv2d(x, weight, activation="relu", input_activation="relu", **args,
+                             **prologue)  # warm-up: registration
+        called = dispatched_ops(lambda: ops.pointwise_conv2d(
+            x, weight, activation="relu", input_activation="relu", **args, **prologue))
+        y = ops.pointwise_conv2d(x, weight, activation="relu", input_activation="relu", **args,
+                                 **prologue)
+    ours = [op for op in called if op.startswith("cnnkernels.")]
+    assert ours == ["cnnkernels.pointwise_conv2d_triton.default"], called
+    assert not any("convolution" in op for op in called), called
+    z = expected(prologue_reference(x, prologue, "relu"), weight, args, "relu")
+    torch.testing.assert_close(y.double(), z, rtol=1e-5, atol=1e-5)  # 300 channels: 2 column tiles
+
+
+@pytest.mark.triton
+def test_triton_gemm_float16_under_the_interpreter():
+    if not cnnkernels.backend.triton_interpreted():
+        pytest.skip("runs the Triton kernel under the interpreter (no GPU here)")
+    x, weight, args = make(cin=40, cout=24, dtype=torch.float16, bn=True, residual=True)
+    with cnnkernels.use_backend("triton"):
+        y, mean, var = ops.pointwise_conv2d_stats(x, weight, activation="hardswish", **args)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.double(), expected(x, weight, args, "hardswish"), rtol=2e-3,
+                               atol=2e-3)
+    expected_var, expected_mean = torch.var_mean(y.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), expected_var, rtol=1e-4, atol=1e-5)
+
+
+def test_stats_of_an_empty_batch():
+    x, weight, args = make(n=0)
+    y, mean, var = ops.pointwise_conv2d_stats(x, weight, **args)
+    assert y.shape == (0, 8, 7, 9) and mean.shape == var.shape == (8,)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_triton(layout):
+    interpreted = cnnkernels.backend.triton_interpreted()
+    if not interpreted and not torch.cuda.is_available():
+        pytest.skip("needs a GPU or the Triton interpreter")
+    from cnnkernels.triton import pointwise_conv2d as _registers  # noqa: F401
+
+    device = "cpu" if interpreted else "cuda"
+    x, weight, args = make(layout=layout, residual=True, stride=2, groups=2)
+    prologue = make_prologue(x)
+    x, weight = x.to(device), weight.to(device)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    prologue = {k: v.to(device) for k, v in prologue.items()}
+    op = torch.ops.cnnkernels.pointwise_conv2d_triton.default
+    # the interpreter launches kernels on fake tensors too: there, schema and autograd
+    # registration only (as for the other Triton ops)
+    utils = ("test_schema", "test_autograd_registration") if interpreted else \
+        ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    for stats in (False, True):
+        torch.library.opcheck(op, (x, weight, args["scale"], args["shift"], 2, 2, args["residual"],
+                                   activations.CODES["relu"], 0.01, prologue["input_scale"],
+                                   prologue["input_shift"], activations.CODES["hardswish"], 0.01,
+                                   stats), test_utils=utils)

@@ -100,7 +100,11 @@ class BatchNormAct2d(nn.Module):
             self._folded_key = key
         return self._folded
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """act(BN(x) (+ residual)). `batch_stats`: x's per-channel (mean, biased var), when a
+        preceding kernel computed them (ConvBNAct2d's Triton GEMM); used only where batch
+        statistics are."""
         if x.dim() != 4:
             raise ValueError(f"BatchNormAct2d: expected a 4-D input, got {x.dim()}-D")
         # nn.BatchNorm2d.forward's bookkeeping, verbatim in meaning
@@ -118,4 +122,5 @@ class BatchNormAct2d(nn.Module):
         return batch_norm_act(x, self.weight, self.bias, self.running_mean if track else None,
                               self.running_var if track else None, use_batch_stats, factor,
                               self.eps, self.activation, self.negative_slope, residual=residual,
-                              process_group=self.process_group if self.training else None)
+                              process_group=self.process_group if self.training else None,
+                              batch_stats=batch_stats if use_batch_stats else None)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
+from .. import backend, ops
 from ..ops.affine_act import _compute_dtype
+from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS
 from .batchnorm import _TORCH_ACTIVATIONS, BatchNormAct2d
 
 
@@ -106,9 +107,20 @@ class ConvBNAct2d(nn.Module):
         if self._is_depthwise():
             z = ops.depthwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
                                      conv.dilation)
+        elif self._statistics_in_epilogue(x):
+            # the Triton GEMM computes BN's batch statistics from its output tiles in registers
+            z, mean, var = ops.pointwise_conv2d_stats(x, conv.weight, conv.bias,
+                                                      stride=conv.stride[0], groups=conv.groups)
+            return bn(z, batch_stats=(mean, var))
         else:
             z = conv(x)
         return bn(z)
+
+    def _statistics_in_epilogue(self, x: torch.Tensor) -> bool:
+        """Training a 1x1 conv on the Triton backend (its GEMM has the statistics epilogue; the
+        other backends would read the output again, as BatchNorm does anyway)."""
+        return self.bn.training and x.dtype != torch.float64 and self._is_pointwise() and \
+            x.dim() == 4 and backend.select(x.device, POINTWISE_KERNELS, "pointwise_conv2d") == "triton"
 
 
 def unsupported_conv(conv: nn.Conv2d) -> str | None:

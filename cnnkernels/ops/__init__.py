@@ -5,8 +5,9 @@ from .batch_norm_act import batch_norm_act
 from .depthwise_conv2d import depthwise_conv2d
 from .hardswish import hardsigmoid, hardswish
 from .layout import contiguous_from_channels_last
-from .pointwise_conv2d import pointwise_conv2d
+from .pointwise_conv2d import pointwise_conv2d, pointwise_conv2d_stats
 from .squeeze_excite import squeeze_excite
 
 __all__ = ["hardswish", "hardsigmoid", "depthwise_conv2d", "affine_act", "batch_norm_act",
-           "squeeze_excite", "pointwise_conv2d", "contiguous_from_channels_last"]
+           "squeeze_excite", "pointwise_conv2d", "pointwise_conv2d_stats",
+           "contiguous_from_channels_last"]

@@ -137,11 +137,12 @@ class _BatchNormAct(torch.autograd.Function):
     # overhead made the training step 0.47x eager. Keep the Python here to the minimum.
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
-                code, negative_slope, process_group):
+                code, negative_slope, process_group, batch_stats):
         k = _kernels(x)
         count = x.shape[0] * math.prod(x.shape[2:])  # values per channel (C may be 0)
         if training:
-            mean, var = k.stats(x)
+            mean, var = k.stats(x) if batch_stats is None else \
+                (batch_stats[0].detach(), batch_stats[1].detach())
             if process_group is not None and _world_size(process_group) > 1:
                 mean, var, count = _combine_statistics(mean, var, count, process_group)
             if count == 0:  # an empty batch: statistics undefined, saved as zeros for backward
@@ -187,7 +188,7 @@ class _BatchNormAct(torch.autograd.Function):
                                               residual, code, negative_slope, need_r)
             grad_x = grad_x if need_x else None
             grad_r = grad_r if need_r else None
-        return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None, None, None
 
 
 def _strided_rows(x) -> bool:
@@ -233,18 +234,37 @@ def _check(x, weight, bias, residual, running_mean, running_var, training):
         raise ValueError(f"{_OP}: evaluation (training=False) needs running_mean and running_var")
 
 
+def _check_batch_stats(x, batch_stats) -> None:
+    compute = _compute_dtype(x.dtype)
+    if not isinstance(batch_stats, (tuple, list)) or len(batch_stats) != 2:
+        raise ValueError(f"{_OP}: expected argument 'batch_stats' to be a pair (mean, var), got "
+                         f"{type(batch_stats).__name__}")
+    for name, t in zip(("mean", "var"), batch_stats):
+        if not isinstance(t, torch.Tensor) or t.shape != (x.shape[1],) or t.dtype != compute or \
+                t.device != x.device:
+            raise ValueError(
+                f"{_OP}: expected batch_stats' {name} to be a [{x.shape[1]}] {compute} tensor on "
+                f"{x.device} (one value per channel of x), got "
+                f"{(tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else t!r}")
+
+
 def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                    training: bool, momentum: float = 0.1, eps: float = 1e-5,
                    activation: str = "relu", negative_slope: float = 0.01, *,
-                   residual: torch.Tensor | None = None, process_group=None) -> torch.Tensor:
+                   residual: torch.Tensor | None = None, process_group=None,
+                   batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """act(batch_norm(x, ...) + residual) with F.batch_norm's arguments: training uses the batch
     statistics and updates running_mean / running_var in place with `momentum` (unbiased variance),
     evaluation uses them. `residual` (x's shape) is added before the activation. `process_group`
     (a torch.distributed group, or WORLD for the default one) makes it SyncBN: statistics and
-    gradient sums over all its ranks, when torch.distributed is initialised."""
+    gradient sums over all its ranks, when torch.distributed is initialised. `batch_stats`:
+    (mean, biased var) of x per channel in the compute type, when already known (from
+    pointwise_conv2d_stats): training then skips its statistics pass; ignored in evaluation."""
     code = activations.activation_code(activation)
     _check(x, weight, bias, residual, running_mean, running_var, training)
+    if batch_stats is not None:
+        _check_batch_stats(x, batch_stats)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     if not training and not needs_grad:  # one fused pass with the running statistics
@@ -255,7 +275,8 @@ def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
                                        bias, None, None, 0.0, eps, 1)
         return kernels.affine(x, scale, shift, code, float(negative_slope), residual)
     return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training,
-                               momentum, eps, code, float(negative_slope), process_group)
+                               momentum, eps, code, float(negative_slope), process_group,
+                               batch_stats)
 
 
 if _extension.cpu_ext:

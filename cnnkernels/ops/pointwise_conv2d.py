@@ -2,18 +2,23 @@
 epilogue, act(scale·(W ⊛ x) + shift + bias (+ residual)).
 
 Conv1×1 → BatchNorm (eval: fold it into scale/shift) → activation, and MobileNetV2's projection +
-residual add, in one op. CPU: csrc/cpu/pointwise_conv2d_kernel.cpp (BLAS on cache-sized output
-tiles, the epilogue applied to each tile while it is in cache: the output is written once). CUDA
-and Triton backends: torch's convolution (cuDNN) then our affine_act kernel in place, one extra
-pass; with autograd on those backends, the torch reference. Autograd of the C++ op: the GEMM
-gradients by aten.convolution_backward, the epilogue's by recomputing its input (from the output
-for identity and ReLU).
+residual add, in one op. CPU: csrc/cpu/pointwise_conv2d_kernel.cpp (oneDNN's fused convolution,
+or BLAS on cache-sized output tiles with the epilogue applied to each tile while it is in cache:
+the output is written once). Triton: cnnkernels/triton/pointwise_conv2d.py, one tl.dot GEMM with
+the epilogue on its accumulator (float64 stays on the reference). CUDA: torch's convolution
+(cuDNN) then our affine_act kernel in place, one extra pass; with autograd, the torch reference.
+Autograd of the C++ op and of the Triton forward: the GEMM gradients by
+aten.convolution_backward, the epilogue's by recomputing its input (from the output for identity
+and ReLU).
 
 The input prologue, input_act(input_scale·x + input_shift) per input channel (DenseNet-B's and
-pre-activation ResNet's BN → ReLU → Conv1×1), is one elementwise pass (our affine_act kernel)
-before the GEMM on every backend, inside an autograd Function that saves x, not the normalised
-tensor, and recomputes it in backward (one more elementwise pass). Applying it inside the GEMM's
-operand loads is still to come, with statistics in the epilogue for training and a Triton GEMM.
+pre-activation ResNet's BN → ReLU → Conv1×1): in the Triton GEMM's operand loads when no
+gradient is needed; otherwise one elementwise pass (our affine_act kernel) before the GEMM, inside
+an autograd Function that saves x, not the normalised tensor, and recomputes it in backward.
+
+pointwise_conv2d_stats also returns the mean and biased variance of each output channel, for a
+following training-mode BatchNorm: the Triton GEMM computes them from its output tiles in
+registers; the other backends read the output once more.
 """
 from __future__ import annotations
 
@@ -104,6 +109,43 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     [C_out], `input_scale`, `input_shift`: [C_in], all in the compute type (float32 for
     float32/16/bfloat16 x, float64 for float64); `residual`: the output's shape. Differentiable in
     every tensor argument."""
+    return _pointwise_conv2d(x, weight, bias, stride, groups, scale, shift, activation,
+                             negative_slope, residual, input_scale, input_shift, input_activation,
+                             input_negative_slope, stats=False)[0]
+
+
+def pointwise_conv2d_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                           *, stride: int = 1, groups: int = 1, scale: torch.Tensor | None = None,
+                           shift: torch.Tensor | None = None, activation: str = "identity",
+                           negative_slope: float = 0.01, residual: torch.Tensor | None = None,
+                           input_scale: torch.Tensor | None = None,
+                           input_shift: torch.Tensor | None = None,
+                           input_activation: str = "identity",
+                           input_negative_slope: float = 0.01
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, var): pointwise_conv2d's output y and, per output channel, the mean and biased
+    variance of y as stored (compute type), which a following training-mode BatchNorm needs
+    (`batch_norm_act(..., batch_stats=(mean, var))` then skips its statistics pass).
+
+    The Triton backend computes them in the GEMM's epilogue from the tile in registers, so y is
+    never read again; the other backends read y once more with batch_norm_act's statistics kernel.
+    y is differentiable as pointwise_conv2d's output is; mean and var are not (a BatchNorm given
+    them accounts for their gradient in its own backward)."""
+    y, mean, var = _pointwise_conv2d(x, weight, bias, stride, groups, scale, shift, activation,
+                                     negative_slope, residual, input_scale, input_shift,
+                                     input_activation, input_negative_slope, stats=True)
+    if mean is None:
+        from .batch_norm_act import _kernels as batch_norm_kernels
+
+        with torch.no_grad():
+            mean, var = batch_norm_kernels(y).stats(y.detach())
+    return y, mean, var
+
+
+def _pointwise_conv2d(x, weight, bias, stride, groups, scale, shift, activation, negative_slope,
+                      residual, input_scale, input_shift, input_activation, input_negative_slope,
+                      stats):
+    """(y, mean, var), mean and var None unless `stats` and the Triton kernel computed them."""
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         weight = weight[:, :, None, None]
     x, weight, residual = cast_for_autocast(x, weight, residual)
@@ -111,44 +153,110 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     _check_prologue(x, input_scale, input_shift)
     code = activations.activation_code(activation)
     input_code = activations.activation_code(input_activation)
-    if input_scale is not None or input_shift is not None or input_code != activations.IDENTITY:
+    has_prologue = input_scale is not None or input_shift is not None or \
+        input_code != activations.IDENTITY
+    if has_prologue and _fused_in_triton(x, (x, weight, bias, scale, shift, residual, input_scale,
+                                             input_shift)):
+        prologue = _prologue_vectors(x, input_scale, input_shift) + (input_code,
+                                                                     float(input_negative_slope))
+        y, mean, var = _triton_forward(x, weight, bias, stride, groups, scale, shift, residual, code,
+                                       float(negative_slope), prologue, stats)
+        return (y, mean, var) if stats else (y, None, None)
+    if has_prologue:
         return _PrologueConv.apply(x, input_scale, input_shift, input_activation,
                                    float(input_negative_slope), weight, bias, stride, groups, scale,
-                                   shift, residual, code, float(negative_slope))
+                                   shift, residual, code, float(negative_slope)), None, None
     return _conv(x, weight, bias, stride, groups, scale, shift, residual, code,
-                 float(negative_slope))
+                 float(negative_slope), stats)
 
 
-def _conv(x, weight, bias, stride, groups, scale, shift, residual, code, negative_slope):
-    """The op without a prologue, on the selected backend (autograd where needed)."""
+def _conv(x, weight, bias, stride, groups, scale, shift, residual, code, negative_slope,
+          stats=False):
+    """(y, mean, var) of the op without a prologue on the selected backend (autograd where
+    needed); mean and var only from the Triton kernel with `stats`, else None."""
     activation = activations.NAMES[code]
     kind = backend.select(x.device, KERNELS, _OP)
     if kind == "cpu" and _extension.cpu_ext:
         return torch.ops.cnnkernels.pointwise_conv2d(x, weight, bias, stride, groups, scale, shift,
-                                                     residual, code, float(negative_slope))
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, scale, shift, residual))
-    if kind in ("cuda", "triton") and not needs_grad:
+                                                     residual, code, float(negative_slope)), None, None
+    needs_grad = _needs_grad((x, weight, bias, scale, shift, residual))
+    if kind == "triton" and x.dtype != torch.float64:
+        if not needs_grad:
+            y, mean, var = _triton_forward(x, weight, bias, stride, groups, scale, shift, residual,
+                                           code, negative_slope, stats=stats)
+        else:
+            y, mean, var = _TritonConv.apply(x, weight, bias, stride, groups, scale, shift, residual,
+                                             code, negative_slope, stats)
+        return (y, mean, var) if stats else (y, None, None)
+    if kind == "cuda" and not needs_grad:
         # cuDNN's GEMM, then our epilogue kernel over its output in place
         z = F.conv2d(x, weight, None, stride, 0, 1, groups)
         s, t = reference.epilogue_vectors(x, weight.shape[0], bias, scale, shift)
-        return affine_act(z, s, t, activation, negative_slope, residual=residual, out=z)
+        return affine_act(z, s, t, activation, negative_slope, residual=residual, out=z), None, None
     return reference.pointwise_conv2d(x, weight, bias, stride, groups, scale, shift, residual, code,
-                                      float(negative_slope))
+                                      float(negative_slope)), None, None
 
 
-# --- the input prologue ------------------------------------------------------------------------
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
-def _prologue(x, input_scale, input_shift, activation, negative_slope):
-    """u = act(input_scale · x + input_shift), one pass (affine_act), without autograd."""
+
+# --- the Triton GEMM (cnnkernels/triton/pointwise_conv2d.py) ---------------------------------------
+
+def _fused_in_triton(x, tensors) -> bool:
+    """Whether the prologue runs inside the Triton GEMM: the Triton backend, a Triton GEMM dtype,
+    no autograd (with autograd, _PrologueConv saves x and recomputes the prologue in backward)."""
+    return x.dtype != torch.float64 and backend.select(x.device, KERNELS, _OP) == "triton" and \
+        not _needs_grad(tensors)
+
+
+def _prologue_vectors(x, input_scale, input_shift):
     compute = _compute_dtype(x.dtype)
     channels = x.shape[1]
     s = input_scale if input_scale is not None else torch.ones(channels, dtype=compute,
                                                                 device=x.device)
     t = input_shift if input_shift is not None else torch.zeros(channels, dtype=compute,
                                                                  device=x.device)
+    return s.detach(), t.detach()
+
+
+def _triton_forward(x, weight, bias, stride, groups, scale, shift, residual, code, negative_slope,
+                    prologue=None, stats=False):
+    """(y, mean, var) from the Triton kernel; prologue: (input_scale, input_shift, code, slope)."""
+    from ..triton import pointwise_conv2d as _triton  # noqa: F401  (registers the op)
+
+    s, t = reference.epilogue_vectors(x, weight.shape[0], bias, scale, shift)
+    in_scale, in_shift, in_code, in_slope = prologue if prologue is not None else (None, None, 0, 0.01)
+    return torch.ops.cnnkernels.pointwise_conv2d_triton(
+        x, weight, s.detach(), t.detach(), stride, groups, residual, code, negative_slope,
+        in_scale, in_shift, in_code, in_slope, stats)
+
+
+class _TritonConv(torch.autograd.Function):
+    """The Triton forward with the gradients of _gradients (torch's convolution_backward)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, groups, scale, shift, residual, code, negative_slope,
+                stats):
+        y, mean, var = _triton_forward(x, weight, bias, stride, groups, scale, shift, residual,
+                                       code, negative_slope, stats=stats)
+        ctx.config = (stride, groups, code, negative_slope)
+        ctx.save_for_backward(x, weight, bias, scale, shift, residual, y)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        return _backward_with_config(ctx, grad) + (None,)
+
+
+# --- the input prologue ------------------------------------------------------------------------
+
+def _prologue(x, input_scale, input_shift, activation, negative_slope):
+    """u = act(input_scale · x + input_shift), one pass (affine_act), without autograd."""
+    s, t = _prologue_vectors(x, input_scale, input_shift)
     with torch.no_grad():
-        return affine_act(x, s.detach(), t.detach(), activation, negative_slope)
+        return affine_act(x, s, t, activation, negative_slope)
 
 
 class _PrologueConv(torch.autograd.Function):
@@ -159,7 +267,7 @@ class _PrologueConv(torch.autograd.Function):
     def forward(ctx, x, input_scale, input_shift, input_activation, input_slope, weight, bias,
                 stride, groups, scale, shift, residual, code, negative_slope):
         u = _prologue(x, input_scale, input_shift, input_activation, input_slope)
-        y = _conv(u, weight, bias, stride, groups, scale, shift, residual, code, negative_slope)
+        y = _conv(u, weight, bias, stride, groups, scale, shift, residual, code, negative_slope)[0]
         ctx.prologue = (input_activation, input_slope)
         ctx.config = (stride, groups, code, negative_slope)
         ctx.save_for_backward(x, input_scale, input_shift, weight, bias, scale, shift, residual, y)
@@ -205,6 +313,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    return _backward_with_config(ctx, grad)
+
+
+def _backward_with_config(ctx, grad):
     stride, groups, code, negative_slope = ctx.config
     x, weight, bias, scale, shift, residual, y = ctx.saved_tensors
     # torch.library passes the op's arguments without the trailing ones left at their defaults

@@ -1,0 +1,174 @@
+"""Triton kernel of pointwise_conv2d: a 1x1 convolution as one GEMM per group with the input
+prologue applied while the operand is loaded, the epilogue applied to the accumulator, and
+optionally the per-output-channel statistics of the result, and the op that launches it.
+
+    u = input_act(input_scale[k] · x + input_shift[k])      (prologue, in the loads of x)
+    y = act(scale[n] · Σ_k u·W[n, k] + shift[n] (+ residual))   (epilogue, before the one store)
+
+Rows of the GEMM are output pixels (n, h, w), columns output channels, the reduction runs over the
+input channels of one group. x, the output and the residual are addressed through their strides,
+so NCHW, channels_last and stride 2 are the same kernel (a pixel's input is x[n, :, h·s, w·s]).
+The accumulator is float32 (float32 inputs use IEEE products, not TF32). With STATS, each program
+also writes, for its rows and channels, the count, mean and centred sum of squares of the stored
+output (as rounded to its dtype), and the host combines these partials with Chan's formula: the
+mean and biased variance a following BatchNorm needs, without cancellation when |mean| >> std and
+without reading the output again.
+
+`cnnkernels::pointwise_conv2d_triton` is a `torch.library.triton_op` (torch.compile sees the
+kernel). Float64 is not a Triton GEMM type on every GPU: it stays on the torch reference (see
+cnnkernels/ops/pointwise_conv2d.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import activation_forward
+
+
+@triton.jit
+def _pointwise_conv2d_kernel(
+        x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, residual_ptr, in_scale_ptr, in_shift_ptr,
+        partials_ptr,
+        rows, k_per_group, n_per_group, out_h, out_w,
+        sx_n, sx_c, sx_h, sx_w, sw_n, sw_k, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w,
+        negative_slope, in_negative_slope,
+        ACT: tl.constexpr, IN_ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        HAS_PROLOGUE: tl.constexpr, STATS: tl.constexpr, CPU_MATH: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2).to(tl.int64)
+    # the output pixels of this tile, and where their inputs and outputs live
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = m < rows
+    image = m // (out_h * out_w)
+    pixel = m % (out_h * out_w)
+    oh = pixel // out_w
+    ow = pixel % out_w
+    x_row = image * sx_n + oh * sx_h + ow * sx_w  # sx_h, sx_w already include the stride
+    # the output channels of this tile (inside the group)
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = j < n_per_group
+    channel = group * n_per_group + j
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_per_group, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mask_k = kk < k_per_group
+        in_channel = group * k_per_group + kk
+        a_mask = mask_m[:, None] & mask_k[None, :]
+        a = tl.load(x_ptr + x_row[:, None] + in_channel[None, :] * sx_c, mask=a_mask, other=0.0)
+        if HAS_PROLOGUE:
+            s_in = tl.load(in_scale_ptr + in_channel, mask=mask_k, other=0.0)
+            t_in = tl.load(in_shift_ptr + in_channel, mask=mask_k, other=0.0)
+            u = activation_forward(tl.fma(a.to(tl.float32), s_in[None, :], t_in[None, :]), IN_ACT,
+                                   in_negative_slope, CPU_MATH)
+            # padding lanes must stay 0 whatever act(shift) is; u is rounded to x's dtype, as
+            # the unfused prologue stores it
+            a = tl.where(a_mask, u, 0.0).to(x_ptr.dtype.element_ty)
+        b = tl.load(w_ptr + channel[None, :] * sw_n + kk[:, None] * sw_k,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.dot(a, b, input_precision="ieee")
+
+    scale = tl.load(scale_ptr + channel, mask=mask_n, other=0.0)
+    shift = tl.load(shift_ptr + channel, mask=mask_n, other=0.0)
+    pre = tl.fma(acc, scale[None, :], shift[None, :])
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        r_row = image * sr_n + oh * sr_h + ow * sr_w
+        pre += tl.load(residual_ptr + r_row[:, None] + channel[None, :] * sr_c, mask=out_mask,
+                       other=0.0).to(tl.float32)
+    y = activation_forward(pre, ACT, negative_slope, CPU_MATH).to(y_ptr.dtype.element_ty)
+    y_row = image * sy_n + oh * sy_h + ow * sy_w
+    tl.store(y_ptr + y_row[:, None] + channel[None, :] * sy_c, y, mask=out_mask)
+
+    if STATS:
+        # count, mean and centred sum of squares of this tile's stored values, per channel
+        count = tl.sum(mask_m.to(tl.float32), axis=0)
+        values = tl.where(out_mask, y.to(tl.float32), 0.0)
+        mean = tl.sum(values, axis=0) / count
+        centred = tl.where(out_mask, values - mean[None, :], 0.0)
+        m2 = tl.sum(centred * centred, axis=0)
+        channels = n_per_group * tl.num_programs(2)
+        slot = pid_m * channels + channel
+        tl.store(partials_ptr + slot, tl.zeros_like(mean) + count, mask=mask_n)
+        tl.store(partials_ptr + tl.num_programs(0) * channels + slot, mean, mask=mask_n)
+        tl.store(partials_ptr + 2 * tl.num_programs(0) * channels + slot, m2, mask=mask_n)
+
+
+def _pow2_between(value: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(1, value))))
+
+
+def _blocks(rows: int, k_per_group: int, n_per_group: int, on_gpu: bool) -> tuple[int, int, int]:
+    """Tile sizes: tl.dot needs every dimension >= 16; the interpreter's cost is per program, so
+    on the CPU the tiles are as large as the problem allows."""
+    if on_gpu:
+        return (_pow2_between(rows, 16, 128), _pow2_between(n_per_group, 16, 128),
+                _pow2_between(k_per_group, 16, 32))
+    return (_pow2_between(rows, 16, 256), _pow2_between(n_per_group, 16, 256),
+            _pow2_between(k_per_group, 16, 256))
+
+
+def combine_partials(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance per channel from per-tile (count, mean, M2) rows, by Chan et al.'s
+    pairwise formula (stable: no difference of large sums of squares)."""
+    count, mean, m2 = partials[0], partials[1], partials[2]
+    total = count.sum(0)
+    grand_mean = (count * mean).sum(0) / total
+    m2_total = m2.sum(0) + (count * (mean - grand_mean) ** 2).sum(0)
+    return grand_mean, m2_total / total
+
+
+def _output_like(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
+    n, _, h, w = x.shape
+    size = (n, out_channels, (h - 1) // stride + 1, (w - 1) // stride + 1)
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty(size, dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@torch.library.triton_op("cnnkernels::pointwise_conv2d_triton", mutates_args=())
+def pointwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                            shift: torch.Tensor, stride: int = 1, groups: int = 1,
+                            residual: torch.Tensor | None = None, activation: int = 0,
+                            negative_slope: float = 0.01, input_scale: torch.Tensor | None = None,
+                            input_shift: torch.Tensor | None = None, input_activation: int = 0,
+                            input_negative_slope: float = 0.01,
+                            stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, var): y = act(scale·conv1x1(u) + shift (+ residual)), u the prologue of x when
+    input_scale / input_shift are given; mean and biased var of y per output channel when `stats`
+    (else empty). scale and shift are [C_out] float32 (bias already in shift), checked by the
+    caller (cnnkernels.ops.pointwise_conv2d)."""
+    out_channels = weight.shape[0]
+    y = _output_like(x, out_channels, stride)
+    n, _, out_h, out_w = y.shape
+    rows = n * out_h * out_w
+    k_per_group, n_per_group = weight.shape[1], out_channels // groups
+    block_m, block_n, block_k = _blocks(rows, k_per_group, n_per_group, x.is_cuda)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n_per_group, block_n), groups)
+    partials = torch.empty((3, grid[0], out_channels) if stats else (0,), dtype=torch.float32,
+                           device=x.device)
+    if rows > 0 and out_channels > 0:
+        has_prologue = input_scale is not None
+        res = residual if residual is not None else y
+        torch.library.wrap_triton(_pointwise_conv2d_kernel)[grid](
+            x, weight, y, scale.contiguous(), shift.contiguous(), res,
+            input_scale if has_prologue else scale, input_shift if has_prologue else shift,
+            partials, rows, k_per_group, n_per_group, out_h, out_w,
+            x.stride(0), x.stride(1), x.stride(2) * stride, x.stride(3) * stride,
+            weight.stride(0), weight.stride(1), *y.stride(), *res.stride(),
+            negative_slope, input_negative_slope,
+            ACT=activation, IN_ACT=input_activation, HAS_RESIDUAL=residual is not None,
+            HAS_PROLOGUE=has_prologue, STATS=stats, CPU_MATH=not x.is_cuda,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    if not stats:
+        empty = x.new_empty(0, dtype=torch.float32)
+        return y, empty, empty.clone()
+    if rows == 0:
+        nan = torch.full((out_channels,), float("nan"), dtype=torch.float32, device=x.device)
+        return y, nan, nan.clone()
+    mean, var = combine_partials(partials)
+    return y, mean, var
