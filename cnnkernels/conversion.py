@@ -24,6 +24,9 @@ squeeze_excite    torchvision ``SqueezeExcitation``, timm                ``cnnke
 resnet            torchvision / timm ``BasicBlock`` / ``Bottleneck``     ``ResidualBlock``: every BN fused
                                                                          with its ReLU, the last with the
                                                                          residual add too
+max_pool          ``nn.MaxPool2d``                                       ``cnnkernels.nn.MaxPool2d``: NCHW
+                                                                         CPU inputs pooled in
+                                                                         channels_last (same values)
 ================  =====================================================  ==============================
 
 Every kind is on by default (see DEFAULT_KINDS); ``include`` / ``exclude`` choose. timm's layers
@@ -42,6 +45,7 @@ from .nn.activation import HardSigmoid, HardSwish
 from .nn.batchnorm import _TORCH_ACTIVATIONS, BatchNormAct2d
 from .nn.conv import DepthwiseConv2d
 from .nn.conv_bn_act import ConvBNAct2d, conv_bn_act_parts, unsupported_conv
+from .nn.pool import MaxPool2d
 from .nn.densenet import (DenseBlock, DenseTransition, _is_torchvision_dense_block,
                           dense_block_from, dense_block_to_torchvision, is_dense_transition,
                           is_timm_dense_block, timm_dense_block_problem, transition_problem)
@@ -52,7 +56,7 @@ from .nn.squeeze_excite import (SqueezeExcite, is_timm_squeeze_excite,
                                 unsupported_parts)
 
 KINDS = ("conv_bn_act", "hardswish", "hardsigmoid", "depthwise", "densenet", "dense_transition",
-         "batchnorm_act", "resnet", "squeeze_excite")
+         "batchnorm_act", "resnet", "squeeze_excite", "max_pool")
 # Every kind is on by default. conv_bn_act was opt-in until its eval path (BatchNorm folded into
 # the conv) measured faster inside whole models than the default conversion: with oneDNN's fused
 # 1x1 convolution it does on the dev CPU (session 7, interleaved runs, batch 8, NCHW: MobileNetV2
@@ -213,6 +217,8 @@ def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, s
         if not all(type(n) in (nn.BatchNorm2d, nn.SyncBatchNorm) for n in norms):
             return "resnet", None, "its norm layers are not BatchNorm2d"
         return "resnet", lambda: ResidualBlock.from_torchvision(module), ""
+    if type(module) is nn.MaxPool2d:
+        return "max_pool", lambda: MaxPool2d.from_torch(module), ""
     if isinstance(module, nn.BatchNorm2d):
         return "batchnorm", None, "no activation follows it in a Sequential (or batchnorm_act not included)"
     return None
@@ -316,6 +322,8 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             return module.to_torchvision()
         if isinstance(module, SqueezeExcite):
             return module.to_torchvision()
+        if isinstance(module, MaxPool2d):
+            return module.to_torch()
         return None
 
     def visit(parent: nn.Module) -> None:

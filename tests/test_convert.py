@@ -69,7 +69,8 @@ def test_densenet121_blocks_become_shared_and_revert():
     original = torchvision.models.densenet121()
     converted, report = cnnkernels.convert(original, report=True)
     # + norm0 → relu0 and the 3 transitions (BN+ReLU fused, the pool before the conv)
-    assert report.counts() == {"densenet": 4, "batchnorm_act": 1, "dense_transition": 3}
+    assert report.counts() == {"densenet": 4, "batchnorm_act": 1, "dense_transition": 3,
+                               "max_pool": 1}
     blocks = [m for m in converted.modules() if isinstance(m, DenseBlock)]
     assert [b.num_layers for b in blocks] == [6, 12, 24, 16]
     assert all(b.memory == "shared" for b in blocks)
@@ -178,29 +179,29 @@ def test_sync_batchnorm_becomes_batchnorm_act_with_the_default_group():
 
 
 # Issue 7's list: what a default convert() swaps in each model (random weights). Models with
-# nothing of ours to run (SqueezeNet: no BatchNorm; GoogLeNet: BN → F.relu inside forward) must
-# still convert to an identical model.
+# little of ours to run (SqueezeNet: no BatchNorm; GoogLeNet: BN → F.relu inside forward; only
+# their max pools) must still convert to an identical model.
 ZOO = {
     "mobilenet_v2": {"conv_bn_act": 35},
     "mobilenet_v3_large": {"conv_bn_act": 46, "squeeze_excite": 8, "hardswish": 1},
     "mobilenet_v3_small": {"conv_bn_act": 34, "squeeze_excite": 9, "hardswish": 1},
-    "resnet18": {"resnet": 8},
-    "resnet50": {"resnet": 16},
-    "resnext50_32x4d": {"resnet": 16},
-    "densenet121": {"batchnorm_act": 1, "densenet": 4, "dense_transition": 3},
-    "squeezenet1_1": {},
-    "shufflenet_v2_x1_0": {"conv_bn_act": 2, "batchnorm_act": 35, "depthwise": 19},
+    "resnet18": {"resnet": 8, "max_pool": 1},
+    "resnet50": {"resnet": 16, "max_pool": 1},
+    "resnext50_32x4d": {"resnet": 16, "max_pool": 1},
+    "densenet121": {"batchnorm_act": 1, "densenet": 4, "dense_transition": 3, "max_pool": 1},
+    "squeezenet1_1": {"max_pool": 3},
+    "shufflenet_v2_x1_0": {"conv_bn_act": 2, "batchnorm_act": 35, "depthwise": 19, "max_pool": 1},
     "mnasnet1_0": {"batchnorm_act": 35, "depthwise": 17},  # plain Sequentials, not Conv2dNormActivation
     "efficientnet_b0": {"conv_bn_act": 16, "depthwise": 16},  # SiLU: only the conv → BN pairs
     "convnext_tiny": {"depthwise": 18},
     "regnet_y_400mf": {"conv_bn_act": 53, "squeeze_excite": 16},
-    "vgg11_bn": {"batchnorm_act": 8},
-    "googlenet": {},
+    "vgg11_bn": {"batchnorm_act": 8, "max_pool": 5},
+    "googlenet": {"max_pool": 13},
     "timm:mobilenetv3_large_100": {"batchnorm_act": 46, "depthwise": 15, "squeeze_excite": 8,
                                    "hardswish": 1},
     "timm:efficientnet_b0": {"batchnorm_act": 16, "depthwise": 16},
-    "timm:densenet121": {"batchnorm_act": 5, "densenet": 4},
-    "timm:resnet50": {"resnet": 16},
+    "timm:densenet121": {"batchnorm_act": 5, "densenet": 4, "max_pool": 1},
+    "timm:resnet50": {"resnet": 16, "max_pool": 1},
 }
 
 
@@ -440,3 +441,30 @@ def test_converted_model_under_torch_compile(backend):
     scale = max(g.abs().max().item() for g in grads_eager)
     for got, want in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_max_pool_equals_torch_to_the_bit_with_ties(ceil_mode, dtype):
+    """cnnkernels.nn.MaxPool2d pools NCHW CPU inputs in channels_last: the same values, and the
+    same gradients even where windows tie (zeros after a ReLU), because both ATen kernels keep the
+    first maximum of each window; NCHW in, NCHW out and NCHW gradient."""
+    from cnnkernels.nn import MaxPool2d
+
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(2, 5, 17, 19)).to(dtype)
+    x[0, 1] = 0.0  # a whole plane of ties
+    reference = nn.MaxPool2d(3, 2, 1, ceil_mode=ceil_mode)
+    ours = MaxPool2d.from_torch(reference)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = reference(xa), ours(xb)
+    grad = torch.randn(ya.shape).to(dtype)
+    ya.backward(grad), yb.backward(grad)
+    assert torch.equal(ya, yb) and yb.is_contiguous()
+    assert torch.equal(xa.grad, xb.grad) and xb.grad.is_contiguous()
+    assert type(ours.to_torch()) is nn.MaxPool2d
+    # channels_last inputs, return_indices: torch's own path
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ours(xc), reference(xc))
+    with_indices = MaxPool2d(2, return_indices=True)
+    torch.testing.assert_close(with_indices(x), torch.nn.functional.max_pool2d(x, 2, return_indices=True))

@@ -36,6 +36,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import _extension, activations
 from .batchnorm import BatchNormAct2d
+from ..ops.layout import contiguous_from_channels_last, to_channels_last
+from .pool import pools_faster_in_channels_last
 
 MEMORY_MODES = ("naive", "checkpoint", "shared")
 
@@ -154,8 +156,6 @@ def _in_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
     """x in `memory_format` (itself when it already is): channels_last to NCHW through our CPU
     transposing copy, 4-10x ATen's on the dev VM."""
     if memory_format == torch.contiguous_format:
-        from ..ops.layout import contiguous_from_channels_last
-
         return contiguous_from_channels_last(x)
     return x.contiguous(memory_format=memory_format)
 
@@ -587,7 +587,13 @@ class DenseTransition(nn.Module):
         return module.train(transition.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(self.pool(self.norm(x)))
+        normed = self.norm(x)
+        if pools_faster_in_channels_last(normed) and not torch.compiler.is_compiling():
+            # ATen's CPU average pool: 1.2 ms in channels_last, 10.9 ms in NCHW on 8x256x56x56
+            # (dev CPU; its backward 4.6 vs 15.7 ms), more than the two layout copies cost
+            pooled = self.pool(to_channels_last(normed))
+            return contiguous_from_channels_last(self.conv(pooled))
+        return self.conv(self.pool(normed))
 
 
 def is_dense_transition(module: nn.Module) -> bool:
