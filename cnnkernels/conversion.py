@@ -15,7 +15,7 @@ hardsigmoid       ``nn.Hardsigmoid``                                     ``cnnke
 depthwise         ``nn.Conv2d`` with ``groups == in_channels``           ``cnnkernels.nn.DepthwiseConv2d``
 densenet          torchvision ``_DenseBlock``, timm ``DenseBlock``       ``DenseBlock(memory="shared")``
 dense_transition  torchvision ``_Transition`` (BN → ReLU → conv1×1 →     ``DenseTransition``: BN+ReLU
-                  2×2 avg pool)                                          fused, pool before the conv
+                  2×2 avg pool), timm ``DenseTransition``                fused, pool before the conv
 batchnorm_act     ``BatchNorm2d`` / ``SyncBatchNorm`` then an activation  ``BatchNormAct2d`` (+ ``nn.Identity``
                   in an ``nn.Sequential`` (``Conv2dNormActivation``);    where the activation was)
                   timm's ``BatchNormAct2d`` (activation one of ours)
@@ -48,7 +48,8 @@ from .nn.conv_bn_act import ConvBNAct2d, conv_bn_act_parts, unsupported_conv
 from .nn.pool import MaxPool2d
 from .nn.densenet import (DenseBlock, DenseTransition, _is_torchvision_dense_block,
                           dense_block_from, dense_block_to_torchvision, is_dense_transition,
-                          is_timm_dense_block, timm_dense_block_problem, transition_problem)
+                          is_timm_dense_block, is_timm_dense_transition, timm_dense_block_problem,
+                          timm_transition_problem, transition_problem)
 from .nn.resnet import (ResidualBlock, is_timm_resnet_block, is_torchvision_resnet_block,
                         timm_block_problem)
 from .nn.squeeze_excite import (SqueezeExcite, is_timm_squeeze_excite,
@@ -192,6 +193,12 @@ def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, s
             return "dense_transition", None, problem
         return "dense_transition", lambda: _remembering(
             module, DenseTransition.from_transition(module)), ""
+    if is_timm_dense_transition(module):
+        problem = timm_transition_problem(module) or _timm_batchnorm_act_problem(module.norm)
+        if problem:
+            return "dense_transition", None, problem
+        return "dense_transition", lambda: _remembering(module, DenseTransition.from_parts(
+            BatchNormAct2d.from_modules(module.norm, module.norm.act), module.conv)), ""
     if is_timm_dense_block(module):
         problem = timm_dense_block_problem(module)
         if problem:

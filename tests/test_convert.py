@@ -200,7 +200,7 @@ ZOO = {
     "timm:mobilenetv3_large_100": {"batchnorm_act": 46, "depthwise": 15, "squeeze_excite": 8,
                                    "hardswish": 1},
     "timm:efficientnet_b0": {"batchnorm_act": 16, "depthwise": 16},
-    "timm:densenet121": {"batchnorm_act": 5, "densenet": 4, "max_pool": 1},
+    "timm:densenet121": {"batchnorm_act": 2, "densenet": 4, "dense_transition": 3, "max_pool": 1},
     "timm:resnet50": {"resnet": 16, "max_pool": 1},
 }
 
@@ -249,7 +249,19 @@ def test_timm_layers_become_ours_and_revert_to_timm_classes():
     params = list(reverted.parameters())
     assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in params)
     names = {type(m).__name__ for m in reverted.modules() if type(m).__module__.startswith("timm.")}
-    assert {"DenseBlock", "DenseLayer", "BatchNormAct2d"} <= names
+    assert {"DenseBlock", "DenseLayer", "BatchNormAct2d", "DenseTransition"} <= names
+    assert list(reverted.state_dict()) == list(build("timm:densenet121").state_dict())
+
+
+def test_timm_dense_transition_with_anti_aliasing_is_left_alone():
+    pytest.importorskip("timm")
+    from timm.models.densenet import DenseTransition as TimmTransition
+    from timm.layers import BlurPool2d
+
+    transition = nn.Sequential(TimmTransition(16, 8, aa_layer=BlurPool2d))
+    _, report = cnnkernels.convert(transition, report=True)
+    assert [s.reason for s in report.left_alone if s.kind == "dense_transition"] == [
+        "its pool is not a 2x2 average pool of stride 2"], str(report)
 
 
 def test_timm_layers_that_compute_something_else_are_left_alone_with_the_reason():

@@ -576,15 +576,23 @@ class DenseTransition(nn.Module):
         problem = transition_problem(transition)
         if problem:
             raise ValueError(f"cnnkernels: DenseTransition.from_transition: {problem}")
-        conv = transition.conv
+        norm = BatchNormAct2d.from_modules(transition.norm, transition.relu)
+        return cls.from_parts(norm, transition.conv).train(transition.training)
+
+    @classmethod
+    def from_parts(cls, norm: BatchNormAct2d, conv: nn.Conv2d) -> "DenseTransition":
+        """Ours from its fused BN+ReLU (kept) and a copy of the plain 1x1 conv (for timm's
+        transition, whose norm is timm's own BatchNormAct2d: cnnkernels.convert fuses it first)."""
+        if norm.activation != "relu":
+            raise ValueError(f"cnnkernels: DenseTransition needs BN → ReLU, got {norm.activation!r}")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module.norm = BatchNormAct2d.from_modules(transition.norm, transition.relu)
+        module.norm = norm
         module.conv = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None,
                                 device=conv.weight.device, dtype=conv.weight.dtype)
         module.conv.load_state_dict(conv.state_dict())
         module.pool = nn.AvgPool2d(kernel_size=2, stride=2)
-        return module.train(transition.training)
+        return module.train(norm.training)
 
     def forward(self, x: Tensor) -> Tensor:
         normed = self.norm(x)
@@ -603,6 +611,24 @@ def is_dense_transition(module: nn.Module) -> bool:
         or (kind.__name__ == "Transition" and kind.__module__ == "cnnkernels.models.densenet")
 
 
+def is_timm_dense_transition(module: nn.Module) -> bool:
+    """timm's ``DenseTransition``: norm (timm's BatchNormAct2d), conv, pool."""
+    kind = type(module)
+    return kind.__name__ == "DenseTransition" and kind.__module__.startswith("timm.")
+
+
+def timm_transition_problem(transition: nn.Module) -> str | None:
+    """Why timm's transition is not BN+ReLU → conv1×1 → 2×2/2 average pool (None if it is): an
+    anti-aliasing pool (aa_layer) does not commute with the conv. Its norm's own checks (timm's
+    BatchNormAct2d: drop layer, activation) are cnnkernels.conversion's."""
+    names = ("norm", "conv", "pool")
+    if list(transition._modules) != list(names):
+        return "its children are not norm, conv, pool"
+    if type(getattr(transition.norm, "act", None)) is not nn.ReLU:
+        return "its norm's activation is not ReLU"
+    return _conv_and_pool_problem(transition.conv, transition.pool)
+
+
 def transition_problem(transition: nn.Module) -> str | None:
     """Why a transition is not BN → ReLU → conv1×1 (stride 1, no padding) → 2×2/2 average pool
     (None if it is): only then do the pool and the conv commute."""
@@ -612,6 +638,10 @@ def transition_problem(transition: nn.Module) -> str | None:
     norm, relu, conv, pool = parts.values()
     if type(norm) is not nn.BatchNorm2d or type(relu) is not nn.ReLU:
         return "its norm is not BatchNorm2d followed by ReLU"
+    return _conv_and_pool_problem(conv, pool)
+
+
+def _conv_and_pool_problem(conv: nn.Module, pool: nn.Module) -> str | None:
     if type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.stride != (1, 1) or \
             conv.padding != (0, 0) or conv.groups != 1 or conv.padding_mode != "zeros":
         return "its conv is not a plain 1x1 convolution"
