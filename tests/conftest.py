@@ -83,3 +83,35 @@ def run_ranks(worker_file: str, world: int, tmp_path) -> list:
         output, _ = worker.communicate(timeout=600)
         assert worker.returncode == 0, output.decode()
     return [torch.load(out) for out in outs]
+
+
+class DispatchedOps:
+    """`with DispatchedOps() as ops:` records in `ops.names` the name of every op that reaches the
+    dispatcher inside the block (on a GPU each of ours is at least one launch)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        names = self.names = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                names.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Record()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    def ours(self):
+        """The names of cnnkernels' ops among them."""
+        return [name for name in self.names if name.startswith("cnnkernels.")]
+
+
+@pytest.fixture
+def dispatched_ops():
+    """The DispatchedOps class, for tests that count or name the ops a call dispatches."""
+    return DispatchedOps

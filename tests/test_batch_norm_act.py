@@ -429,35 +429,21 @@ def test_fold_rejects_bad_arguments(bad, message):
                                                            torch.zeros(4), torch.zeros(3), 2)
 
 
-def test_training_step_launches_few_ops():
+def test_training_step_launches_few_ops(dispatched_ops):
     """Per training step (forward + backward), the op calls that reach the dispatcher: on a GPU
     each is at least one launch. Stats, fold, affine forward; reduce, coefs, elemt backward."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     module = BatchNormAct2d(6, activation="relu")
     x = torch.randn(4, 6, 5, 7, requires_grad=True)
     module(x).sum().backward()  # warm-up (lazy registration)
-    with Count() as counted:
+    with dispatched_ops() as counted:
         module(x).backward(torch.ones(4, 6, 5, 7))
-    ours = [op for op in counted.ops if op.startswith("cnnkernels.")]
-    assert len(ours) == 6, counted.ops
-    assert len(counted.ops) <= 12, counted.ops  # the rest: views, num_batches_tracked, grad sums
+    assert len(counted.ours()) == 6, counted.names
+    assert len(counted.names) <= 12, counted.names  # the rest: views, num_batches_tracked, grad sums
 
 
-def test_batch_stats_replace_the_statistics_pass():
+def test_batch_stats_replace_the_statistics_pass(dispatched_ops):
     """Given x's (mean, biased var), training uses them (no statistics kernel runs) and the result,
     gradients and running statistics are those of computing them; bad pairs are refused."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from cnnkernels.ops import batch_norm_act
 
     g = torch.Generator().manual_seed(4)
@@ -468,18 +454,12 @@ def test_batch_stats_replace_the_statistics_pass():
     for stats in (None, (mean, var)):
         xa = x.clone().requires_grad_()
         running = [torch.zeros(6), torch.ones(6)]
-        called = []
-
-        class Record(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                called.append(str(func))
-                return func(*args, **(kwargs or {}))
-
-        with Record():
+        with dispatched_ops() as called:
             y = batch_norm_act(xa, weight, bias, *running, True, 0.1, 1e-5, "relu",
                                batch_stats=stats)
         y.backward(torch.ones_like(y))
-        assert any("batch_norm_act_stats" in op for op in called) == (stats is None), called
+        assert any("batch_norm_act_stats" in op for op in called.ours()) == (stats is None), \
+            called.names
         results.append((y.detach(), xa.grad, *running))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

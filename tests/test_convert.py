@@ -343,26 +343,14 @@ def test_conv_bn_act_module_matches_conv_bn_act_in_every_mode():
 @pytest.mark.triton
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
                          ids=["nchw", "channels_last"])
-def test_conv_bn_act_training_on_triton_takes_bn_statistics_from_the_gemm(layout):
+def test_conv_bn_act_training_on_triton_takes_bn_statistics_from_the_gemm(layout, dispatched_ops):
     """A 1x1 ConvBNAct2d in training on the Triton backend: the GEMM's epilogue computes the
     batch statistics, BatchNorm does not read the output for them; outputs, gradients and running
     statistics still equal torch's conv → BN → act."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from cnnkernels.nn import ConvBNAct2d
 
     if not cnnkernels.backend.triton_interpreted():
         pytest.skip("runs the Triton kernels under the interpreter (no GPU here)")
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     conv, bn, act = nn.Conv2d(24, 40, 1, 2, bias=True), nn.BatchNorm2d(40), nn.Hardswish()
     with torch.no_grad():
@@ -373,13 +361,12 @@ def test_conv_bn_act_training_on_triton_takes_bn_statistics_from_the_gemm(layout
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya = reference(xa)
     with cnnkernels.use_backend("triton"):
-        with Record() as record:
+        with dispatched_ops() as record:
             yb = ours(xb)
         grad = torch.randn(ya.shape)
         ya.backward(grad), yb.backward(grad)
-    ours_ops = [op for op in record.ops if op.startswith("cnnkernels.")]
-    assert "cnnkernels.pointwise_conv2d_triton.default" in ours_ops, record.ops
-    assert not any("stats" in op for op in ours_ops), record.ops
+    assert "cnnkernels.pointwise_conv2d_triton.default" in record.ours(), record.names
+    assert not any("stats" in op for op in record.ours()), record.names
     torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
     assert yb.is_contiguous(memory_format=layout)
     for a, b in ((xb.grad, xa.grad), (ours.conv.weight.grad, conv.weight.grad),

@@ -390,24 +390,6 @@ def test_bad_prologue_is_refused(change, error, message):
 
 # --- statistics in the epilogue (pointwise_conv2d_stats) and the fused Triton GEMM ----------------
 
-def dispatched_ops(fn):
-    """Names of the ops fn() sends to the dispatcher."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Record() as record:
-        fn()
-    return record.ops
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("stride, groups", [(1, 1), (2, 2)], ids=str)
 @pytest.mark.parametrize("epilogue", ["plain", "bn_relu_residual"])
@@ -432,7 +414,7 @@ def test_stats_are_the_outputs_mean_and_variance(impl, layout, stride, groups, e
 
 
 @pytest.mark.triton
-def test_triton_gemm_fuses_prologue_and_epilogue():
+def test_triton_gemm_fuses_prologue_and_epilogue(dispatched_ops):
     """On the Triton backend, without autograd, prologue + GEMM + epilogue are one kernel: the
     normalised input never goes to memory (no affine_act, no convolution)."""
     if not cnnkernels.backend.triton_interpreted():
@@ -442,13 +424,11 @@ def test_triton_gemm_fuses_prologue_and_epilogue():
     with cnnkernels.use_backend("triton"):
         ops.pointwise_conv2d(x, weight, activation="relu", input_activation="relu", **args,
                              **prologue)  # warm-up: registration
-        called = dispatched_ops(lambda: ops.pointwise_conv2d(
-            x, weight, activation="relu", input_activation="relu", **args, **prologue))
-        y = ops.pointwise_conv2d(x, weight, activation="relu", input_activation="relu", **args,
-                                 **prologue)
-    ours = [op for op in called if op.startswith("cnnkernels.")]
-    assert ours == ["cnnkernels.pointwise_conv2d_triton.default"], called
-    assert not any("convolution" in op for op in called), called
+        with dispatched_ops() as called:
+            y = ops.pointwise_conv2d(x, weight, activation="relu", input_activation="relu",
+                                     **args, **prologue)
+    assert called.ours() == ["cnnkernels.pointwise_conv2d_triton.default"], called.names
+    assert not any("convolution" in op for op in called.names), called.names
     z = expected(prologue_reference(x, prologue, "relu"), weight, args, "relu")
     torch.testing.assert_close(y.double(), z, rtol=1e-5, atol=1e-5)  # 300 channels: 2 column tiles
 
