@@ -59,3 +59,50 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.cnnkernels.contiguous_from_channels_last.default, (x,))
     torch.library.opcheck(torch.ops.cnnkernels.contiguous_from_channels_last.default,
                           (x.requires_grad_(),))
+
+
+# --- copy_to_channels_last_ / to_channels_last: NCHW into pixel rows ------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 48, 210, 210)], ids=str)
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "channel-slice"])
+def test_copy_to_channels_last_writes_only_its_channels(shape, sliced):
+    """Values equal x's; in a channel slice of a wider channels_last tensor the other channels are
+    left untouched. 2x48x210x210 (34 MB moved) is past the size where whole rows of 16 channels
+    are written with streaming stores."""
+    from cnnkernels.ops.layout import copy_to_channels_last_
+
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, c, h, w, generator=g)
+    extra = 16 if sliced else 0  # a 16-channel offset keeps whole aligned rows: the streamed path
+    base = torch.full((n, c + 2 * extra, h, w), 7.0).contiguous(memory_format=torch.channels_last)
+    out = base[:, extra:extra + c]
+    assert copy_to_channels_last_(out, x) is out
+    assert torch.equal(out, x)
+    assert bool((base[:, :extra] == 7).all()) and bool((base[:, extra + c:] == 7).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_to_channels_last_and_its_gradient(dtype):
+    """to_channels_last(x) equals x in channels_last; its gradient comes back NCHW-contiguous."""
+    from cnnkernels.ops.layout import to_channels_last
+
+    x = torch.randn(2, 21, 6, 5).to(dtype).requires_grad_()
+    y = to_channels_last(x)
+    assert torch.equal(y, x) and y.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(y.shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    y.backward(grad)
+    assert torch.equal(x.grad, grad) and x.grad.is_contiguous()
+
+
+def test_copy_to_channels_last_refuses_mismatches():
+    needs_ext()
+    op = torch.ops.cnnkernels.copy_to_channels_last_
+    out = torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="must have the same shape"):
+        op(out, torch.randn(2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match="same dtype and device"):
+        op(out, torch.randn(2, 3, 4, 5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="expected 4-D"):
+        op(out, torch.randn(2, 3, 20))
+    torch.library.opcheck(op.default, (out, torch.randn(2, 3, 4, 5)))

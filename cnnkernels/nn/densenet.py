@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import _extension, activations
 from .batchnorm import BatchNormAct2d
-from ..ops.layout import contiguous_from_channels_last, to_channels_last
+from ..ops.layout import contiguous_from_channels_last, copy_to_channels_last_, to_channels_last
 from .pool import pools_faster_in_channels_last
 
 MEMORY_MODES = ("naive", "checkpoint", "shared")
@@ -153,11 +153,19 @@ def _format_of(x: Tensor) -> torch.memory_format:
 
 
 def _in_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
-    """x in `memory_format` (itself when it already is): channels_last to NCHW through our CPU
-    transposing copy, 4-10x ATen's on the dev VM."""
+    """x in `memory_format` (itself when it already is), through our CPU transposing copies
+    (ops.layout: 4-10x ATen's from channels_last to NCHW on the dev VM, 2-3x the other way)."""
     if memory_format == torch.contiguous_format:
         return contiguous_from_channels_last(x)
-    return x.contiguous(memory_format=memory_format)
+    return to_channels_last(x)
+
+
+def _copy_in_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """A new tensor in `memory_format` with x's values (never x itself)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
+    if memory_format == torch.channels_last:
+        return copy_to_channels_last_(out, x)
+    return out.copy_(x)
 
 
 def _works_in_channels_last(x: Tensor) -> bool:
@@ -307,7 +315,10 @@ def _forward_shared(block: "DenseBlock", x: Tensor, params: Sequence[Tensor], sa
     plan = _BlockPlan(block, x, x.shape[0], x.shape[2], x.shape[3], _works_in_channels_last(x))
     out = torch.empty((plan.n, plan.c0 + plan.num_layers * plan.k, plan.h, plan.w), dtype=x.dtype,
                       device=x.device, memory_format=plan.memory_format)
-    out[:, :plan.c0].copy_(x)
+    if plan.channels_last:
+        copy_to_channels_last_(out[:, :plan.c0], x)
+    else:
+        out[:, :plan.c0].copy_(x)
     kernels = _bn_kernels(x)
     count = plan.n * plan.h * plan.w
     input_mean, input_var = kernels.stats(x)
@@ -350,8 +361,8 @@ def _backward_shared(block: "DenseBlock", out: Tensor, grad_out: Tensor, params:
     plan = _BlockPlan(block, out, out.shape[0], out.shape[2], out.shape[3],
                       _works_in_channels_last(out))
     out_format = _format_of(out)
-    out = out.contiguous(memory_format=plan.memory_format)
-    grad = grad_out.clone(memory_format=plan.memory_format)  # accumulates every layer's input gradient
+    out = _in_format(out, plan.memory_format)
+    grad = _copy_in_format(grad_out, plan.memory_format)  # accumulates every layer's input gradient
     kernels = _bn_kernels(out)
     count = plan.n * plan.h * plan.w
     param_grads: list[Tensor] = [None] * len(params)  # type: ignore[list-item]

@@ -1,10 +1,10 @@
-// CPU kernel of contiguous_from_channels_last (schema: ../layout.cpp).
+// CPU kernels of contiguous_from_channels_last and copy_to_channels_last_ (schemas: ../layout.cpp).
 //
 // Per image, a [pixels, channels] matrix (rows `row_stride` apart) becomes [channels, pixels]:
 // 16x16 tiles loaded as 16 pixel rows of 16 channels, transposed in registers, stored as 16
 // channel rows of 16 pixels. Tasks are (image, block of 16 channels); each walks all pixels, so
-// it reads one cache line per pixel row and writes whole lines of 16 pixels. float32 with
-// AVX-512; other dtypes and CPUs use ATen's copy.
+// it reads one cache line per pixel row and writes whole lines of 16 pixels. copy_to_channels_last_
+// runs the same tiles the other way. float32 with AVX-512; other dtypes and CPUs use ATen's copy.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -45,7 +45,80 @@ CNNKERNELS_TARGET_AVX512 void transpose_block(const float* src, int64_t row_stri
     for (int64_t c = 0; c < channels; ++c) _mm512_mask_storeu_ps(dst + c * plane + p, tail, r[c]);
   }
 }
+
+// The inverse: `channels` ≤ 16 planes of `pixels` values `plane` apart, into `pixels` rows
+// `row_stride` apart (channels [0, channels) of each row).
+// With `stream`, whole aligned 64-byte rows are written with streaming stores (no read for
+// ownership of lines the copy overwrites entirely; see cpu/map.h).
+CNNKERNELS_TARGET_AVX512 void transpose_block_to_rows(const float* src, int64_t plane, float* dst,
+                                                      int64_t row_stride, int64_t channels,
+                                                      int64_t pixels, bool stream) {
+  const __mmask16 lanes = cpu::first_lanes(channels);
+  stream = stream && channels == 16 && reinterpret_cast<uintptr_t>(dst) % 64 == 0 &&
+           row_stride % 16 == 0;
+  __m512 r[16];
+  for (int64_t p = 0; p < pixels; p += 16) {
+    const int64_t count = std::min<int64_t>(16, pixels - p);
+    const __mmask16 tail = cpu::first_lanes(count);
+    for (int64_t c = 0; c < 16; ++c) {
+      r[c] = c < channels ? _mm512_maskz_loadu_ps(tail, src + c * plane + p) : _mm512_setzero_ps();
+    }
+    cpu::transpose16x16(r);
+    for (int64_t i = 0; i < count; ++i) {
+      if (stream) {
+        _mm512_stream_ps(dst + (p + i) * row_stride, r[i]);
+      } else {
+        _mm512_mask_storeu_ps(dst + (p + i) * row_stride, lanes, r[i]);
+      }
+    }
+  }
+  if (stream) _mm_sfence();
+}
 #endif
+
+// Tasks (image, block of 16 channels), each over all pixels: `block(n, c0, channels)`.
+template <typename Block>
+void for_each_channel_block(int64_t batch, int64_t channels, const Block& block) {
+  const int64_t blocks = (channels + cpu::kBlock - 1) / cpu::kBlock;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / blocks, c0 = (t % blocks) * cpu::kBlock;
+      block(n, c0, std::min<int64_t>(cpu::kBlock, channels - c0));
+    }
+  });
+}
+
+void copy_to_channels_last_cpu(const at::Tensor& out, const at::Tensor& x) {
+  const char* op = "copy_to_channels_last_";
+  TORCH_CHECK(x.dim() == 4 && out.dim() == 4, op, ": expected 4-D [N, C, H, W] tensors, got 'out' ",
+              out.sizes(), " and 'x' ", x.sizes());
+  TORCH_CHECK(out.sizes() == x.sizes(), op, ": 'out' ", out.sizes(), " and 'x' ", x.sizes(),
+              " must have the same shape");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device() == x.device(), op,
+              ": 'out' and 'x' must have the same dtype and device, got ", out.scalar_type(), " on ",
+              out.device(), " and ", x.scalar_type(), " on ", x.device());
+#if CNNKERNELS_X86
+  const bool fast = x.scalar_type() == at::kFloat && x.is_contiguous() && pixels_are_rows(out) &&
+                    cpu::has_avx512() && x.numel() > 0 && x.size(1) > 1;
+#else
+  const bool fast = false;
+#endif
+  if (!fast) {
+    out.copy_(x);
+    return;
+  }
+#if CNNKERNELS_X86
+  const int64_t channels = x.size(1), plane = x.size(2) * x.size(3);
+  const int64_t row_stride = out.stride(3), image_stride = out.stride(0);
+  const float* src = x.const_data_ptr<float>();
+  float* dst = out.mutable_data_ptr<float>();
+  const bool stream = cpu::streaming_pays_off(2 * x.numel() * int64_t(sizeof(float)));
+  for_each_channel_block(x.size(0), channels, [&](int64_t n, int64_t c0, int64_t count) {
+    transpose_block_to_rows(src + (n * channels + c0) * plane, plane,
+                            dst + n * image_stride + c0, row_stride, count, plane, stream);
+  });
+#endif
+}
 
 at::Tensor contiguous_from_channels_last_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "contiguous_from_channels_last: expected argument 'x' to be a 4-D "
@@ -59,18 +132,13 @@ at::Tensor contiguous_from_channels_last_cpu(const at::Tensor& x) {
   if (!fast) return x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
 #if CNNKERNELS_X86
-  const int64_t batch = x.size(0), channels = x.size(1), plane = x.size(2) * x.size(3);
-  const int64_t blocks = (channels + cpu::kBlock - 1) / cpu::kBlock;
+  const int64_t channels = x.size(1), plane = x.size(2) * x.size(3);
   const int64_t row_stride = x.stride(3), image_stride = x.stride(0);
   const float* src = x.const_data_ptr<float>();
   float* dst = y.mutable_data_ptr<float>();
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / blocks, c0 = (t % blocks) * cpu::kBlock;
-      transpose_block(src + n * image_stride + c0, row_stride,
-                      dst + (n * channels + c0) * plane, plane,
-                      std::min<int64_t>(cpu::kBlock, channels - c0), plane);
-    }
+  for_each_channel_block(x.size(0), channels, [&](int64_t n, int64_t c0, int64_t count) {
+    transpose_block(src + n * image_stride + c0, row_stride, dst + (n * channels + c0) * plane,
+                    plane, count, plane);
   });
 #endif
   return y;
@@ -81,4 +149,5 @@ at::Tensor contiguous_from_channels_last_cpu(const at::Tensor& x) {
 
 TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
   m.impl("contiguous_from_channels_last", &cnnkernels::contiguous_from_channels_last_cpu);
+  m.impl("copy_to_channels_last_", &cnnkernels::copy_to_channels_last_cpu);
 }
