@@ -9,6 +9,10 @@
 //   batch_norm_act_backward_elemt_add_(out!, grad, x, scale, shift, mean, k_dz, k_xmu, k_1, act)
 //       out += dx, out and x channels_last (or channel slices of channels_last tensors); CPU only,
 //       for the DenseNet block's backward, which sums every layer's input gradient into one tensor
+//   batch_norm_act_backward_reduce_add_(out!, grad, x, scale, shift, mean, k_dz, act)
+//       -> (Σ dz, Σ dz·(x − mean)), and out += k_dz·dz in the same pass; CPU only, same layouts as
+//       the above: the DenseNet block adds the rest of dx, k_xmu·(x − mean) + k_1, once per channel
+//       for all the layers that read it
 // and the per-channel algebra between them, one small kernel each instead of a dozen torch ops
 // (on a GPU each of those is a launch, and their host overhead dominated the first H100 timings):
 //   batch_norm_act_fold(mean, var, weight, bias, running_mean!, running_var!, momentum, eps, count)
@@ -197,6 +201,9 @@ TORCH_LIBRARY_FRAGMENT(cnnkernels, m) {
         "Tensor mean, Tensor coef_dz, Tensor coef_xmu, Tensor coef_1, Tensor? residual=None, "
         "int activation=0, float negative_slope=0.01, bool residual_grad=False) "
         "-> (Tensor grad_x, Tensor grad_residual)");
+  m.def("batch_norm_act_backward_reduce_add_(Tensor(a!) out, Tensor grad, Tensor x, Tensor scale, "
+        "Tensor shift, Tensor mean, Tensor coef_dz, int activation=0, float negative_slope=0.01) "
+        "-> (Tensor sum_dz, Tensor sum_dz_xmu)");
   m.def("batch_norm_act_backward_elemt_add_(Tensor(a!) out, Tensor grad, Tensor x, Tensor scale, "
         "Tensor shift, Tensor mean, Tensor coef_dz, Tensor coef_xmu, Tensor coef_1, "
         "int activation=0, float negative_slope=0.01) -> ()");

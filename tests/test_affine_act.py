@@ -10,18 +10,22 @@ from cnnkernels.ops import affine_act
 from cnnkernels.reference import affine_act as reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-LAYOUTS = ["nchw", "channels_last", "strided", "3d"]
+LAYOUTS = ["nchw", "channels_last", "strided", "3d", "channel-slice"]
 
 
 def make(layout, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     if layout == "3d":
         x = torch.randn(3, 7, 11, generator=g) * 4
+    elif layout == "channel-slice":  # channels 2..8 of a channels_last tensor: rows 12 apart
+        x = torch.randn(3, 12, 9, 11, generator=g) * 4
     else:
         x = torch.randn(3, 7, 9, 11, generator=g) * 4
     x = x.to(device=device, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "channel-slice":
+        x = x.contiguous(memory_format=torch.channels_last)[:, 2:9]
     elif layout == "strided":
         x = x[..., ::2]
     compute = torch.float64 if dtype == torch.float64 else torch.float32
@@ -162,3 +166,20 @@ def test_triton_kernel_matches_cpu_kernel(activation, layout):
     expected = affine_act(x.cpu(), scale.cpu(), shift.cpu(), activation, 0.2)
     torch.testing.assert_close(y.cpu(), expected, rtol=1e-6, atol=1e-6)
     assert y.stride() == torch.empty_like(x).stride()
+
+
+def test_channel_slices_with_a_residual_added_in_place():
+    """x, the residual and out all channel slices of channels_last tensors, out the residual itself
+    (the DenseNet block adds its deferred BatchNorm corrections this way); the channels around
+    out's slice are untouched."""
+    skip_without_extension()
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(2, 40, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    target = torch.randn(2, 50, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    before = target.clone()
+    x, residual = wide[:, 3:35], target[:, 10:42]
+    scale, shift = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    expected = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)) + residual
+    affine_act(x, scale, shift, "identity", residual=residual, out=residual)
+    torch.testing.assert_close(residual, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(target[:, :10], before[:, :10]) and torch.equal(target[:, 42:], before[:, 42:])

@@ -328,6 +328,68 @@ def test_backward_elemt_add_refuses_what_it_cannot_add_into():
         op(x, *args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["identity", "relu", "hardswish"])
+@pytest.mark.parametrize("slices", ["dense", "both-slices"])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (2, 2100, 4, 4), (1, 17, 1, 3)], ids=str)
+def test_backward_reduce_add_sums_and_adds_in_one_pass(dtype, activation, slices, shape):
+    """batch_norm_act_backward_reduce_add_: the sums of backward_reduce, and out += coef_dz·dz
+    (elemt_add_ with the other coefficients 0), for channels_last tensors and channel slices of
+    wider ones, the channels around out's slice untouched; 2100 channels: more than the kernel's
+    local partial sums hold at once."""
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(2)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    wide_x = (torch.randn(n, c + 5, h, w, generator=g) * 2).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    x = wide_x[:, 2:2 + c] if slices != "dense" else wide_x[:, 2:2 + c].contiguous(
+        memory_format=torch.channels_last)
+    grad = torch.randn(n, c, h, w, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    scale, shift, mean = (torch.randn(c, generator=g).to(compute) for _ in range(3))
+    coef_dz = torch.rand(c, generator=g).to(compute) + 0.5
+    target = torch.randn(n, c + 3, h, w, generator=g).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    out = target[:, 1:1 + c] if slices != "dense" else target[:, :c].contiguous(
+        memory_format=torch.channels_last)
+    before, whole_before = out.clone(), target.clone()
+    code = activations.CODES[activation]
+    ops = torch.ops.cnnkernels
+    sums = ops.batch_norm_act_backward_reduce_add_(out, grad, x, scale, shift, mean, coef_dz, code,
+                                                   0.01)
+    expected_sums = ops.batch_norm_act_backward_reduce(grad, x, scale, shift, mean, None, code, 0.01)
+    zeros = torch.zeros_like(scale)
+    expected = before.clone()
+    ops.batch_norm_act_backward_elemt_add_(expected, grad, x, scale, shift, mean, coef_dz, zeros,
+                                           zeros, code, 0.01)
+    sum_tol = dict(rtol=1e-5, atol=1e-4) if dtype != torch.float64 else dict(rtol=1e-12, atol=1e-10)
+    for actual_sum, expected_sum in zip(sums, expected_sums):
+        torch.testing.assert_close(actual_sum, expected_sum, **sum_tol)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the same arithmetic per element
+    if slices != "dense":
+        torch.testing.assert_close(target[:, :1], whole_before[:, :1], rtol=0, atol=0)
+        torch.testing.assert_close(target[:, 1 + c:], whole_before[:, 1 + c:], rtol=0, atol=0)
+        torch.library.opcheck(ops.batch_norm_act_backward_reduce_add_.default,
+                              (out, grad, x, scale, shift, mean, coef_dz, code, 0.01))
+
+
+def test_backward_reduce_add_refuses_what_it_cannot_add_into():
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    x, grad, _, (scale, shift, mean) = kernel_inputs("channels_last", "cpu", residual=False)
+    args = (grad, x, scale, shift, mean, scale, 1, 0.01)
+    op = torch.ops.cnnkernels.batch_norm_act_backward_reduce_add_
+    with pytest.raises(RuntimeError, match="'out' to have x's sizes"):
+        op(torch.zeros(4, 6, 5, 8).contiguous(memory_format=torch.channels_last), *args)
+    with pytest.raises(RuntimeError, match="'out' to be a channels_last"):
+        op(torch.zeros(4, 6, 5, 7), *args)
+    with pytest.raises(RuntimeError, match="must not share memory"):
+        op(x, *args)
+    with pytest.raises(RuntimeError, match="coef_dz"):
+        op(torch.zeros_like(x), grad, x, scale, shift, mean, scale[:3], 1, 0.01)
+
+
 # --- the per-channel kernels: fold (forward) and the backward's coefficients --------------------
 
 def channel_inputs(device, channels=37, dtype=torch.float32, running_dtype=torch.float32):

@@ -302,6 +302,11 @@ if _extension.cpu_ext:
     def _backward_coefs_fake(sum_dz, sum_dz_xmu, scale, invstd, count):
         return torch.empty_like(sum_dz), torch.empty_like(sum_dz), torch.empty_like(sum_dz)
 
+    @torch.library.register_fake("cnnkernels::batch_norm_act_backward_reduce_add_")
+    def _backward_reduce_add_fake(out, grad, x, scale, shift, mean, coef_dz, activation=0,
+                                  negative_slope=0.01):
+        return torch.empty_like(scale), torch.empty_like(scale)
+
     @torch.library.register_fake("cnnkernels::batch_norm_act_backward_elemt_add_")
     def _backward_elemt_add_fake(out, grad, x, scale, shift, mean, coef_dz, coef_xmu, coef_1,
                                  activation=0, negative_slope=0.01):

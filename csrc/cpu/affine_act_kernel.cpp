@@ -19,6 +19,7 @@
 #include <optional>
 
 #include "../affine_act.h"
+#include "../batch_norm_act.h"
 #include "cnnkernels/activation.h"
 #include "cnnkernels/cpu/map.h"
 
@@ -77,10 +78,35 @@ void affine_act_loop(at::TensorIteratorBase& iter, const Act& act, bool stream) 
 // stores when the tensors outgrow the cache (cpu/map.h).
 constexpr int64_t kSmallPlane = 1024;
 
+// Row strides of x, the output and the residual (channels_last pixel rows): `row_len` each when
+// dense; more for channel slices of wider channels_last tensors, walked one row at a time.
+struct RowStrides {
+  int64_t x, y, residual;
+};
+
 template <typename scalar_t, bool kResidual, bool kChannelsLast, typename Act>
 void affine_act_rows(const scalar_t* x, const scalar_t* res, scalar_t* y, const scalar_t* scale,
                      const scalar_t* shift, int64_t rows, int64_t row_len, int64_t channels,
-                     const Act& act, bool stream) {
+                     const Act& act, bool stream, RowStrides strides) {
+  const bool dense = strides.x == row_len && strides.y == row_len &&
+                     (!kResidual || strides.residual == row_len);
+  if (!dense) {  // channel slices: no streaming (the rows' lines are shared with other channels)
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / row_len), [&](int64_t r0, int64_t r1) {
+      cpu::run_with_best_isa([&] {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* xr = x + r * strides.x;
+          const scalar_t* rr = kResidual ? res + r * strides.residual : nullptr;
+          scalar_t* yr = y + r * strides.y;
+          for (int64_t c = 0; c < row_len; ++c) {
+            scalar_t pre = std::fma(xr[c], scale[c], shift[c]);
+            if constexpr (kResidual) pre += rr[c];
+            yr[c] = act.forward(pre);
+          }
+        }
+      });
+    });
+    return;
+  }
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / row_len), [&](int64_t begin, int64_t end) {
     // Elements [from, from + count) of the output, written to dst; a run may span rows.
     auto run = [&](int64_t from, scalar_t* dst, int64_t count) CNNKERNELS_ALWAYS_INLINE_LAMBDA {
@@ -118,7 +144,17 @@ void affine_act_rows(const scalar_t* x, const scalar_t* res, scalar_t* y, const 
 
 enum class DenseRows { kNone, kPlanes, kPixels };
 
-// Which loop of affine_act_rows fits: x, out (and residual) dense in one memory format.
+// Values between t's pixel rows of channels: C for a dense channels_last tensor, more for a channel
+// slice of a wider one (0: not rows of channels).
+int64_t pixel_row_stride(const at::Tensor& t) {
+  if (t.size(1) > 1 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return t.size(1);
+  }
+  return channels_last_row_stride(t);
+}
+
+// Which loop of affine_act_rows fits: x, out (and residual) dense in one memory format, or all
+// pixel rows of channels (channels_last, or channel slices of channels_last tensors).
 DenseRows dense_rows(const at::Tensor& out, const at::Tensor& x, const at::Tensor* residual) {
   const bool type_ok = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
   if (!type_ok || x.dim() != 4 || x.numel() == 0) return DenseRows::kNone;
@@ -129,7 +165,8 @@ DenseRows dense_rows(const at::Tensor& out, const at::Tensor& x, const at::Tenso
   if (x.size(2) * x.size(3) <= kSmallPlane && all_contiguous(at::MemoryFormat::Contiguous)) {
     return DenseRows::kPlanes;
   }
-  if (x.size(1) > 1 && !x.is_contiguous() && all_contiguous(at::MemoryFormat::ChannelsLast)) {
+  if (pixel_row_stride(x) > 0 && pixel_row_stride(out) > 0 &&
+      (residual == nullptr || pixel_row_stride(*residual) > 0)) {
     return DenseRows::kPixels;
   }
   return DenseRows::kNone;
@@ -144,14 +181,19 @@ void affine_act_dense(const at::Tensor& out, const at::Tensor& x, const at::Tens
   const int64_t row_len = kChannelsLast ? channels : hw;
   const scalar_t* s = scale.const_data_ptr<scalar_t>();
   const scalar_t* t = shift.const_data_ptr<scalar_t>();
+  RowStrides strides{row_len, row_len, row_len};
+  if constexpr (kChannelsLast) {
+    strides = {pixel_row_stride(x), pixel_row_stride(out),
+               residual != nullptr ? pixel_row_stride(*residual) : row_len};
+  }
   if (residual != nullptr) {
     affine_act_rows<scalar_t, true, kChannelsLast>(
         x.const_data_ptr<scalar_t>(), residual->const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), s, t, rows, row_len, channels, act, stream);
+        out.mutable_data_ptr<scalar_t>(), s, t, rows, row_len, channels, act, stream, strides);
   } else {
     affine_act_rows<scalar_t, false, kChannelsLast>(
         x.const_data_ptr<scalar_t>(), nullptr, out.mutable_data_ptr<scalar_t>(), s, t, rows,
-        row_len, channels, act, stream);
+        row_len, channels, act, stream, strides);
   }
 }
 

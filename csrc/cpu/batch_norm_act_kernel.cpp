@@ -154,14 +154,38 @@ CNNKERNELS_ALWAYS_INLINE void sum_channel_planes(Inputs<T> in, int64_t batch, in
 // dev CPU.)
 constexpr int64_t kLocalChannels = 2048;
 
-template <bool kAvx2, bool kGrad, bool kResidual, typename T, typename Op>
+// dst[j] += values[j] for j < count, in the compute type (values: a local buffer, so that the
+// stores cannot alias what the loop reads and it vectorises).
+template <bool kAvx2, typename T>
+CNNKERNELS_ALWAYS_INLINE void add_to_row(T* dst, const opmath<T>* values, int64_t count) {
+  if constexpr (cpu::is_reduced_float<T>) {
+    alignas(64) opmath<T> sum[kChunk];
+    cpu::load_floats<kAvx2>(dst, sum, count);
+    for (int64_t j = 0; j < count; ++j) sum[j] += values[j];
+    cpu::store_floats<kAvx2>(sum, dst, count);
+  } else {
+    for (int64_t j = 0; j < count; ++j) dst[j] += values[j];
+  }
+}
+
+// Adding: with `add`, the pass also does add.out[row][c] += add.k_dz[c]·a (a = dz), rows of out
+// add.stride values apart (batch_norm_act_backward_reduce_add_).
+template <typename T>
+struct RowAdd {
+  T* out;
+  int64_t stride;
+  const opmath<T>* k_dz;
+};
+
+template <bool kAvx2, bool kGrad, bool kResidual, typename T, typename Op, bool kAdd = false>
 CNNKERNELS_ALWAYS_INLINE void sum_rows(Inputs<T> in, int64_t row0, int64_t row1, int64_t channels,
                                        int64_t x_stride, const Op& op, double* sum_a,
-                                       double* sum_b) {
+                                       double* sum_b, RowAdd<T> add = {}) {
   using F = opmath<T>;
   ChunkReader<kAvx2, T> rx, rg, rr;
   alignas(64) F a[kLocalChannels];
   alignas(64) F b[kLocalChannels];
+  alignas(64) F added[kAdd ? kChunk : 1];
   for (int64_t cb = 0; cb < channels; cb += kLocalChannels) {
     const int64_t width = std::min(kLocalChannels, channels - cb);
     for (int64_t rb = row0; rb < row1; rb += kRowBlock) {
@@ -182,7 +206,9 @@ CNNKERNELS_ALWAYS_INLINE void sum_rows(Inputs<T> in, int64_t row0, int64_t row1,
             op(x[j], g[j], r[j], c0 + j, da, db);
             pa[j] += da;
             pb[j] += db;
+            if constexpr (kAdd) added[j] = add.k_dz[c0 + j] * da;
           }
+          if constexpr (kAdd) add_to_row<kAvx2>(add.out + row * add.stride + c0, added, m);
         }
       }
       for (int64_t j = 0; j < width; ++j) {
@@ -256,6 +282,31 @@ void sum_small_planes(Inputs<T> in, const Walk& w, const MakeOp& make_op,
   }
 }
 
+// Rows split into one range per thread, each summed by body(avx2 flag, row0, row1, a, b) into its
+// own per-channel partials, which are then added in a fixed order into sum_a, sum_b.
+template <typename Body>
+void sum_row_parts(const Walk& w, std::vector<double>& sum_a, std::vector<double>& sum_b,
+                   const Body& body) {
+  const int64_t rows = w.rows_total();
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), rows * w.channels / kGrainElements));
+  std::vector<double> part_a(parts * w.channels, 0.0), part_b(parts * w.channels, 0.0);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    cpu::run_with_best_isa_flag([&](auto avx2) {
+      for (int64_t p = p0; p < p1; ++p) {
+        body(avx2, rows * p / parts, rows * (p + 1) / parts, part_a.data() + p * w.channels,
+             part_b.data() + p * w.channels);
+      }
+    });
+  });
+  for (int64_t p = 0; p < parts; ++p) {
+    for (int64_t c = 0; c < w.channels; ++c) {
+      sum_a[c] += part_a[p * w.channels + c];
+      sum_b[c] += part_b[p * w.channels + c];
+    }
+  }
+}
+
 // Per-channel Σa, Σb for every channel: planes split over threads by channel, rows by row range.
 template <bool kGrad, bool kResidual, typename T, typename MakeOp>
 void sum_per_channel(Inputs<T> in, const Walk& w, const MakeOp& make_op, std::vector<double>& sum_a,
@@ -281,26 +332,10 @@ void sum_per_channel(Inputs<T> in, const Walk& w, const MakeOp& make_op, std::ve
     });
     return;
   }
-  const int64_t rows = w.rows_total();
-  const int64_t parts = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), rows * w.channels / kGrainElements));
-  std::vector<double> part_a(parts * w.channels, 0.0), part_b(parts * w.channels, 0.0);
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    cpu::run_with_best_isa_flag([&](auto avx2) {
-      constexpr bool kAvx2 = decltype(avx2)::value;
-      for (int64_t p = p0; p < p1; ++p) {
-        sum_rows<kAvx2, kGrad, kResidual>(in, rows * p / parts, rows * (p + 1) / parts, w.channels,
-                                          w.x_stride, make_op(-1), part_a.data() + p * w.channels,
-                                          part_b.data() + p * w.channels);
-      }
-    });
+  sum_row_parts(w, sum_a, sum_b, [&](auto avx2, int64_t row0, int64_t row1, double* a, double* b) {
+    constexpr bool kAvx2 = decltype(avx2)::value;
+    sum_rows<kAvx2, kGrad, kResidual>(in, row0, row1, w.channels, w.x_stride, make_op(-1), a, b);
   });
-  for (int64_t p = 0; p < parts; ++p) {
-    for (int64_t c = 0; c < w.channels; ++c) {
-      sum_a[c] += part_a[p * w.channels + c];
-      sum_b[c] += part_b[p * w.channels + c];
-    }
-  }
 }
 
 // --- statistics --------------------------------------------------------------------------------
@@ -409,6 +444,60 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_reduce_cpu(
           grad_sums<scalar_t, false>(in, w, p, activation, negative_slope, sum_dz, sum_dz_xmu);
         }
       });
+  return {sum_dz, sum_dz_xmu};
+}
+
+// Σdz, Σdz·(x − mean) as batch_norm_act_backward_reduce computes them, and out += k_dz·dz in the
+// same pass over channels_last rows (x and out possibly channel slices). dx = k_dz·dz +
+// k_xmu·(x − mean) + k_1 needs the sums for its last two terms; they are per-channel multiples of
+// (x − mean) and constants, which the DenseNet block applies once per channel for all the layers
+// that read it (x and mean are the same in each), so per layer one pass does both.
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_reduce_add_cpu(
+    const at::Tensor& out, const at::Tensor& grad_in, const at::Tensor& x_in,
+    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+    const at::Tensor& k_dz, int64_t activation, double negative_slope) {
+  constexpr const char* op = "batch_norm_act_backward_reduce_add_";
+  const BackwardInputs in_ = backward_inputs(
+      grad_in, x_in, std::nullopt,
+      {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"}, {&k_dz, "coef_dz"}}, activation, op,
+      /*strided_rows=*/true);
+  const at::Tensor &x = in_.x, &grad = in_.grad;
+  const Walk w = walk_of(x, in_.x_row_stride);
+  check_out_rows(out, x, op);
+  TORCH_CHECK(x.dim() == 4 && w.rows, op, ": expected argument 'x' to be a channels_last 4-D "
+              "tensor (or a channel slice of one), got sizes ", x.sizes(), " and strides ",
+              x.strides());
+  TORCH_CHECK(!out.is_alias_of(x) && !out.is_alias_of(grad), op,
+              ": argument 'out' must not share memory with 'x' or 'grad'");
+  at::Tensor sum_dz = at::zeros_like(scale), sum_dz_xmu = at::zeros_like(scale);
+  if (w.count() == 0 || w.channels == 0) return {sum_dz, sum_dz_xmu};
+  const at::Tensor s = scale.contiguous(), t = shift.contiguous(), m = mean.contiguous(),
+                   k = k_dz.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "cnnkernels_batch_norm_act_backward_reduce_add_", [&] {
+    using F = opmath<scalar_t>;
+    const Inputs<scalar_t> in{x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                              nullptr};
+    const RowAdd<scalar_t> add{out.mutable_data_ptr<scalar_t>(), out.stride(3),
+                               k.const_data_ptr<F>()};
+    std::vector<double> a(w.channels, 0.0), b(w.channels, 0.0);
+    dispatch_activation(activation, negative_slope, [&](auto act) {
+      const GradSumsOp<false, const F*, decltype(act)> sums{
+          s.const_data_ptr<F>(), t.const_data_ptr<F>(), m.const_data_ptr<F>(), act};
+      sum_row_parts(w, a, b, [&](auto avx2, int64_t row0, int64_t row1, double* pa, double* pb) {
+        constexpr bool kAvx2 = decltype(avx2)::value;
+        RowAdd<scalar_t> part = add;
+        sum_rows<kAvx2, true, false, scalar_t, decltype(sums), true>(
+            in, row0, row1, w.channels, w.x_stride, sums, pa, pb, part);
+      });
+    });
+    F* out_a = sum_dz.mutable_data_ptr<F>();
+    F* out_b = sum_dz_xmu.mutable_data_ptr<F>();
+    for (int64_t c = 0; c < w.channels; ++c) {
+      out_a[c] = static_cast<F>(a[c]);
+      out_b[c] = static_cast<F>(b[c]);
+    }
+  });
   return {sum_dz, sum_dz_xmu};
 }
 
@@ -656,6 +745,7 @@ void batch_norm_act_backward_elemt_add_cpu(
 
 TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
   m.impl("batch_norm_act_backward_elemt_add_", &cnnkernels::batch_norm_act_backward_elemt_add_cpu);
+  m.impl("batch_norm_act_backward_reduce_add_", &cnnkernels::batch_norm_act_backward_reduce_add_cpu);
   m.impl("batch_norm_act_stats", &cnnkernels::batch_norm_act_stats_cpu);
   m.impl("batch_norm_act_backward_reduce", &cnnkernels::batch_norm_act_backward_reduce_cpu);
   m.impl("batch_norm_act_backward_elemt", &cnnkernels::batch_norm_act_backward_elemt_cpu);
