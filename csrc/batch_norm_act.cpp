@@ -7,8 +7,9 @@
 //   batch_norm_act_backward_elemt(grad, x, scale, shift, mean, k_dz, k_xmu, k_1, residual, act)
 //       -> (dx = k_dz·dz + k_xmu·(x − mean) + k_1, dresidual = dz)
 //   batch_norm_act_backward_elemt_add_(out!, grad, x, scale, shift, mean, k_dz, k_xmu, k_1, act)
-//       out += dx, out and x channels_last (or channel slices of channels_last tensors); CPU only,
-//       for the DenseNet block's backward, which sums every layer's input gradient into one tensor
+//       out += dx, out and x channels_last (or channel slices of channels_last tensors); CPU only
+//       (the DenseNet block's backward summed every layer's input gradient with it before
+//       reduce_add_ below; nothing in the package calls it now)
 //   batch_norm_act_backward_reduce_add_(out!, grad, x, scale, shift, mean, k_dz, act)
 //       -> (Σ dz, Σ dz·(x − mean)), and out += k_dz·dz in the same pass; CPU only, same layouts as
 //       the above: the DenseNet block adds the rest of dx, k_xmu·(x − mean) + k_1, once per channel

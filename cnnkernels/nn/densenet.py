@@ -248,15 +248,11 @@ def _bn_relu_backward(kernels, grad: Tensor, x: Tensor, mean: Tensor, invstd: Te
     """Gradients of relu(batch_norm(x)) (training statistics) given the gradient of its output:
     (grad of x, of the BN weight, of the BN bias). ReLU's derivative is recomputed from x, so the
     BN+ReLU output is not needed: one reduction pass and one elementwise pass (batch_norm_act's).
-    With `add_to`, x's gradient is added into it instead (and None returned): on the CPU by the
-    elementwise pass itself, for channels_last tensors and channel slices of them."""
+    With `add_to`, x's gradient is added into it instead (and None returned). (On the CPU the
+    block's BN1 takes _DeferredCorrections' single pass instead.)"""
     sum_dz, sum_dz_xmu = kernels.backward_reduce(grad, x, scale, shift, mean, None, _RELU, 0.01)
     dz_xhat, coef_xmu, coef_1 = kernels.backward_coefs(sum_dz, sum_dz_xmu, scale, invstd, count)
     param_grads = dz_xhat.to(param_dtype), sum_dz.to(param_dtype)
-    if add_to is not None and _adds_in_place(kernels, x, add_to):
-        torch.ops.cnnkernels.batch_norm_act_backward_elemt_add_(
-            add_to, grad, x, scale, shift, mean, scale, coef_xmu, coef_1, _RELU, 0.01)
-        return (None, *param_grads)
     grad_x, _ = kernels.backward_elemt(grad, x, scale, shift, mean, scale, coef_xmu, coef_1, None,
                                        _RELU, 0.01, False)
     if add_to is not None:
@@ -266,7 +262,7 @@ def _bn_relu_backward(kernels, grad: Tensor, x: Tensor, mean: Tensor, invstd: Te
 
 
 def _adds_in_place(kernels, x: Tensor, target: Tensor) -> bool:
-    """Whether batch_norm_act_backward_elemt_add_ (CPU, channels_last rows) can add x's gradient
+    """Whether batch_norm_act_backward_reduce_add_ (CPU, channels_last rows) can add x's gradient
     into `target`."""
     from ..ops.batch_norm_act import _strided_rows
 
