@@ -35,6 +35,7 @@
 
 #include "cnnkernels/activation.h"
 #include "cnnkernels/checks.h"
+#include "cnnkernels/cpu/rows.h"
 
 namespace cnnkernels {
 
@@ -70,12 +71,9 @@ void check_batch_norm_act_args(const at::Tensor& x, const at::Tensor* grad,
 }
 
 int64_t channels_last_row_stride(const at::Tensor& x) {
-  if (x.dim() != 4 || x.numel() == 0) return 0;
-  const int64_t channels = x.size(1), height = x.size(2), width = x.size(3);
-  const int64_t row = x.stride(3);
-  const bool rows = x.stride(1) == 1 && row > channels && (height == 1 || x.stride(2) == width * row) &&
-                    (x.size(0) == 1 || x.stride(0) == height * width * row);
-  return rows ? row : 0;
+  if (x.numel() == 0) return 0;
+  const int64_t row = cpu::pixel_row_stride(x);
+  return row > x.size(1) ? row : 0;
 }
 
 void check_out_rows(const at::Tensor& out, const at::Tensor& x, const char* op) {
@@ -84,8 +82,7 @@ void check_out_rows(const at::Tensor& out, const at::Tensor& x, const char* op) 
               op, ": expected argument 'out' to have x's sizes, dtype and device (", x.sizes(), ", ",
               x.scalar_type(), ", ", x.device(), "), got (", out.sizes(), ", ", out.scalar_type(),
               ", ", out.device(), ")");
-  const bool dense_rows = out.dim() == 4 && out.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(out.dim() == 4 && (dense_rows || channels_last_row_stride(out) > 0), op,
+  TORCH_CHECK(cpu::pixel_row_stride(out) > 0, op,
               ": expected argument 'out' to be a channels_last 4-D tensor or a channel slice of "
               "one, got strides ", out.strides());
 }

@@ -374,6 +374,25 @@ def test_backward_reduce_add_sums_and_adds_in_one_pass(dtype, activation, slices
                               (out, grad, x, scale, shift, mean, coef_dz, code, 0.01))
 
 
+def test_backward_reduce_add_and_elemt_add_into_a_one_pixel_out():
+    """An out of N x C x 1 x 1 is channels_last whatever its strides (NCHW-contiguous here, so
+    stride(3) is 1): its rows are C apart, not stride(3)."""
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 8, 1, 1, generator=g).contiguous(memory_format=torch.channels_last)[:, :4]
+    grad = torch.randn(4, 4, 1, 1, generator=g)
+    ones, zeros = torch.ones(4), torch.zeros(4)
+    ops = torch.ops.cnnkernels
+    out = torch.zeros(4, 4, 1, 1)
+    ops.batch_norm_act_backward_reduce_add_(out, grad, x, ones, zeros, zeros, ones, 0, 0.01)
+    torch.testing.assert_close(out, grad, rtol=0, atol=0)
+    out = torch.zeros(4, 4, 1, 1)
+    ops.batch_norm_act_backward_elemt_add_(out, grad, x, ones, zeros, zeros, ones, zeros, zeros, 0,
+                                           0.01)
+    torch.testing.assert_close(out, grad, rtol=0, atol=0)
+
+
 def test_backward_reduce_add_refuses_what_it_cannot_add_into():
     if not cnnkernels.info()["cpu_ext"]:
         pytest.skip("the C++ extension is not built")

@@ -105,4 +105,7 @@ def test_copy_to_channels_last_refuses_mismatches():
         op(out, torch.randn(2, 3, 4, 5, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="expected 4-D"):
         op(out, torch.randn(2, 3, 20))
+    overlapping = torch.empty(60).as_strided((2, 3, 4, 5), (0, 1, 15, 3))  # both images at once
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        op(overlapping, torch.randn(2, 3, 4, 5))
     torch.library.opcheck(op.default, (out, torch.randn(2, 3, 4, 5)))

@@ -262,8 +262,8 @@ def _bn_relu_backward(kernels, grad: Tensor, x: Tensor, mean: Tensor, invstd: Te
 
 
 def _adds_in_place(kernels, x: Tensor, target: Tensor) -> bool:
-    """Whether batch_norm_act_backward_reduce_add_ (CPU, channels_last rows) can add x's gradient
-    into `target`."""
+    """Whether batch_norm_act_backward_reduce_add_ (CPU, channels_last rows) can add scale·dz,
+    the first term of x's gradient, into `target`."""
     from ..ops.batch_norm_act import _strided_rows
 
     return x.device.type == "cpu" and _extension.cpu_ext and \
@@ -414,7 +414,8 @@ class _DeferredCorrections:
     gradient in one read of x and dz; the two per-channel sums of coefficients are accumulated
     here, and applied once per channel (one pass over that channel) when no layer is left to add
     to it: before the layer that wrote it reads its gradient, and for the block input at the end.
-    DenseNet-121, batch 8, dev CPU: per layer, the reduction pass over its whole input is gone."""
+    Per layer, one pass over the layer's whole input (the elementwise one) is gone; the corrections
+    cost one pass per channel in all."""
 
     def __init__(self, kernels, plan, out, grad, stats):
         self.kernels, self.plan, self.out, self.grad, self.stats = kernels, plan, out, grad, stats

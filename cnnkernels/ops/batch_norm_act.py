@@ -49,6 +49,20 @@ def _eval_invstd(running_var, eps, compute):
     return torch.reciprocal(torch.sqrt(running_var.to(compute) + eps))
 
 
+def _eval_fold(kernels, running_mean, running_var, weight, bias, eps, compute):
+    """(mean, scale, shift, invstd) of evaluation with the running statistics: one call of the fold
+    kernel with no running statistics to update (not six small ops), which rounds shift once as
+    ATen's CPU BatchNorm does. The Triton fold takes eps as float32: float64 there folds in torch."""
+    mean = running_mean.to(compute, copy=True)  # backward uses the statistics of now
+    cpp_fold = getattr(getattr(torch.ops.cnnkernels, "batch_norm_act_fold", None), "default", None)
+    if compute == torch.float64 and kernels.fold is not cpp_fold:
+        invstd = _eval_invstd(running_var, eps, compute)
+        return (mean, *fold_statistics(mean, invstd, weight, bias, compute), invstd)
+    scale, shift, invstd = kernels.fold(mean, running_var.to(compute), weight, bias, None, None,
+                                        0.0, eps, 1)
+    return mean, scale, shift, invstd
+
+
 # --- the three kernels, on the active backend ----------------------------------------------------
 
 class _Kernels(NamedTuple):
@@ -79,15 +93,6 @@ def _kernels(x: torch.Tensor) -> _Kernels:
     return _Kernels(reference.stats, reference.fold, reference.backward_reduce,
                     reference.backward_coefs, reference.backward_elemt,
                     affine_reference.affine_act)
-
-
-def _fold(mean, invstd, weight, bias):
-    """(scale, shift) with act(fma(x, scale, shift)) = act(BatchNorm(x)), in two small ops (the
-    training path; fold_statistics is the bit-exact-with-ATen variant)."""
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    if bias is None:
-        return scale, (mean * scale).neg_()
-    return scale, torch.addcmul(bias.to(invstd.dtype), mean, scale, value=-1)
 
 
 # --- SyncBN: combining per-rank statistics and sums ----------------------------------------------
@@ -151,10 +156,8 @@ class _BatchNormAct(torch.autograd.Function):
             scale, shift, invstd = k.fold(mean, var, weight, bias, running_mean, running_var,
                                           momentum, eps, count)
         else:  # backward uses the statistics of now, even if the buffers move later
-            compute = _compute_dtype(x.dtype)
-            mean = running_mean.to(compute, copy=True)
-            invstd = _eval_invstd(running_var, eps, compute)
-            scale, shift = _fold(mean, invstd, weight, bias)
+            mean, scale, shift, invstd = _eval_fold(k, running_mean, running_var, weight, bias, eps,
+                                                    _compute_dtype(x.dtype))
         y = k.affine(x, scale, shift, code, negative_slope, residual)
         ctx.config = (training, count, code, negative_slope, process_group,
                       None if weight is None else weight.dtype, None if bias is None else bias.dtype)
@@ -268,11 +271,9 @@ def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     if not training and not needs_grad:  # one fused pass with the running statistics
-        compute = _compute_dtype(x.dtype)
         kernels = _kernels(x)
-        # the fold kernel with no running statistics to update: one call, not six small ops
-        scale, shift, _ = kernels.fold(running_mean.to(compute), running_var.to(compute), weight,
-                                       bias, None, None, 0.0, eps, 1)
+        _, scale, shift, _ = _eval_fold(kernels, running_mean, running_var, weight, bias, eps,
+                                        _compute_dtype(x.dtype))
         return kernels.affine(x, scale, shift, code, float(negative_slope), residual)
     return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training,
                                momentum, eps, code, float(negative_slope), process_group,

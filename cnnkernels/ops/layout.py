@@ -5,8 +5,9 @@ VM); the CPU kernel (csrc/cpu/layout_kernel.cpp) transposes 16x16 tiles in regis
 there). Elsewhere, and for other dtypes or layouts, it is `x.contiguous()`.
 
 copy_to_channels_last_ / to_channels_last: the other direction (ATen's copy reaches 6-11 GB/s there,
-the same register transposes 20-30), the latter with its gradient handed back in NCHW by the
-first; for layers that run much faster in channels_last on the CPU (pools, the DenseNet block).
+the same register transposes 20-30); to_channels_last's gradient goes back to NCHW through
+contiguous_from_channels_last. For layers that run much faster in channels_last on the CPU (pools,
+the DenseNet block).
 """
 from __future__ import annotations
 

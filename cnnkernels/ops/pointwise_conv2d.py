@@ -217,7 +217,8 @@ def _prologue_vectors(x, input_scale, input_shift):
                                                                 device=x.device)
     t = input_shift if input_shift is not None else torch.zeros(channels, dtype=compute,
                                                                  device=x.device)
-    return s.detach(), t.detach()
+    # contiguous: the Triton GEMM indexes them by channel
+    return s.detach().contiguous(), t.detach().contiguous()
 
 
 def _triton_forward(x, weight, bias, stride, groups, scale, shift, residual, code, negative_slope,

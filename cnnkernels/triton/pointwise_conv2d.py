@@ -94,8 +94,9 @@ def _pointwise_conv2d_kernel(
         channels = n_per_group * tl.num_programs(2)
         slot = pid_m * channels + channel
         tl.store(partials_ptr + slot, tl.zeros_like(mean) + count, mask=mask_n)
-        tl.store(partials_ptr + tl.num_programs(0) * channels + slot, mean, mask=mask_n)
-        tl.store(partials_ptr + 2 * tl.num_programs(0) * channels + slot, m2, mask=mask_n)
+        plane = tl.num_programs(0).to(tl.int64) * channels  # one [row tiles, C] plane per partial
+        tl.store(partials_ptr + plane + slot, mean, mask=mask_n)
+        tl.store(partials_ptr + 2 * plane + slot, m2, mask=mask_n)
 
 
 def _pow2_between(value: int, low: int, high: int) -> int:

@@ -19,9 +19,9 @@
 #include <optional>
 
 #include "../affine_act.h"
-#include "../batch_norm_act.h"
 #include "cnnkernels/activation.h"
 #include "cnnkernels/cpu/map.h"
+#include "cnnkernels/cpu/rows.h"
 
 namespace cnnkernels {
 namespace {
@@ -144,15 +144,6 @@ void affine_act_rows(const scalar_t* x, const scalar_t* res, scalar_t* y, const 
 
 enum class DenseRows { kNone, kPlanes, kPixels };
 
-// Values between t's pixel rows of channels: C for a dense channels_last tensor, more for a channel
-// slice of a wider one (0: not rows of channels).
-int64_t pixel_row_stride(const at::Tensor& t) {
-  if (t.size(1) > 1 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return t.size(1);
-  }
-  return channels_last_row_stride(t);
-}
-
 // Which loop of affine_act_rows fits: x, out (and residual) dense in one memory format, or all
 // pixel rows of channels (channels_last, or channel slices of channels_last tensors).
 DenseRows dense_rows(const at::Tensor& out, const at::Tensor& x, const at::Tensor* residual) {
@@ -165,7 +156,8 @@ DenseRows dense_rows(const at::Tensor& out, const at::Tensor& x, const at::Tenso
   if (x.size(2) * x.size(3) <= kSmallPlane && all_contiguous(at::MemoryFormat::Contiguous)) {
     return DenseRows::kPlanes;
   }
-  if (pixel_row_stride(x) > 0 && pixel_row_stride(out) > 0 &&
+  using cpu::pixel_row_stride;
+  if (x.size(1) > 1 && pixel_row_stride(x) > 0 && pixel_row_stride(out) > 0 &&
       (residual == nullptr || pixel_row_stride(*residual) > 0)) {
     return DenseRows::kPixels;
   }
@@ -183,8 +175,8 @@ void affine_act_dense(const at::Tensor& out, const at::Tensor& x, const at::Tens
   const scalar_t* t = shift.const_data_ptr<scalar_t>();
   RowStrides strides{row_len, row_len, row_len};
   if constexpr (kChannelsLast) {
-    strides = {pixel_row_stride(x), pixel_row_stride(out),
-               residual != nullptr ? pixel_row_stride(*residual) : row_len};
+    strides = {cpu::pixel_row_stride(x), cpu::pixel_row_stride(out),
+               residual != nullptr ? cpu::pixel_row_stride(*residual) : row_len};
   }
   if (residual != nullptr) {
     affine_act_rows<scalar_t, true, kChannelsLast>(

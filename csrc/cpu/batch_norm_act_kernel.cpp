@@ -34,6 +34,7 @@
 #include "../batch_norm_act.h"
 #include "cnnkernels/activation.h"
 #include "cnnkernels/cpu/map.h"
+#include "cnnkernels/cpu/rows.h"
 
 namespace cnnkernels {
 namespace {
@@ -478,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_reduce_add_cpu(
     using F = opmath<scalar_t>;
     const Inputs<scalar_t> in{x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
                               nullptr};
-    const RowAdd<scalar_t> add{out.mutable_data_ptr<scalar_t>(), out.stride(3),
+    const RowAdd<scalar_t> add{out.mutable_data_ptr<scalar_t>(), cpu::pixel_row_stride(out),
                                k.const_data_ptr<F>()};
     std::vector<double> a(w.channels, 0.0), b(w.channels, 0.0);
     dispatch_activation(activation, negative_slope, [&](auto act) {
@@ -486,9 +487,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_reduce_add_cpu(
           s.const_data_ptr<F>(), t.const_data_ptr<F>(), m.const_data_ptr<F>(), act};
       sum_row_parts(w, a, b, [&](auto avx2, int64_t row0, int64_t row1, double* pa, double* pb) {
         constexpr bool kAvx2 = decltype(avx2)::value;
-        RowAdd<scalar_t> part = add;
         sum_rows<kAvx2, true, false, scalar_t, decltype(sums), true>(
-            in, row0, row1, w.channels, w.x_stride, sums, pa, pb, part);
+            in, row0, row1, w.channels, w.x_stride, sums, pa, pb, add);
       });
     });
     F* out_a = sum_dz.mutable_data_ptr<F>();
@@ -728,7 +728,7 @@ void batch_norm_act_backward_elemt_add_cpu(
   TORCH_CHECK(!out.is_alias_of(x) && !out.is_alias_of(grad), op,
               ": argument 'out' must not share memory with 'x' or 'grad'");
   if (x.numel() == 0) return;
-  const int64_t out_stride = out.stride(3);
+  const int64_t out_stride = cpu::pixel_row_stride(out);  // not stride(3): W may be 1
   const ChannelTensors t{scale.contiguous(), shift.contiguous(), mean.contiguous(),
                          k_dz.contiguous(),  k_xmu.contiguous(), k_1.contiguous()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),

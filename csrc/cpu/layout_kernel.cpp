@@ -6,20 +6,16 @@
 // it reads one cache line per pixel row and writes whole lines of 16 pixels. copy_to_channels_last_
 // runs the same tiles the other way. float32 with AVX-512; other dtypes and CPUs use ATen's copy.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cnnkernels/cpu/channel_blocks.h"
+#include "cnnkernels/cpu/rows.h"
 #include "cnnkernels/cpu/map.h"
 
 namespace cnnkernels {
 namespace {
-
-// Whether x's element (n, c, h, w) lies at n·stride(0) + (h·W + w)·row_stride + c.
-bool pixels_are_rows(const at::Tensor& x) {
-  const int64_t channels = x.size(1), width = x.size(3), row = x.stride(3);
-  return x.stride(1) == 1 && row >= channels && x.stride(2) == width * row;
-}
 
 #if CNNKERNELS_X86
 // Channels [0, channels ≤ 16) of `pixels` rows `row_stride` apart, into `channels` rows of `dst`
@@ -97,8 +93,11 @@ void copy_to_channels_last_cpu(const at::Tensor& out, const at::Tensor& x) {
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device() == x.device(), op,
               ": 'out' and 'x' must have the same dtype and device, got ", out.scalar_type(), " on ",
               out.device(), " and ", x.scalar_type(), " on ", x.device());
+  at::assert_no_internal_overlap(out);
+  at::assert_no_partial_overlap(out, x);
 #if CNNKERNELS_X86
-  const bool fast = x.scalar_type() == at::kFloat && x.is_contiguous() && pixels_are_rows(out) &&
+  const int64_t row_stride = cpu::pixel_row_stride(out);
+  const bool fast = x.scalar_type() == at::kFloat && x.is_contiguous() && row_stride > 0 &&
                     cpu::has_avx512() && x.numel() > 0 && x.size(1) > 1;
 #else
   const bool fast = false;
@@ -109,7 +108,7 @@ void copy_to_channels_last_cpu(const at::Tensor& out, const at::Tensor& x) {
   }
 #if CNNKERNELS_X86
   const int64_t channels = x.size(1), plane = x.size(2) * x.size(3);
-  const int64_t row_stride = out.stride(3), image_stride = out.stride(0);
+  const int64_t image_stride = plane * row_stride;  // not stride(0): N may be 1
   const float* src = x.const_data_ptr<float>();
   float* dst = out.mutable_data_ptr<float>();
   const bool stream = cpu::streaming_pays_off(2 * x.numel() * int64_t(sizeof(float)));
@@ -124,7 +123,8 @@ at::Tensor contiguous_from_channels_last_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "contiguous_from_channels_last: expected argument 'x' to be a 4-D "
               "[N, C, H, W] tensor, got ", x.dim(), " dimensions");
 #if CNNKERNELS_X86
-  const bool fast = x.scalar_type() == at::kFloat && pixels_are_rows(x) && cpu::has_avx512() &&
+  const int64_t row_stride = cpu::pixel_row_stride(x);
+  const bool fast = x.scalar_type() == at::kFloat && row_stride > 0 && cpu::has_avx512() &&
                     x.numel() > 0 && !x.is_contiguous();
 #else
   const bool fast = false;
@@ -133,7 +133,7 @@ at::Tensor contiguous_from_channels_last_cpu(const at::Tensor& x) {
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
 #if CNNKERNELS_X86
   const int64_t channels = x.size(1), plane = x.size(2) * x.size(3);
-  const int64_t row_stride = x.stride(3), image_stride = x.stride(0);
+  const int64_t image_stride = plane * row_stride;  // not stride(0): N may be 1
   const float* src = x.const_data_ptr<float>();
   float* dst = y.mutable_data_ptr<float>();
   for_each_channel_block(x.size(0), channels, [&](int64_t n, int64_t c0, int64_t count) {
