@@ -311,23 +311,6 @@ def test_backward_elemt_add_adds_dx_into_a_channels_last_slice(dtype, activation
                               (out, grad, x, scale, shift, mean, *coefs, code, 0.01))
 
 
-def test_backward_elemt_add_refuses_what_it_cannot_add_into():
-    if not cnnkernels.info()["cpu_ext"]:
-        pytest.skip("the C++ extension is not built")
-    x, grad, _, (scale, shift, mean) = kernel_inputs("channels_last", "cpu", residual=False)
-    args = (grad, x, scale, shift, mean, scale, shift, mean, 1, 0.01)
-    op = torch.ops.cnnkernels.batch_norm_act_backward_elemt_add_
-    with pytest.raises(RuntimeError, match="'out' to have x's sizes"):
-        op(torch.zeros(4, 6, 5, 8).contiguous(memory_format=torch.channels_last), *args)
-    with pytest.raises(RuntimeError, match="'out' to be a channels_last"):
-        op(torch.zeros(4, 6, 5, 7), *args)
-    with pytest.raises(RuntimeError, match="'x' to be a channels_last"):
-        op(torch.zeros(4, 6, 5, 7).contiguous(memory_format=torch.channels_last), grad.contiguous(),
-           x.contiguous(), scale, shift, mean, scale, shift, mean, 1, 0.01)
-    with pytest.raises(RuntimeError, match="must not share memory"):
-        op(x, *args)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation", ["identity", "relu", "hardswish"])
 @pytest.mark.parametrize("slices", ["dense", "both-slices"])
@@ -393,20 +376,29 @@ def test_backward_reduce_add_and_elemt_add_into_a_one_pixel_out():
     torch.testing.assert_close(out, grad, rtol=0, atol=0)
 
 
-def test_backward_reduce_add_refuses_what_it_cannot_add_into():
+@pytest.mark.parametrize("name", ["batch_norm_act_backward_elemt_add_",
+                                  "batch_norm_act_backward_reduce_add_"])
+def test_ops_adding_into_out_refuse_what_they_cannot_add_into(name):
     if not cnnkernels.info()["cpu_ext"]:
         pytest.skip("the C++ extension is not built")
     x, grad, _, (scale, shift, mean) = kernel_inputs("channels_last", "cpu", residual=False)
-    args = (grad, x, scale, shift, mean, scale, 1, 0.01)
-    op = torch.ops.cnnkernels.batch_norm_act_backward_reduce_add_
+    coefs = (scale, shift, mean) if name.endswith("elemt_add_") else (scale,)
+    op = getattr(torch.ops.cnnkernels, name)
+
+    def call(out, grad=grad, x=x, coefs=coefs):
+        return op(out, grad, x, scale, shift, mean, *coefs, 1, 0.01)
+
     with pytest.raises(RuntimeError, match="'out' to have x's sizes"):
-        op(torch.zeros(4, 6, 5, 8).contiguous(memory_format=torch.channels_last), *args)
+        call(torch.zeros(4, 6, 5, 8).contiguous(memory_format=torch.channels_last))
     with pytest.raises(RuntimeError, match="'out' to be a channels_last"):
-        op(torch.zeros(4, 6, 5, 7), *args)
+        call(torch.zeros(4, 6, 5, 7))
+    with pytest.raises(RuntimeError, match="'x' to be a channels_last"):
+        call(torch.zeros(4, 6, 5, 7).contiguous(memory_format=torch.channels_last),
+             grad=grad.contiguous(), x=x.contiguous())
     with pytest.raises(RuntimeError, match="must not share memory"):
-        op(x, *args)
+        call(x)
     with pytest.raises(RuntimeError, match="coef_dz"):
-        op(torch.zeros_like(x), grad, x, scale, shift, mean, scale[:3], 1, 0.01)
+        call(torch.zeros_like(x), coefs=(scale[:3],) + coefs[1:])
 
 
 # --- the per-channel kernels: fold (forward) and the backward's coefficients --------------------

@@ -448,6 +448,17 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_reduce_cpu(
   return {sum_dz, sum_dz_xmu};
 }
 
+// The checks of the ops that add into `out` in place (channels_last rows, or channel slices).
+void check_adds_into_rows(const at::Tensor& out, const at::Tensor& x, const at::Tensor& grad,
+                          const Walk& w, const char* op) {
+  check_out_rows(out, x, op);
+  TORCH_CHECK(x.dim() == 4 && w.rows, op, ": expected argument 'x' to be a channels_last 4-D "
+              "tensor (or a channel slice of one), got sizes ", x.sizes(), " and strides ",
+              x.strides());
+  TORCH_CHECK(!out.is_alias_of(x) && !out.is_alias_of(grad), op,
+              ": argument 'out' must not share memory with 'x' or 'grad'");
+}
+
 // Σdz, Σdz·(x − mean) as batch_norm_act_backward_reduce computes them, and out += k_dz·dz in the
 // same pass over channels_last rows (x and out possibly channel slices). dx = k_dz·dz +
 // k_xmu·(x − mean) + k_1 needs the sums for its last two terms; they are per-channel multiples of
@@ -464,12 +475,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_reduce_add_cpu(
       /*strided_rows=*/true);
   const at::Tensor &x = in_.x, &grad = in_.grad;
   const Walk w = walk_of(x, in_.x_row_stride);
-  check_out_rows(out, x, op);
-  TORCH_CHECK(x.dim() == 4 && w.rows, op, ": expected argument 'x' to be a channels_last 4-D "
-              "tensor (or a channel slice of one), got sizes ", x.sizes(), " and strides ",
-              x.strides());
-  TORCH_CHECK(!out.is_alias_of(x) && !out.is_alias_of(grad), op,
-              ": argument 'out' must not share memory with 'x' or 'grad'");
+  check_adds_into_rows(out, x, grad, w, op);
   at::Tensor sum_dz = at::zeros_like(scale), sum_dz_xmu = at::zeros_like(scale);
   if (w.count() == 0 || w.channels == 0) return {sum_dz, sum_dz_xmu};
   const at::Tensor s = scale.contiguous(), t = shift.contiguous(), m = mean.contiguous(),
@@ -721,12 +727,7 @@ void batch_norm_act_backward_elemt_add_cpu(
       activation, op, /*strided_rows=*/true);
   const at::Tensor &x = in_.x, &grad = in_.grad;
   const Walk w = walk_of(x, in_.x_row_stride);
-  check_out_rows(out, x, op);
-  TORCH_CHECK(x.dim() == 4 && w.rows, op, ": expected argument 'x' to be a channels_last 4-D "
-              "tensor (or a channel slice of one), got sizes ", x.sizes(), " and strides ",
-              x.strides());
-  TORCH_CHECK(!out.is_alias_of(x) && !out.is_alias_of(grad), op,
-              ": argument 'out' must not share memory with 'x' or 'grad'");
+  check_adds_into_rows(out, x, grad, w, op);
   if (x.numel() == 0) return;
   const int64_t out_stride = cpu::pixel_row_stride(out);  // not stride(3): W may be 1
   const ChannelTensors t{scale.contiguous(), shift.contiguous(), mean.contiguous(),
