@@ -462,11 +462,10 @@ class _DeferredCorrections:
                    "identity", residual=target, out=target)
 
     def _first_reader(self, stop: int) -> int | None:
-        """The first layer whose input includes channels up to `stop`."""
-        for index in range(self.plan.num_layers):
-            if self.plan.layer_input_channels(index) >= stop:
-                return index
-        return None
+        """The first layer whose input ends at channel `stop` (the block input's c0, or a layer's
+        last new channel): layer i reads c0 + i·k channels. None past the last layer."""
+        index = (stop - self.plan.c0) // self.plan.k
+        return index if index < self.plan.num_layers else None
 
 
 class _SharedDenseBlock(torch.autograd.Function):
