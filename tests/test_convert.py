@@ -340,6 +340,37 @@ def test_conv_bn_act_module_matches_conv_bn_act_in_every_mode():
         assert list(back.state_dict()) == list(reference.state_dict())
 
 
+def test_conv_bn_act_training_on_the_cpu_runs_its_1x1_conv_as_matmuls(dispatched_ops):
+    """Training a 1x1 ConvBNAct2d on NCHW CPU input: the conv is our pointwise op (batched BLAS
+    GEMMs forward and backward, no ATen convolution); output, every gradient and the running
+    statistics equal torch's conv → BN → act."""
+    from cnnkernels.nn import ConvBNAct2d
+
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("needs the compiled CPU kernels")
+    torch.manual_seed(0)
+    conv, bn, act = nn.Conv2d(24, 40, 1, bias=False), nn.BatchNorm2d(40), nn.ReLU()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+    reference = nn.Sequential(conv, bn, act).train()
+    ours = ConvBNAct2d.from_modules(conv, bn, act).train()
+    x = torch.randn(3, 24, 13, 15)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = reference(xa)
+    with dispatched_ops() as record:
+        yb = ours(xb)
+        grad = torch.randn(ya.shape)
+        yb.backward(grad)
+    ya.backward(grad)
+    assert "cnnkernels.pointwise_conv2d.default" in record.ours(), record.names
+    assert not any("convolution" in op for op in record.names), record.names
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+    for a, b in ((xb.grad, xa.grad), (ours.conv.weight.grad, conv.weight.grad),
+                 (ours.bn.weight.grad, bn.weight.grad), (ours.bn.bias.grad, bn.bias.grad),
+                 (ours.bn.running_mean, bn.running_mean), (ours.bn.running_var, bn.running_var)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
                          ids=["nchw", "channels_last"])

@@ -1,5 +1,7 @@
 """pointwise_conv2d against torch's conv2d → BatchNorm(eval) → activation (+ residual): values,
 gradients (gradcheck in float64), layouts, strides, groups, dtypes, opcheck, errors."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,6 +202,34 @@ def test_gradients_match_torch_in_channels_last():
     torch.testing.assert_close(wa.grad.double(), wb.grad, rtol=1e-4, atol=1e-4)
     for name in ("bias", "scale", "shift", "residual"):
         torch.testing.assert_close(mine[name].grad.double(), theirs[name].grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("batched", [True, False], ids=["batched_weight_grad", "per_image_weight_grad"])
+def test_plain_nchw_conv_runs_as_blas_matmuls(monkeypatch, dispatched_ops, dtype, batched):
+    """A CPU NCHW 1x1 conv without epilogue (stride 1, one group): forward and both gradient
+    GEMMs are BLAS matmuls, not ATen's convolution; same values as torch's conv2d and its
+    backward. grad_W is one batched matmul + a sum, or above a size limit one addmm per image."""
+    needs_ext()
+    if not batched:
+        # the module (cnnkernels.ops.pointwise_conv2d is the function of the same name)
+        module = sys.modules["cnnkernels.ops.pointwise_conv2d"]
+        monkeypatch.setattr(module, "_BATCHED_WEIGHT_GRAD_LIMIT", 0)
+    x, weight, _ = make(n=3, cin=20, cout=12, h=9, w=7, dtype=dtype, bias=False, bn=False)
+    xa, wa = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    xb, wb = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    g = torch.randn(3, 12, 9, 7, dtype=dtype)
+    with dispatched_ops() as called:
+        y = ops.pointwise_conv2d(xa, wa)
+        y.backward(g)
+    assert not any("convolution" in op for op in called.names), called.names
+    assert y.is_contiguous()
+    want = F.conv2d(xb, wb)
+    want.backward(g)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, want, **tol)
+    torch.testing.assert_close(xa.grad, xb.grad, **tol)
+    torch.testing.assert_close(wa.grad, wb.grad, **tol)
 
 
 def test_opcheck():
@@ -478,3 +508,96 @@ def test_opcheck_triton(layout):
                                    activations.CODES["relu"], 0.01, prologue["input_scale"],
                                    prologue["input_shift"], activations.CODES["hardswish"], 0.01,
                                    stats), test_utils=utils)
+
+
+# --- the Triton backward GEMMs (pointwise_conv2d_triton_backward) ------------------------------
+
+def _needs_triton_interpreter():
+    if not cnnkernels.backend.triton_interpreted():
+        pytest.skip("runs the Triton kernels under the interpreter (no GPU here)")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride, groups", [(1, 1), (2, 2)], ids=str)
+@pytest.mark.parametrize("activation", ["identity", "relu", "hardswish"])
+@pytest.mark.parametrize("prologue", [False, True], ids=["no_prologue", "prologue"])
+def test_triton_backward_matches_torch(dispatched_ops, layout, stride, groups, activation,
+                                       prologue):
+    """grad of x, weight, bias (and input_scale / input_shift) from the Triton backward GEMMs
+    against float64 torch, over 3x17x19 output pixels: several row tiles in grad_x and in the
+    prologue's sums, two pixel ranges (splits) to add in grad_W. For identity and ReLU (the
+    derivatives fused into the loads) the backward is one op and no convolution runs."""
+    _needs_triton_interpreter()
+    x, weight, args = make(n=3, cin=20, cout=24, h=17 * stride, w=19 * stride, stride=stride,
+                           groups=groups, layout=layout, bn=False)
+    pro = make_prologue(x) if prologue else {}
+    in_act = "relu" if prologue else "identity"
+    leaves = [x, weight, args["bias"], *pro.values()]
+    mine = [t.clone().requires_grad_() for t in leaves]
+    theirs = [t.double().requires_grad_() for t in leaves]
+    names = ("input_scale", "input_shift")
+    with cnnkernels.use_backend("triton"):
+        y = ops.pointwise_conv2d(mine[0], mine[1], mine[2], stride=stride, groups=groups,
+                                 activation=activation, input_activation=in_act,
+                                 **dict(zip(names, mine[3:])))
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+        with dispatched_ops() as called:
+            y.backward(g)
+    u = prologue_reference(theirs[0], dict(zip(names, theirs[3:])), in_act)
+    want = expected(u, theirs[1], dict(args, bias=theirs[2]), activation)
+    want.backward(g.double())
+    for got, ref in zip(mine, theirs):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-5,
+                                   atol=1e-5 * max(1.0, ref.grad.abs().max().item()))
+    assert mine[0].grad.is_contiguous(memory_format=LAYOUTS[layout])
+    if activation != "hardswish":
+        assert called.ours() == ["cnnkernels.pointwise_conv2d_triton_backward.default"], \
+            called.names
+        assert not any("convolution" in op for op in called.names), called.names
+
+
+@pytest.mark.triton
+def test_triton_backward_scale_residual_and_float16():
+    """The epilogue's scale and residual (their gradients computed beside the Triton GEMMs) and
+    float16 (dz and grad_u rounded to float16 as the unfused backward rounds them), against the
+    torch reference in the same dtype."""
+    _needs_triton_interpreter()
+    for dtype in (torch.float32, torch.float16):
+        x, weight, args = make(n=2, cin=16, cout=24, h=9, w=11, dtype=dtype, residual=True)
+        pro = make_prologue(x)
+        leaves = [x, weight, *args.values(), *pro.values()]
+        leaves = [t for t in leaves if isinstance(t, torch.Tensor)]
+        grads = {}
+        for name in ("triton", "torch"):
+            copies = [t.clone().requires_grad_() for t in leaves]
+            it = iter(copies)
+            xa, wa = next(it), next(it)
+            a = {k: next(it) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+            p = {k: next(it) for k in pro}
+            with cnnkernels.use_backend(name):
+                y = ops.pointwise_conv2d(xa, wa, activation="relu", input_activation="hardswish",
+                                         **a, **p)
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(dtype))
+            grads[name] = [t.grad for t in copies]
+        # float16: a few ulps apart (ours accumulates the whole reduction in float32)
+        rtol = 1e-5 if dtype == torch.float32 else 4e-3
+        for got, ref in zip(grads["triton"], grads["torch"]):
+            assert got.dtype == ref.dtype
+            torch.testing.assert_close(got.double(), ref.double(), rtol=rtol,
+                                       atol=rtol * max(1.0, ref.abs().max().item()))
+
+
+@pytest.mark.triton
+def test_triton_backward_opcheck_schema():
+    _needs_triton_interpreter()
+    from cnnkernels.triton import pointwise_conv2d as _registers  # noqa: F401
+
+    x, weight, args = make(stride=2, groups=2, bn=True)
+    pro = make_prologue(x)
+    y = ops.pointwise_conv2d(x, weight, stride=2, groups=2, activation="relu")
+    torch.library.opcheck(
+        torch.ops.cnnkernels.pointwise_conv2d_triton_backward.default,
+        (torch.randn(y.shape), x, weight, y, args["scale"], 2, 2, activations.CODES["relu"],
+         pro["input_scale"], pro["input_shift"], activations.CODES["relu"], 0.01, True, True, True),
+        test_utils=("test_schema", "test_autograd_registration"))

@@ -6,16 +6,17 @@ Inference (eval, no autograd) folds the BatchNorm into the convolution's epilogu
 is written once: a 1×1 conv runs as ``ops.pointwise_conv2d`` (one GEMM with act(scale·z + shift)
 applied to its output tiles), a depthwise conv as ``ops.depthwise_conv2d`` with the same epilogue.
 Other convs: torch's conv, then the fused BN+act pass. Training: the conv (our depthwise kernel
-for depthwise convs), then the fused BatchNormAct2d.
+for depthwise convs; for 1×1 NCHW convs on the CPU our pointwise op, whose GEMMs are batched BLAS
+matmuls forward and backward), then the fused BatchNormAct2d.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .. import backend, ops
+from .. import _extension, backend, ops
 from ..ops.affine_act import _compute_dtype
-from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS
+from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS, matmul_applies
 from .batchnorm import _TORCH_ACTIVATIONS, BatchNormAct2d
 
 
@@ -112,9 +113,20 @@ class ConvBNAct2d(nn.Module):
             z, mean, var = ops.pointwise_conv2d_stats(x, conv.weight, conv.bias,
                                                       stride=conv.stride[0], groups=conv.groups)
             return bn(z, batch_stats=(mean, var))
+        elif self._gemm_by_matmul(x):
+            z = ops.pointwise_conv2d(x, conv.weight, conv.bias)
         else:
             z = conv(x)
         return bn(z)
+
+    def _gemm_by_matmul(self, x: torch.Tensor) -> bool:
+        """A 1x1 NCHW convolution on the CPU as batched BLAS GEMMs, forward and backward
+        (faster there than ATen's oneDNN convolution: ops.pointwise_conv2d.matmul_applies)."""
+        conv = self.conv
+        return self._is_pointwise() and x.dim() == 4 and conv.weight.dtype == x.dtype and \
+            matmul_applies(x, conv.stride[0], conv.groups) and \
+            backend.select(x.device, POINTWISE_KERNELS, "pointwise_conv2d") == "cpu" and \
+            _extension.cpu_ext
 
     def _statistics_in_epilogue(self, x: torch.Tensor) -> bool:
         """Training a 1x1 conv on the Triton backend (its GEMM has the statistics epilogue; the

@@ -7,14 +7,19 @@ or BLAS on cache-sized output tiles with the epilogue applied to each tile while
 the output is written once). Triton: cnnkernels/triton/pointwise_conv2d.py, one tl.dot GEMM with
 the epilogue on its accumulator (float64 stays on the reference). CUDA: torch's convolution
 (cuDNN) then our affine_act kernel in place, one extra pass; with autograd, the torch reference.
-Autograd of the C++ op and of the Triton forward: the GEMM gradients by
-aten.convolution_backward, the epilogue's by recomputing its input (from the output for identity
-and ReLU).
+
+Autograd. Triton: two Triton gradient GEMMs (grad_x, grad_W) with the activation's derivative in
+their loads of grad (identity, ReLU from the saved output; other activations and the gradients of
+scale and residual recompute the pre-activation in torch first). The C++ op: the GEMM gradients by
+aten.convolution_backward, or for NCHW CPU input with stride 1 and one group by batched BLAS
+matmuls (faster there than oneDNN's NCHW convolution backward), the epilogue's by recomputing its
+input (from the output for identity and ReLU).
 
 The input prologue, input_act(input_scale·x + input_shift) per input channel (DenseNet-B's and
-pre-activation ResNet's BN → ReLU → Conv1×1): in the Triton GEMM's operand loads when no
-gradient is needed; otherwise one elementwise pass (our affine_act kernel) before the GEMM, inside
-an autograd Function that saves x, not the normalised tensor, and recomputes it in backward.
+pre-activation ResNet's BN → ReLU → Conv1×1): on Triton in the GEMM's operand loads, forward and
+backward (grad_W's loads recompute it, grad_x's store applies its derivative); on the other
+backends one elementwise pass (our affine_act kernel) before the GEMM, inside an autograd
+Function that saves x, not the normalised tensor, and recomputes it in backward.
 
 pointwise_conv2d_stats also returns the mean and biased variance of each output channel, for a
 following training-mode BatchNorm: the Triton GEMM computes them from its output tiles in
@@ -155,12 +160,18 @@ def _pointwise_conv2d(x, weight, bias, stride, groups, scale, shift, activation,
     input_code = activations.activation_code(input_activation)
     has_prologue = input_scale is not None or input_shift is not None or \
         input_code != activations.IDENTITY
-    if has_prologue and _fused_in_triton(x, (x, weight, bias, scale, shift, residual, input_scale,
-                                             input_shift)):
-        prologue = _prologue_vectors(x, input_scale, input_shift) + (input_code,
-                                                                     float(input_negative_slope))
-        y, mean, var = _triton_forward(x, weight, bias, stride, groups, scale, shift, residual, code,
-                                       float(negative_slope), prologue, stats)
+    if has_prologue and _triton_gemm(x):
+        tensors = (x, weight, bias, scale, shift, residual, input_scale, input_shift)
+        if not _needs_grad(tensors):
+            prologue = _prologue_vectors(x, input_scale, input_shift) + (
+                input_code, float(input_negative_slope))
+            y, mean, var = _triton_forward(x, weight, bias, stride, groups, scale, shift, residual,
+                                           code, float(negative_slope), prologue, stats)
+        else:
+            y, mean, var = _TritonConv.apply(x, weight, bias, stride, groups, scale, shift,
+                                             residual, code, float(negative_slope), stats,
+                                             input_scale, input_shift, input_code,
+                                             float(input_negative_slope))
         return (y, mean, var) if stats else (y, None, None)
     if has_prologue:
         return _PrologueConv.apply(x, input_scale, input_shift, input_activation,
@@ -186,7 +197,8 @@ def _conv(x, weight, bias, stride, groups, scale, shift, residual, code, negativ
                                            code, negative_slope, stats=stats)
         else:
             y, mean, var = _TritonConv.apply(x, weight, bias, stride, groups, scale, shift, residual,
-                                             code, negative_slope, stats)
+                                             code, negative_slope, stats, None, None,
+                                             activations.IDENTITY, 0.01)
         return (y, mean, var) if stats else (y, None, None)
     if kind == "cuda" and not needs_grad:
         # cuDNN's GEMM, then our epilogue kernel over its output in place
@@ -203,11 +215,10 @@ def _needs_grad(tensors) -> bool:
 
 # --- the Triton GEMM (cnnkernels/triton/pointwise_conv2d.py) ---------------------------------------
 
-def _fused_in_triton(x, tensors) -> bool:
-    """Whether the prologue runs inside the Triton GEMM: the Triton backend, a Triton GEMM dtype,
-    no autograd (with autograd, _PrologueConv saves x and recomputes the prologue in backward)."""
-    return x.dtype != torch.float64 and backend.select(x.device, KERNELS, _OP) == "triton" and \
-        not _needs_grad(tensors)
+def _triton_gemm(x) -> bool:
+    """Whether the Triton GEMMs run the op (forward and backward, prologue fused): the Triton
+    backend and a Triton GEMM dtype (float64 stays on the reference)."""
+    return x.dtype != torch.float64 and backend.select(x.device, KERNELS, _OP) == "triton"
 
 
 def _prologue_vectors(x, input_scale, input_shift):
@@ -234,21 +245,64 @@ def _triton_forward(x, weight, bias, stride, groups, scale, shift, residual, cod
 
 
 class _TritonConv(torch.autograd.Function):
-    """The Triton forward with the gradients of _gradients (torch's convolution_backward)."""
+    """The Triton forward (prologue in the operand loads, epilogue on the accumulator) and the
+    Triton backward GEMMs (cnnkernels::pointwise_conv2d_triton_backward: the activation's
+    derivative in the loads of grad, the prologue recomputed in the loads of x and its derivative
+    in the store of grad_x). Saves x and y, never the normalised input."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, groups, scale, shift, residual, code, negative_slope,
-                stats):
+                stats, input_scale, input_shift, input_code, input_slope):
+        has_prologue = input_scale is not None or input_shift is not None or \
+            input_code != activations.IDENTITY
+        prologue = _prologue_vectors(x, input_scale, input_shift) + (input_code, input_slope) \
+            if has_prologue else None
         y, mean, var = _triton_forward(x, weight, bias, stride, groups, scale, shift, residual,
-                                       code, negative_slope, stats=stats)
+                                       code, negative_slope, prologue, stats=stats)
         ctx.config = (stride, groups, code, negative_slope)
+        ctx.prologue = prologue
         ctx.save_for_backward(x, weight, bias, scale, shift, residual, y)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad, _grad_mean, _grad_var):
-        return _backward_with_config(ctx, grad) + (None,)
+        return _triton_gradients(ctx, grad)
+
+
+def _triton_gradients(ctx, grad):
+    """_TritonConv's gradients, in the order of its forward's arguments."""
+    from ..triton import pointwise_conv2d as _triton  # noqa: F401  (registers the op)
+
+    x, weight, bias, scale, shift, residual, y = ctx.saved_tensors
+    stride, groups, code, negative_slope = ctx.config
+    needs = ctx.needs_input_grad
+    need_x, need_w, need_b, need_s, need_t, need_r = (needs[i] for i in (0, 1, 2, 5, 6, 7))
+    need_in_scale, need_in_shift = needs[11], needs[12]
+    prologue = ctx.prologue
+    in_scale, in_shift, in_code, in_slope = prologue if prologue is not None else \
+        (None, None, activations.IDENTITY, 0.01)
+    grad_scale = grad_residual = None
+    act = code
+    if need_s or need_r or code not in (activations.IDENTITY, activations.RELU):
+        # act'(pre) needs pre (and grad_scale needs the GEMM's output): recompute the GEMM in
+        # torch, then the Triton GEMMs take the finished dpre
+        u = x if prologue is None else _prologue(x, in_scale, in_shift, activations.NAMES[in_code],
+                                                   in_slope)
+        dpre, grad_scale = _output_side(grad, u, weight, bias, scale, shift, residual, y, stride,
+                                        groups, code, negative_slope, need_s)
+        grad_residual = dpre.to(x.dtype) if need_r else None
+        grad, act = dpre, activations.IDENTITY
+    need_sums = need_b or need_t or need_in_scale or need_in_shift
+    need_input = need_x or need_in_scale or need_in_shift
+    grad_x, grad_w, sums, grad_in_scale, grad_in_shift = \
+        torch.ops.cnnkernels.pointwise_conv2d_triton_backward(
+            grad, x, weight, y, None if scale is None else scale.detach().contiguous(), stride,
+            groups, act, in_scale, in_shift, in_code, in_slope, need_input, need_w, need_sums)
+    return (grad_x if need_x else None, grad_w if need_w else None, sums if need_b else None,
+            None, None, grad_scale, sums if need_t else None, grad_residual, None, None, None,
+            grad_in_scale if need_in_scale else None, grad_in_shift if need_in_shift else None,
+            None, None)
 
 
 # --- the input prologue ------------------------------------------------------------------------
@@ -335,6 +389,66 @@ def _gradients(grad, x, weight, bias, scale, shift, residual, y, stride, groups,
     """Gradients of act(scale·conv1x1(x) + shift + bias (+ residual)) = y for x, weight, bias,
     scale, shift and residual (None where `needs` says not needed)."""
     need_x, need_w, need_b, need_s, need_t, need_r = needs
+    dpre, grad_scale = _output_side(grad, x, weight, bias, scale, shift, residual, y, stride,
+                                    groups, code, negative_slope, need_s)
+    dims = (0, 2, 3)
+    grad_shift = grad_bias = None
+    if need_b or need_t:
+        total = dpre.sum(dims)
+        grad_bias, grad_shift = (total if need_b else None), (total if need_t else None)
+    grad_residual = dpre.to(x.dtype) if need_r else None
+    grad_x = grad_w = None
+    if need_x or need_w:
+        dz = (dpre if scale is None else dpre * scale.view(1, -1, 1, 1)).to(x.dtype)
+        if matmul_applies(x, stride, groups):
+            grad_x, grad_w = _matmul_gradients(dz, x, weight, need_x, need_w)
+        else:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                dz, x, weight, None, [stride, stride], [0, 0], [1, 1], False, [0, 0], groups,
+                [need_x, need_w, False])
+    return grad_x, grad_w, grad_bias, grad_scale, grad_shift, grad_residual
+
+
+def matmul_applies(x, stride, groups) -> bool:
+    """Whether the CPU runs this 1x1 convolution's GEMMs as batched BLAS matmuls (the C++ op's
+    forward without an epilogue, and the backward here): a CPU NCHW float32/float64 input, stride
+    1, one group. On the 2-vCPU dev VM these ran 1.0-1.35x faster than ATen's oneDNN
+    convolution and its backward on NCHW layers (oneDNN reorders NCHW to its blocked layout and
+    back); in channels_last oneDNN is as fast or faster, and it stays."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and \
+        stride == 1 and groups == 1 and x.is_contiguous()
+
+
+# grad_W as one batched matmul then a sum over the batch while that [N, C_out, C_in] temporary
+# stays below this many elements (64 MiB in float32); above it, one accumulating GEMM per image
+_BATCHED_WEIGHT_GRAD_LIMIT = 16 * 1024 * 1024
+
+
+def _matmul_gradients(dz, x, weight, need_x, need_w):
+    """grad_x[n] = Wᵀ·dz[n] and grad_W = Σ_n dz[n]·x[n]ᵀ by BLAS, NCHW (see matmul_applies)."""
+    n, cin, h, w = x.shape
+    cout = weight.shape[0]
+    d3 = dz.contiguous().view(n, cout, h * w)
+    w2 = weight.view(cout, cin)
+    grad_x = grad_w = None
+    if need_x:
+        grad_x = torch.matmul(w2.t(), d3).view(n, cin, h, w)
+    if need_w:
+        x3 = x.view(n, cin, h * w)
+        if n * cout * cin <= _BATCHED_WEIGHT_GRAD_LIMIT:
+            grad_w = torch.matmul(d3, x3.transpose(1, 2)).sum(0)
+        else:
+            grad_w = torch.zeros(cout, cin, dtype=x.dtype, device=x.device)
+            for image in range(n):
+                grad_w.addmm_(d3[image], x3[image].t())
+        grad_w = grad_w.view(weight.shape)
+    return grad_x, grad_w
+
+
+def _output_side(grad, x, weight, bias, scale, shift, residual, y, stride, groups, code,
+                 negative_slope, need_s):
+    """(dpre, grad_scale): act'(pre)·grad in the compute type, and Σ dpre·conv1x1(x) per channel
+    when `need_s` (else None). Recomputes the GEMM where act' or grad_scale needs it."""
     compute = _compute_dtype(x.dtype)
     z = None
     if code == activations.CODES["identity"]:
@@ -348,23 +462,12 @@ def _gradients(grad, x, weight, bias, scale, shift, residual, y, stride, groups,
         if residual is not None:
             pre = pre + residual.to(compute)
         dpre = activation_backward(grad.to(compute), pre, code, negative_slope)
-    dims = (0, 2, 3)
-    grad_scale = grad_shift = grad_bias = None
+    grad_scale = None
     if need_s:
         if z is None:
             z = F.conv2d(x, weight, None, stride, 0, 1, groups).to(compute)
-        grad_scale = (dpre * z).sum(dims)
-    if need_b or need_t:
-        total = dpre.sum(dims)
-        grad_bias, grad_shift = (total if need_b else None), (total if need_t else None)
-    grad_residual = dpre.to(x.dtype) if need_r else None
-    grad_x = grad_w = None
-    if need_x or need_w:
-        dz = (dpre if scale is None else dpre * scale.view(1, -1, 1, 1)).to(x.dtype)
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            dz, x, weight, None, [stride, stride], [0, 0], [1, 1], False, [0, 0], groups,
-            [need_x, need_w, False])
-    return grad_x, grad_w, grad_bias, grad_scale, grad_shift, grad_residual
+        grad_scale = (dpre * z).sum((0, 2, 3))
+    return dpre, grad_scale
 
 
 if _extension.cpu_ext:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activation import activation_forward
+from .activation import RELU, activation_backward, activation_forward
 
 
 @triton.jit
@@ -173,3 +173,240 @@ def pointwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.
         return y, nan, nan.clone()
     mean, var = combine_partials(partials)
     return y, mean, var
+
+
+# --- backward: the two gradient GEMMs with the activation derivatives in their loads and stores -----
+#
+# With dz = scale[n] · act'(pre) · grad (dz rounded to x's dtype, as the unfused backward hands it
+# to the convolution's backward) and u the prologue of x:
+#     grad_u[m, k] = Σ_n dz[m, n] · W[n, k]            (_grad_input_kernel, over output channels)
+#     grad_W[n, k] = Σ_m dz[m, n] · u[m, k]            (_grad_weight_kernel, over output pixels)
+# act'(pre) is taken in the loads of grad: for identity it is 1, for ReLU [y > 0] (y = relu(pre),
+# so the saved output is enough). Other activations need pre, which only a recomputed GEMM gives:
+# the caller hands these kernels grad · act'(pre) instead, with ACT = identity. The prologue is
+# applied in _grad_weight_kernel's loads of x (u is never stored), and its derivative in
+# _grad_input_kernel's store: grad_x = in_act'(in_scale·x + in_shift) · in_scale · grad_u, with
+# per-tile sums of d·x and d (d = in_act'(…)·grad_u) for the gradients of in_scale and in_shift.
+
+
+@triton.jit
+def _output_grad_tile(g_ptr, y_ptr, scale_ptr, g_row, y_row, channel, mask_m, mask_n, sg_c, sy_c,
+                      ACT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """(dpre, dz) of one [rows, channels] tile in float32, 0 outside the masks:
+    dpre = act'(pre)·grad, dz = scale·dpre."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    g = tl.load(g_ptr + g_row[:, None] + channel[None, :] * sg_c, mask=mask, other=0.0)
+    dpre = g.to(tl.float32)
+    if ACT == RELU:
+        y = tl.load(y_ptr + y_row[:, None] + channel[None, :] * sy_c, mask=mask, other=0.0)
+        dpre = tl.where(y > 0, dpre, 0.0)
+    dz = dpre
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + channel, mask=mask_n, other=0.0)
+        dz = dpre * s[None, :]
+    return dpre, dz
+
+
+@triton.jit
+def _grad_input_kernel(
+        g_ptr, y_ptr, w_ptr, scale_ptr, x_ptr, in_scale_ptr, in_shift_ptr, gx_ptr, partials_ptr,
+        rows, k_per_group, n_per_group, out_h, out_w,
+        sg_n, sg_c, sg_h, sg_w, sy_n, sy_c, sy_h, sy_w, sw_n, sw_k,
+        sx_n, sx_c, sx_h, sx_w, sgx_n, sgx_c, sgx_h, sgx_w, in_negative_slope,
+        ACT: tl.constexpr, IN_ACT: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_PROLOGUE: tl.constexpr, PROLOGUE_SUMS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    group = tl.program_id(2).to(tl.int64)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = m < rows
+    image = m // (out_h * out_w)
+    pixel = m % (out_h * out_w)
+    oh = pixel // out_w
+    ow = pixel % out_w
+    g_row = image * sg_n + oh * sg_h + ow * sg_w
+    y_row = image * sy_n + oh * sy_h + ow * sy_w
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = kk < k_per_group
+    in_channel = group * k_per_group + kk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, n_per_group, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        mask_n = j < n_per_group
+        channel = tl.where(mask_n, group * n_per_group + j, 0)
+        _, dz = _output_grad_tile(g_ptr, y_ptr, scale_ptr, g_row, y_row, channel, mask_m, mask_n,
+                                  sg_c, sy_c, ACT, HAS_SCALE)
+        dz = dz.to(x_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + channel[:, None] * sw_n + kk[None, :] * sw_k,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc += tl.dot(dz, w, input_precision="ieee")
+
+    out_mask = mask_m[:, None] & mask_k[None, :]
+    # grad_u as the unfused backward stores it (x's dtype) before the prologue's derivative
+    grad = acc.to(x_ptr.dtype.element_ty)
+    if HAS_PROLOGUE:
+        x_row = image * sx_n + oh * sx_h + ow * sx_w
+        x = tl.load(x_ptr + x_row[:, None] + in_channel[None, :] * sx_c, mask=out_mask,
+                    other=0.0).to(tl.float32)
+        s_in = tl.load(in_scale_ptr + in_channel, mask=mask_k, other=0.0)
+        t_in = tl.load(in_shift_ptr + in_channel, mask=mask_k, other=0.0)
+        d = activation_backward(grad.to(tl.float32), tl.fma(x, s_in[None, :], t_in[None, :]),
+                                IN_ACT, in_negative_slope)
+        d = tl.where(out_mask, d, 0.0)
+        grad = (d * s_in[None, :]).to(x_ptr.dtype.element_ty)
+        if PROLOGUE_SUMS:  # Σ over this tile's pixels of d·x (in_scale) and d (in_shift)
+            channels = k_per_group * tl.num_programs(2)
+            slot = pid_m * channels + in_channel
+            plane = tl.num_programs(0).to(tl.int64) * channels
+            tl.store(partials_ptr + slot, tl.sum(d * x, axis=0), mask=mask_k)
+            tl.store(partials_ptr + plane + slot, tl.sum(d, axis=0), mask=mask_k)
+    gx_row = image * sgx_n + oh * sgx_h + ow * sgx_w
+    tl.store(gx_ptr + gx_row[:, None] + in_channel[None, :] * sgx_c, grad, mask=out_mask)
+
+
+@triton.jit
+def _grad_weight_kernel(
+        g_ptr, y_ptr, scale_ptr, x_ptr, in_scale_ptr, in_shift_ptr, gw_ptr, gb_ptr,
+        rows, rows_per_split, splits, k_per_group, n_per_group, out_h, out_w,
+        sg_n, sg_c, sg_h, sg_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, in_negative_slope,
+        ACT: tl.constexpr, IN_ACT: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_PROLOGUE: tl.constexpr, BIAS_SUMS: tl.constexpr, CPU_MATH: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One split of the pixel range: partial grad_W [BLOCK_N, BLOCK_K] of one group into
+    gw[split], and with BIAS_SUMS (column tile 0 only) the partial Σ dpre per channel into
+    gb[split]; the host adds the splits (a fixed order: deterministic, unlike atomics)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    group = (tl.program_id(2) // splits).to(tl.int64)
+    split = tl.program_id(2) % splits
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = j < n_per_group
+    channel = tl.where(mask_n, group * n_per_group + j, 0)
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = kk < k_per_group
+    in_channel = group * k_per_group + kk
+    if HAS_PROLOGUE:
+        s_in = tl.load(in_scale_ptr + in_channel, mask=mask_k, other=0.0)
+        t_in = tl.load(in_shift_ptr + in_channel, mask=mask_k, other=0.0)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    bias_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    first = split.to(tl.int64) * rows_per_split
+    last = tl.minimum(first + rows_per_split, rows)
+    for m0 in range(first, last, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = m < last
+        image = m // (out_h * out_w)
+        pixel = m % (out_h * out_w)
+        oh = pixel // out_w
+        ow = pixel % out_w
+        dpre, dz = _output_grad_tile(g_ptr, y_ptr, scale_ptr, image * sg_n + oh * sg_h + ow * sg_w,
+                                     image * sy_n + oh * sy_h + ow * sy_w, channel, mask_m,
+                                     mask_n, sg_c, sy_c, ACT, HAS_SCALE)
+        if BIAS_SUMS:
+            bias_sum += tl.sum(dpre, axis=0)
+        a_mask = mask_m[:, None] & mask_k[None, :]
+        u = tl.load(x_ptr + (image * sx_n + oh * sx_h + ow * sx_w)[:, None] + in_channel[None, :] * sx_c,
+                    mask=a_mask, other=0.0)
+        if HAS_PROLOGUE:  # u recomputed as the forward computed it, rounded to x's dtype
+            u = activation_forward(tl.fma(u.to(tl.float32), s_in[None, :], t_in[None, :]), IN_ACT,
+                                   in_negative_slope, CPU_MATH)
+            u = tl.where(a_mask, u, 0.0).to(x_ptr.dtype.element_ty)
+        acc += tl.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), u, input_precision="ieee")
+
+    out_channels = n_per_group * (tl.num_programs(2) // splits)
+    gw = gw_ptr + split.to(tl.int64) * out_channels * k_per_group
+    tl.store(gw + channel[:, None] * k_per_group + kk[None, :], acc,
+             mask=mask_n[:, None] & mask_k[None, :])
+    if BIAS_SUMS:
+        tl.store(gb_ptr + split.to(tl.int64) * out_channels + channel, bias_sum,
+                 mask=mask_n & (pid_k == 0))
+
+
+def _weight_splits(rows: int, block_m: int, programs: int, on_gpu: bool) -> int:
+    """How many pixel ranges grad_W's reduction is cut into: on a GPU enough programs to fill it
+    (~4 per SM of a 132-SM H100); under the interpreter 2 (the split combine is exercised, and the
+    interpreter's cost is per program)."""
+    row_tiles = triton.cdiv(max(rows, 1), block_m)
+    wanted = triton.cdiv(528, max(programs, 1)) if on_gpu else 2
+    return max(1, min(row_tiles, wanted))
+
+
+@torch.library.triton_op("cnnkernels::pointwise_conv2d_triton_backward", mutates_args=())
+def pointwise_conv2d_triton_backward(
+        grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+        scale: torch.Tensor | None, stride: int, groups: int, activation: int,
+        input_scale: torch.Tensor | None, input_shift: torch.Tensor | None, input_activation: int,
+        input_negative_slope: float, need_input: bool, need_weight: bool, need_sums: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, Σ dpre per output channel, grad_input_scale, grad_input_shift) of
+    y = act(scale·conv1x1(u) + …), u = in_act(input_scale·x + input_shift) when a prologue is
+    given. `activation`: identity or ReLU (see above); `need_sums`: also the per-channel sums
+    (bias/shift, and with a prologue input_scale/input_shift). Empty tensors for what is not
+    needed."""
+    out_channels, k_per_group = weight.shape[0], weight.shape[1]
+    n_per_group = out_channels // groups
+    n, _, out_h, out_w = y.shape
+    rows = n * out_h * out_w
+    compute = torch.float32
+
+    def empty(dtype=compute):  # a fresh one each time: the op's outputs must not alias
+        return x.new_empty(0, dtype=dtype)
+
+    has_prologue = input_scale is not None
+    has_scale = scale is not None
+    on_gpu = x.is_cuda
+    block_m, block_n, block_k = _blocks(rows, k_per_group, n_per_group, on_gpu)
+    in_scale = input_scale if has_prologue else empty()
+    in_shift = input_shift if has_prologue else empty()
+    sc = scale if has_scale else empty()
+    xs = (x.stride(0), x.stride(1), x.stride(2) * stride, x.stride(3) * stride)
+    work = rows > 0 and out_channels > 0
+
+    grad_x = empty(x.dtype)
+    in_sums = x.new_zeros((2, 0, x.shape[1]), dtype=compute)
+    if need_input:
+        # the unsampled pixels of a strided 1x1 convolution get no gradient
+        grad_x = (torch.zeros_like if stride > 1 else torch.empty_like)(x)
+        grid = (triton.cdiv(rows, block_m), triton.cdiv(k_per_group, block_k), groups)
+        prologue_sums = has_prologue and need_sums
+        in_sums = x.new_zeros((2, grid[0], x.shape[1]) if prologue_sums else (2, 0, x.shape[1]),
+                              dtype=compute)
+        if work:
+            torch.library.wrap_triton(_grad_input_kernel)[grid](
+                grad, y, weight, sc, x, in_scale, in_shift, grad_x, in_sums,
+                rows, k_per_group, n_per_group, out_h, out_w,
+                *grad.stride(), *y.stride(), weight.stride(0), weight.stride(1), *xs,
+                grad_x.stride(0), grad_x.stride(1), grad_x.stride(2) * stride,
+                grad_x.stride(3) * stride, input_negative_slope,
+                ACT=activation, IN_ACT=input_activation, HAS_SCALE=has_scale,
+                HAS_PROLOGUE=has_prologue, PROLOGUE_SUMS=prologue_sums,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+
+    grad_w = empty(weight.dtype)
+    bias_sums = x.new_zeros((0, out_channels), dtype=compute)
+    if need_weight or need_sums:
+        tiles = triton.cdiv(n_per_group, block_n) * triton.cdiv(k_per_group, block_k) * groups
+        splits = _weight_splits(rows, block_m, tiles, on_gpu)
+        rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), splits), block_m) * block_m
+        partial_w = x.new_zeros((splits, out_channels, k_per_group), dtype=compute)
+        bias_sums = x.new_zeros((splits, out_channels), dtype=compute)
+        if work:
+            grid = (triton.cdiv(n_per_group, block_n), triton.cdiv(k_per_group, block_k),
+                    groups * splits)
+            torch.library.wrap_triton(_grad_weight_kernel)[grid](
+                grad, y, sc, x, in_scale, in_shift, partial_w, bias_sums,
+                rows, rows_per_split, splits, k_per_group, n_per_group, out_h, out_w,
+                *grad.stride(), *y.stride(), *xs, input_negative_slope,
+                ACT=activation, IN_ACT=input_activation, HAS_SCALE=has_scale,
+                HAS_PROLOGUE=has_prologue, BIAS_SUMS=need_sums, CPU_MATH=not on_gpu,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        if need_weight:
+            grad_w = partial_w.sum(0).to(weight.dtype).view(weight.shape)
+    sums = bias_sums.sum(0) if need_sums else empty()
+    if need_sums and has_prologue and need_input:
+        grad_in_scale, grad_in_shift = in_sums.sum(1).unbind(0)
+        return grad_x, grad_w, sums, grad_in_scale.clone(), grad_in_shift.clone()
+    return grad_x, grad_w, sums, empty(), empty()
