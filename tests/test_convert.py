@@ -354,7 +354,7 @@ def test_conv_bn_act_training_on_the_cpu_runs_its_1x1_conv_as_matmuls(dispatched
         bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
     reference = nn.Sequential(conv, bn, act).train()
     ours = ConvBNAct2d.from_modules(conv, bn, act).train()
-    x = torch.randn(3, 24, 13, 15)
+    x = torch.randn(3, 24, 28, 30)  # planes of 28x28 and more (ops.pointwise_conv2d.matmul_applies)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya = reference(xa)
     with dispatched_ops() as record:

@@ -105,11 +105,38 @@ def needs_ext():
         pytest.skip("the C++ extension is not built")
 
 
-def calls_onednn(fn) -> bool:
-    """Whether fn() runs ATen's fused oneDNN convolution (mkldnn::_convolution_pointwise)."""
+def profiled_op_names(fn) -> list[str]:
+    """The names of the ops fn() runs, those our C++ kernels call included."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return any("_convolution_pointwise" in event.name for event in prof.events())
+    return [event.name for event in prof.events()]
+
+
+def calls_onednn(fn) -> bool:
+    """Whether fn() runs ATen's fused oneDNN convolution (mkldnn::_convolution_pointwise)."""
+    return any("_convolution_pointwise" in name for name in profiled_op_names(fn))
+
+
+@pytest.mark.parametrize("activation", ACTS + ["hardsigmoid"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_nchw_planes_of_28x28_run_as_one_batched_matmul(activation, residual):
+    """NCHW, stride 1, one group, planes of 28x28 or more, an output that fits in the cache:
+    one batched BLAS GEMM then our epilogue in place (no convolution at all); an output over
+    8 MiB goes to oneDNN's fused convolution instead (its post-ops save the extra pass)."""
+    needs_ext()
+    x, weight, args = make(n=2, cin=24, cout=40, h=28, w=29, residual=residual)
+    with cnnkernels.use_backend("cpu"), torch.no_grad():
+        run = lambda: ops.pointwise_conv2d(x, weight, activation=activation, **args)  # noqa: E731
+        y = run()
+        names = profiled_op_names(run)
+    torch.testing.assert_close(y.double(), expected(x, weight, args, activation), rtol=1e-5,
+                               atol=1e-5)
+    assert "aten::bmm" in names and not any("convolution" in name for name in names), names
+    big, big_weight, big_args = make(n=8, cin=16, cout=256, h=32, w=33, bias=False)
+    with cnnkernels.use_backend("cpu"), torch.no_grad():
+        names = profiled_op_names(lambda: ops.pointwise_conv2d(big, big_weight, activation="relu",
+                                                               **big_args))
+    assert "aten::bmm" not in names, names
 
 
 @pytest.mark.parametrize("gemm", ["onednn", "tiles", "conv"])
@@ -215,10 +242,10 @@ def test_plain_nchw_conv_runs_as_blas_matmuls(monkeypatch, dispatched_ops, dtype
         # the module (cnnkernels.ops.pointwise_conv2d is the function of the same name)
         module = sys.modules["cnnkernels.ops.pointwise_conv2d"]
         monkeypatch.setattr(module, "_BATCHED_WEIGHT_GRAD_LIMIT", 0)
-    x, weight, _ = make(n=3, cin=20, cout=12, h=9, w=7, dtype=dtype, bias=False, bn=False)
+    x, weight, _ = make(n=3, cin=20, cout=12, h=28, w=29, dtype=dtype, bias=False, bn=False)
     xa, wa = x.clone().requires_grad_(), weight.clone().requires_grad_()
     xb, wb = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    g = torch.randn(3, 12, 9, 7, dtype=dtype)
+    g = torch.randn(3, 12, 28, 29, dtype=dtype)
     with dispatched_ops() as called:
         y = ops.pointwise_conv2d(xa, wa)
         y.backward(g)
@@ -230,6 +257,22 @@ def test_plain_nchw_conv_runs_as_blas_matmuls(monkeypatch, dispatched_ops, dtype
     torch.testing.assert_close(y, want, **tol)
     torch.testing.assert_close(xa.grad, xb.grad, **tol)
     torch.testing.assert_close(wa.grad, wb.grad, **tol)
+
+
+def test_small_planes_channels_last_stride_and_groups_keep_the_convolution(dispatched_ops):
+    """Where oneDNN's convolution is as fast or faster (planes under 28x28, channels_last) or the
+    GEMM is not one plain matmul (stride 2, groups), the 1x1 conv and its backward stay ATen's."""
+    needs_ext()
+    for change in (dict(h=27, w=29), dict(layout="channels_last"), dict(stride=2),
+                   dict(groups=2)):
+        shape = dict(n=2, cin=8, cout=6, h=28, w=29, bias=False, bn=False)
+        shape.update(change)
+        x, weight, args = make(**shape)
+        x.requires_grad_()
+        with dispatched_ops() as called:
+            ops.pointwise_conv2d(x, weight, stride=args["stride"], groups=args["groups"]).sum() \
+                .backward()
+        assert any("convolution_backward" in op for op in called.names), (change, called.names)
 
 
 def test_opcheck():

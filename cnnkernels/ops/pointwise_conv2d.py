@@ -2,9 +2,10 @@
 epilogue, act(scale·(W ⊛ x) + shift + bias (+ residual)).
 
 Conv1×1 → BatchNorm (eval: fold it into scale/shift) → activation, and MobileNetV2's projection +
-residual add, in one op. CPU: csrc/cpu/pointwise_conv2d_kernel.cpp (oneDNN's fused convolution,
-or BLAS on cache-sized output tiles with the epilogue applied to each tile while it is in cache:
-the output is written once). Triton: cnnkernels/triton/pointwise_conv2d.py, one tl.dot GEMM with
+residual add, in one op. CPU: csrc/cpu/pointwise_conv2d_kernel.cpp (NCHW planes of 28x28 or
+more: one batched BLAS GEMM, then the epilogue in place while the output fits in the cache;
+otherwise oneDNN's fused convolution, or BLAS on cache-sized output tiles with the epilogue
+applied to each tile while it is in cache). Triton: cnnkernels/triton/pointwise_conv2d.py, one tl.dot GEMM with
 the epilogue on its accumulator (float64 stays on the reference). CUDA: torch's convolution
 (cuDNN) then our affine_act kernel in place, one extra pass; with autograd, the torch reference.
 
@@ -412,11 +413,17 @@ def _gradients(grad, x, weight, bias, scale, shift, residual, y, stride, groups,
 def matmul_applies(x, stride, groups) -> bool:
     """Whether the CPU runs this 1x1 convolution's GEMMs as batched BLAS matmuls (the C++ op's
     forward without an epilogue, and the backward here): a CPU NCHW float32/float64 input, stride
-    1, one group. On the 2-vCPU dev VM these ran 1.0-1.35x faster than ATen's oneDNN
-    convolution and its backward on NCHW layers (oneDNN reorders NCHW to its blocked layout and
-    back); in channels_last oneDNN is as fast or faster, and it stays."""
+    1, one group, planes of at least 28x28. On the 2-vCPU dev VM, round-robin at batch 8, the
+    forward + both gradients ran 1.08-1.38x faster than ATen's oneDNN convolution on such NCHW
+    layers (oneDNN reorders NCHW to its blocked layout and back); on 14x14 planes 0.95-1.04x,
+    on 7x7 0.83-0.90x, and in channels_last oneDNN is as fast or faster: there it stays. The C++
+    forward applies the same rule (kMatmulMinPlane in csrc/cpu/pointwise_conv2d_kernel.cpp)."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and \
-        stride == 1 and groups == 1 and x.is_contiguous()
+        stride == 1 and groups == 1 and x.dim() == 4 and x.is_contiguous() and \
+        x.shape[2] * x.shape[3] >= _MATMUL_MIN_PLANE
+
+
+_MATMUL_MIN_PLANE = 28 * 28
 
 
 # grad_W as one batched matmul then a sum over the batch while that [N, C_out, C_in] temporary
@@ -432,11 +439,13 @@ def _matmul_gradients(dz, x, weight, need_x, need_w):
     w2 = weight.view(cout, cin)
     grad_x = grad_w = None
     if need_x:
-        grad_x = torch.matmul(w2.t(), d3).view(n, cin, h, w)
+        # bmm over the expanded weight: torch.matmul(2-D, 3-D) folds the batch into one mm
+        # through transposed copies of dz and of the result (2 x 8.5 ms on 8x64x56x56)
+        grad_x = torch.bmm(w2.t().expand(n, cin, cout), d3).view(n, cin, h, w)
     if need_w:
         x3 = x.view(n, cin, h * w)
         if n * cout * cin <= _BATCHED_WEIGHT_GRAD_LIMIT:
-            grad_w = torch.matmul(d3, x3.transpose(1, 2)).sum(0)
+            grad_w = torch.bmm(d3, x3.transpose(1, 2)).sum(0)
         else:
             grad_w = torch.zeros(cout, cin, dtype=x.dtype, device=x.device)
             for image in range(n):

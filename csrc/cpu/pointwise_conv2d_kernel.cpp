@@ -139,15 +139,10 @@ void run_pixels(const Problem& p, const Epilogue<T>& e, const Act& act) {
   }
 }
 
-// oneDNN's convolution for the whole GEMM into z, then the epilogue in place over z in one pass
-// (z becomes the output): better than BLAS tiles where planes are small or K is large.
+// The epilogue in place over a whole output z (z becomes the output), one pass.
 template <bool kResidual, typename T, typename Act>
-at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
-                              int64_t groups, at::MemoryFormat format,
-                              const at::Tensor& residual, const Epilogue<T>& e, const Act& act) {
-  const std::vector<int64_t> strides{stride, stride}, zeros{0, 0}, ones{1, 1};
-  at::Tensor z = at::conv2d(x, weight, std::optional<at::Tensor>(), strides, zeros, ones, groups)
-                     .contiguous(format);
+void epilogue_in_place(at::Tensor& z, at::MemoryFormat format, const at::Tensor& residual,
+                       const Epilogue<T>& e, const Act& act) {
   const int64_t batch = z.size(0), out_channels = z.size(1), plane = z.size(2) * z.size(3);
   T* y = z.mutable_data_ptr<T>();
   const T* r = kResidual ? residual.const_data_ptr<T>() : nullptr;
@@ -160,7 +155,15 @@ at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, int
                                  plane, 0, e, act);
     }
   }
-  return z;
+}
+
+// oneDNN's convolution for the whole GEMM into z, then the epilogue in place over z in one pass:
+// better than BLAS tiles where planes are small or K is large.
+at::Tensor plain_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                      int64_t groups, at::MemoryFormat format) {
+  const std::vector<int64_t> strides{stride, stride}, zeros{0, 0}, ones{1, 1};
+  return at::conv2d(x, weight, std::optional<at::Tensor>(), strides, zeros, ones, groups)
+      .contiguous(format);
 }
 
 // --- oneDNN's fused convolution --------------------------------------------------------------
@@ -256,23 +259,37 @@ at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, int64_t st
 
 enum class Gemm { kOneDnn, kTiles, kConv, kMatmul };
 
-// A plain NCHW 1x1 convolution (stride 1, one group, no epilogue: the convolution of a training
-// Conv → BN, whose BatchNorm needs batch statistics first) as one batched BLAS GEMM,
-// y[n] = W · x[n]. On the 2-vCPU dev VM this ran 1.0-1.35x faster than ATen's oneDNN convolution
-// of the same NCHW layers (round-robin, batch 8: 24->144@56² 2.95 vs 3.94 ms, 144->24@56² 3.49
-// vs 4.75 ms, 512->128@28² 8.28 vs 9.77 ms); oneDNN reorders NCHW to its blocked layout and back.
-bool matmul_applies(const at::Tensor& x, int64_t stride, int64_t groups, bool trivial_epilogue) {
+// An NCHW 1x1 convolution with stride 1 and one group as one batched BLAS GEMM,
+// y[n] = W · x[n], then (when there is one) the epilogue in place over y. Without an epilogue
+// (the convolution of a training Conv → BN, whose BatchNorm needs batch statistics first) this
+// ran 1.0-1.35x faster than ATen's oneDNN convolution of the same NCHW layers on the 2-vCPU dev
+// VM (round-robin, batch 8: 24->144@56² 2.95 vs 3.94 ms, 144->24@56² 3.49 vs 4.75 ms,
+// 512->128@28² 8.28 vs 9.77 ms): oneDNN reorders NCHW to its blocked layout and back. On planes
+// under 28x28 oneDNN is as fast or faster (14²: 0.95-1.04x, 7²: 0.83-0.90x, forward + backward);
+// the same rule as matmul_applies in ops/pointwise_conv2d.py. With an epilogue (inference
+// Conv-BN-act) the extra pass over y is cheap while y stays in the cache, and oneDNN's fused
+// post-ops win once it does not: eval Conv-BN-ReLU vs oneDNN's fused convolution, outputs of
+// 2.4-6.4 MiB 1.22-1.40x faster, 12.8 MiB even, 14.5-25.7 MiB 0.84-0.87x.
+constexpr int64_t kMatmulMinPlane = 28 * 28;
+constexpr int64_t kMatmulMaxEpilogueBytes = 8 * 1024 * 1024;
+
+bool matmul_applies(const at::Tensor& x, int64_t stride, int64_t groups, bool trivial_epilogue,
+                    int64_t output_bytes) {
   const auto dtype = x.scalar_type();
-  return trivial_epilogue && stride == 1 && groups == 1 && x.is_contiguous() &&
-         (dtype == at::kFloat || dtype == at::kDouble);
+  return stride == 1 && groups == 1 && x.is_contiguous() &&
+         x.size(2) * x.size(3) >= kMatmulMinPlane &&
+         (dtype == at::kFloat || dtype == at::kDouble) &&
+         (trivial_epilogue || output_bytes <= kMatmulMaxEpilogueBytes);
 }
 
 at::Tensor matmul_conv(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t batch = x.size(0), in_channels = x.size(1), plane = x.size(2) * x.size(3);
   at::Tensor y = at::empty({batch, weight.size(0), x.size(2), x.size(3)}, x.options());
   at::Tensor y3 = y.view({batch, weight.size(0), plane});
-  at::matmul_out(y3, weight.reshape({weight.size(0), in_channels}),
-                 x.view({batch, in_channels, plane}));
+  // bmm over the expanded weight (at::matmul of a 2-D and a 3-D tensor may fold the batch into
+  // one mm through transposed copies)
+  at::bmm_out(y3, weight.reshape({weight.size(0), in_channels}).expand({batch, -1, -1}),
+              x.view({batch, in_channels, plane}));
   return y;
 }
 
@@ -280,7 +297,8 @@ at::Tensor matmul_conv(const at::Tensor& x, const at::Tensor& weight) {
 // win on large planes with a small reduction (MobileNet expansions: the GEMM is memory-bound and
 // its output never leaves the cache); oneDNN's plain convolution then our epilogue wins on small
 // planes (per-image GEMMs too small for BLAS) and large reductions. Measured on the 2-vCPU dev VM.
-// A plain NCHW convolution (no epilogue) is one batched BLAS GEMM (matmul_applies).
+// NCHW convolutions with stride 1 and one group on planes of 28x28 or more are one batched BLAS
+// GEMM (matmul_applies), plus our epilogue pass when the output fits in the cache.
 // CNNKERNELS_POINTWISE_GEMM=onednn|tiles|conv forces a path (tests, benchmarks); onednn only
 // where it applies.
 Gemm choose_gemm(const at::Tensor& x, const std::vector<int64_t>& out_size, int64_t reduction,
@@ -330,8 +348,11 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight
                                 !(scale.has_value() && scale->defined()) &&
                                 !(shift.has_value() && shift->defined()) &&
                                 activation_from_int(activation) == Activation::Identity;
-  const Gemm gemm = choose_gemm(x_in, out_size, weight.size(1), activation, has_residual,
-                                matmul_applies(x_in, stride, groups, trivial_epilogue));
+  const int64_t output_bytes =
+      c10::multiply_integers(out_size) * static_cast<int64_t>(x_in.element_size());
+  const Gemm gemm = choose_gemm(
+      x_in, out_size, weight.size(1), activation, has_residual,
+      matmul_applies(x_in, stride, groups, trivial_epilogue, output_bytes));
   const bool tiles = gemm == Gemm::kTiles;
   Problem p{{}, {}, {}, has_residual ? residual->contiguous(format) : at::Tensor(), groups};
   if (tiles) {  // the tiles read the strided-sampled input densely and write into y
@@ -345,7 +366,7 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight
   if (c10::multiply_integers(out_size) == 0) {
     return tiles ? p.y : at::empty(out_size, x_in.options().memory_format(format));
   }
-  if (gemm == Gemm::kMatmul) return matmul_conv(x_in, weight);
+  if (gemm == Gemm::kMatmul && trivial_epilogue) return matmul_conv(x_in, weight);
   const auto [s, t] = epilogue_vectors(x_in, weight.size(0), bias, scale, shift);
   if (gemm == Gemm::kOneDnn) {
     return onednn_conv(x_in, weight, stride, groups, format, p.residual, s, t, activation,
@@ -357,11 +378,11 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight
     using F = at::opmath_type<T>;
     const Epilogue<T> e{s.const_data_ptr<F>(), t.const_data_ptr<F>()};
     dispatch_activation(activation, negative_slope, [&](auto act) {
-      if (gemm == Gemm::kConv) {
-        p.y = has_residual ? conv_then_epilogue<true, T>(x_in, weight, stride, groups, format,
-                                                         p.residual, e, act)
-                           : conv_then_epilogue<false, T>(x_in, weight, stride, groups, format,
-                                                          p.residual, e, act);
+      if (gemm == Gemm::kConv || gemm == Gemm::kMatmul) {
+        p.y = gemm == Gemm::kMatmul ? matmul_conv(x_in, weight)
+                                    : plain_conv(x_in, weight, stride, groups, format);
+        has_residual ? epilogue_in_place<true, T>(p.y, format, p.residual, e, act)
+                     : epilogue_in_place<false, T>(p.y, format, p.residual, e, act);
       } else if (channels_last) {
         has_residual ? run_pixels<true, T>(p, e, act) : run_pixels<false, T>(p, e, act);
       } else {
