@@ -168,6 +168,25 @@ def test_resnet_blocks_fuse_bn_relu_and_residual(name):
     torch.testing.assert_close(reverted(x), original(x))
 
 
+def test_bottleneck_runs_its_1x1_convs_through_the_pointwise_op(dispatched_ops):
+    """A converted Bottleneck on NCHW CPU input with 28x28 planes or more: conv1 and conv3 (1x1)
+    are our pointwise op (BLAS matmuls, forward and backward), conv2 (3x3) stays torch's; outputs
+    and every gradient equal the original's in training and eval."""
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("needs the compiled CPU kernels")
+    from torchvision.models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    original = nn.Sequential(Bottleneck(64, 16)).double()
+    converted = cnnkernels.convert(original, include=["resnet"])
+    assert isinstance(converted[0], cnnkernels.nn.ResidualBlock)
+    x = torch.randn(2, 64, 28, 30).double()
+    with dispatched_ops() as record:
+        converted(x)
+    assert record.ours().count("cnnkernels.pointwise_conv2d.default") == 2, record.ours()
+    check_same_model(original, converted, x)
+
+
 def test_sync_batchnorm_becomes_batchnorm_act_with_the_default_group():
     from cnnkernels.ops.batch_norm_act import WORLD
 

@@ -89,11 +89,17 @@ def _relative_errors(result, exact):
     return [((a.double() - e).norm() / e.norm().clamp_min(1e-30)).item() for a, e in pairs]
 
 
-def assert_as_accurate(actual, expected, exact, factor=2.0, floor=1e-3):
-    """`actual` is as close to the float64 `exact` result as `expected` is (within `factor`, and
-    an absolute floor for values both get essentially right), tensor by tensor."""
-    for a, e in zip(_relative_errors(actual, exact), _relative_errors(expected, exact)):
+def assert_as_accurate(actual, expected, exact, factor=3.0, total_factor=1.5, floor=1e-3):
+    """`actual` is as close to the float64 `exact` result as `expected` is: summed over every
+    tensor within `total_factor`, and tensor by tensor within `factor` (plus an absolute floor for
+    values both get essentially right). In bfloat16 both are 5-20% off in the input gradients,
+    and which side lands closer on a single small tensor depends on the CPU: on a Zen 3 (AVX2)
+    VM one BN bias gradient of ours was 2.1x ATen's error (0.035 vs 0.017) while the sum over all
+    tensors was 0.99x; on Zen 4 (AVX-512 bf16) every tensor was within 2x."""
+    ours, theirs = _relative_errors(actual, exact), _relative_errors(expected, exact)
+    for a, e in zip(ours, theirs):
         assert a <= factor * e + floor, (a, e)
+    assert sum(ours) <= total_factor * sum(theirs) + floor, (sum(ours), sum(theirs))
 
 
 def inputs_for(layout, dtype, steps=3, shape=(3, 10, 7, 9)):
@@ -179,7 +185,9 @@ def test_eval_mode_with_and_without_grad(mode):
         block.eval()
     with torch.no_grad():
         expected = blocks["naive"](x)
-        torch.testing.assert_close(blocks[mode](x), expected, rtol=1e-6, atol=1e-6)
+        # the shared block convolves in channels_last on the CPU, naive in NCHW: oneDNN's kernels
+        # for the two layouts sum in different orders (1e-5 apart on a Zen 3 AVX2 CPU)
+        torch.testing.assert_close(blocks[mode](x), expected, rtol=1e-5, atol=1e-5)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     blocks["naive"](a).sum().backward()
     blocks[mode](b).sum().backward()

@@ -253,10 +253,10 @@ def test_plain_nchw_conv_runs_as_blas_matmuls(monkeypatch, dispatched_ops, dtype
     assert y.is_contiguous()
     want = F.conv2d(xb, wb)
     want.backward(g)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(y, want, **tol)
-    torch.testing.assert_close(xa.grad, xb.grad, **tol)
-    torch.testing.assert_close(wa.grad, wb.grad, **tol)
+    # grad_W sums 3x28x29 products: its float32 rounding scales with its largest value
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    for got, ref in ((y, want), (xa.grad, xb.grad), (wa.grad, wb.grad)):
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * max(1.0, ref.abs().max().item()))
 
 
 def test_small_planes_channels_last_stride_and_groups_keep_the_convolution(dispatched_ops):

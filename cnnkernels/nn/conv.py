@@ -1,4 +1,6 @@
-"""Convolution layers: DepthwiseConv2d, a drop-in for nn.Conv2d(groups=in_channels)."""
+"""Convolution layers: DepthwiseConv2d, a drop-in for nn.Conv2d(groups=in_channels), and
+run_conv, which runs an nn.Conv2d's 1x1 convolutions through our pointwise op where that is
+faster."""
 from __future__ import annotations
 
 import math
@@ -7,7 +9,25 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .. import ops
+from .. import _extension, backend, ops
+from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS, matmul_applies
+
+
+def run_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x), a 1x1 NCHW convolution on the CPU as our pointwise op: batched BLAS GEMMs
+    forward and backward, faster there than ATen's oneDNN convolution on planes of 28x28 or more
+    (ops.pointwise_conv2d.matmul_applies). Any other convolution: conv(x)."""
+    if is_plain_1x1(conv) and x.dim() == 4 and conv.weight.dtype == x.dtype and \
+            matmul_applies(x, conv.stride[0], conv.groups) and _extension.cpu_ext and \
+            backend.select(x.device, POINTWISE_KERNELS, "pointwise_conv2d") == "cpu":
+        return ops.pointwise_conv2d(x, conv.weight, conv.bias)
+    return conv(x)
+
+
+def is_plain_1x1(conv: nn.Conv2d) -> bool:
+    """A 1x1 kernel without padding and the same stride both ways (what pointwise_conv2d runs)."""
+    return type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.padding == (0, 0) and \
+        conv.stride[0] == conv.stride[1]
 
 
 class DepthwiseConv2d(nn.Module):

@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _extension, backend, ops
+from .. import backend, ops
 from ..ops.affine_act import _compute_dtype
-from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS, matmul_applies
+from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS
+from .conv import is_plain_1x1, run_conv
 from .batchnorm import _TORCH_ACTIVATIONS, BatchNormAct2d
 
 
@@ -76,8 +77,7 @@ class ConvBNAct2d(nn.Module):
     # --- forward --------------------------------------------------------------------------------
 
     def _is_pointwise(self) -> bool:
-        c = self.conv
-        return c.kernel_size == (1, 1) and c.padding == (0, 0) and c.stride[0] == c.stride[1]
+        return is_plain_1x1(self.conv)
 
     def _is_depthwise(self) -> bool:
         c = self.conv
@@ -113,20 +113,9 @@ class ConvBNAct2d(nn.Module):
             z, mean, var = ops.pointwise_conv2d_stats(x, conv.weight, conv.bias,
                                                       stride=conv.stride[0], groups=conv.groups)
             return bn(z, batch_stats=(mean, var))
-        elif self._gemm_by_matmul(x):
-            z = ops.pointwise_conv2d(x, conv.weight, conv.bias)
         else:
-            z = conv(x)
+            z = run_conv(conv, x)  # 1x1 NCHW on the CPU: our pointwise op's BLAS matmuls
         return bn(z)
-
-    def _gemm_by_matmul(self, x: torch.Tensor) -> bool:
-        """A 1x1 NCHW convolution on the CPU as batched BLAS GEMMs, forward and backward
-        (faster there than ATen's oneDNN convolution: ops.pointwise_conv2d.matmul_applies)."""
-        conv = self.conv
-        return self._is_pointwise() and x.dim() == 4 and conv.weight.dtype == x.dtype and \
-            matmul_applies(x, conv.stride[0], conv.groups) and \
-            backend.select(x.device, POINTWISE_KERNELS, "pointwise_conv2d") == "cpu" and \
-            _extension.cpu_ext
 
     def _statistics_in_epilogue(self, x: torch.Tensor) -> bool:
         """Training a 1x1 conv on the Triton backend (its GEMM has the statistics epilogue; the

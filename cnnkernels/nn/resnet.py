@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .batchnorm import BatchNormAct2d
+from .conv import run_conv
 
 
 def _torchvision_blocks() -> tuple[type, ...]:
@@ -115,8 +116,9 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
+        # run_conv: the 1x1 convolutions of NCHW CPU input as our pointwise op's BLAS matmuls
         for i in range(1, self.depth):
-            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
+            out = getattr(self, f"bn{i}")(run_conv(getattr(self, f"conv{i}"), out))
         identity = x if self.downsample is None else self.downsample(x)
         last = self.depth
-        return getattr(self, f"bn{last}")(getattr(self, f"conv{last}")(out), identity)
+        return getattr(self, f"bn{last}")(run_conv(getattr(self, f"conv{last}"), out), identity)
