@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import cnnkernels
@@ -388,6 +389,22 @@ def test_conv_bn_act_training_on_the_cpu_runs_its_1x1_conv_as_matmuls(dispatched
                  (ours.bn.weight.grad, bn.weight.grad), (ours.bn.bias.grad, bn.bias.grad),
                  (ours.bn.running_mean, bn.running_mean), (ours.bn.running_var, bn.running_var)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_run_conv_calls_the_module_when_it_has_hooks():
+    """A pruned conv recomputes its weight in a forward pre-hook and a user hook taps features:
+    then the module itself runs (with its hooks), not the pointwise op on a stale weight."""
+    import torch.nn.utils.prune as prune
+    from cnnkernels.nn.conv import run_conv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 1, bias=False)
+    prune.l1_unstructured(conv, "weight", amount=0.5)
+    seen = []
+    conv.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(2, 8, 28, 29)
+    torch.testing.assert_close(run_conv(conv, x), F.conv2d(x, conv.weight))
+    assert seen == [(2, 6, 28, 29)]
 
 
 @pytest.mark.triton

@@ -632,6 +632,27 @@ def test_triton_backward_scale_residual_and_float16():
 
 
 @pytest.mark.triton
+def test_triton_backward_without_output_channels_or_weight_gradient():
+    """No output channel: grad_x is zeros (no kernel runs, nothing may be left uninitialised).
+    A frozen weight: the prologue's gradients alone, still right."""
+    _needs_triton_interpreter()
+    x = torch.randn(2, 6, 5, 4, requires_grad=True)
+    with cnnkernels.use_backend("triton"):
+        ops.pointwise_conv2d(x, torch.randn(0, 6, 1, 1)).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    x, weight, _ = make(n=2, cin=8, cout=6, h=5, w=7, bn=False, bias=False)
+    pro = {k: v.requires_grad_() for k, v in make_prologue(x).items()}
+    with cnnkernels.use_backend("triton"):
+        y = ops.pointwise_conv2d(x, weight, input_activation="relu", **pro)
+    grads = torch.autograd.grad(y.square().sum(), list(pro.values()))
+    ref = {k: v.detach().double().requires_grad_() for k, v in pro.items()}
+    want = expected(prologue_reference(x, ref, "relu"), weight, dict(stride=1, groups=1),
+                    "identity")
+    for got, r in zip(grads, torch.autograd.grad(want.square().sum(), list(ref.values()))):
+        torch.testing.assert_close(got.double(), r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
 def test_triton_backward_opcheck_schema():
     _needs_triton_interpreter()
     from cnnkernels.triton import pointwise_conv2d as _registers  # noqa: F401
@@ -642,5 +663,6 @@ def test_triton_backward_opcheck_schema():
     torch.library.opcheck(
         torch.ops.cnnkernels.pointwise_conv2d_triton_backward.default,
         (torch.randn(y.shape), x, weight, y, args["scale"], 2, 2, activations.CODES["relu"],
-         pro["input_scale"], pro["input_shift"], activations.CODES["relu"], 0.01, True, True, True),
+         pro["input_scale"], pro["input_shift"], activations.CODES["relu"], 0.01, True, True, True,
+         True),
         test_utils=("test_schema", "test_autograd_registration"))

@@ -19,9 +19,19 @@ def run_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     (ops.pointwise_conv2d.matmul_applies). Any other convolution: conv(x)."""
     if is_plain_1x1(conv) and x.dim() == 4 and conv.weight.dtype == x.dtype and \
             matmul_applies(x, conv.stride[0], conv.groups) and _extension.cpu_ext and \
+            not _has_forward_hooks(conv) and not torch.is_autocast_enabled("cpu") and \
             backend.select(x.device, POINTWISE_KERNELS, "pointwise_conv2d") == "cpu":
         return ops.pointwise_conv2d(x, conv.weight, conv.bias)
     return conv(x)
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Hooks that calling the module would run (pruning and weight_norm recompute the weight in
+    a pre-hook; user hooks tap features): then the module itself must be called."""
+    from torch.nn.modules import module as module_globals
+
+    return bool(module._forward_pre_hooks or module._forward_hooks or
+                module_globals._global_forward_pre_hooks or module_globals._global_forward_hooks)
 
 
 def is_plain_1x1(conv: nn.Conv2d) -> bool:

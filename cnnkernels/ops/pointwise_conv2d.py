@@ -261,8 +261,9 @@ class _TritonConv(torch.autograd.Function):
         y, mean, var = _triton_forward(x, weight, bias, stride, groups, scale, shift, residual,
                                        code, negative_slope, prologue, stats=stats)
         ctx.config = (stride, groups, code, negative_slope)
-        ctx.prologue = prologue
-        ctx.save_for_backward(x, weight, bias, scale, shift, residual, y)
+        ctx.prologue = None if prologue is None else prologue[2:]  # activation code, slope
+        in_scale, in_shift = (None, None) if prologue is None else prologue[:2]
+        ctx.save_for_backward(x, weight, bias, scale, shift, residual, y, in_scale, in_shift)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -275,14 +276,13 @@ def _triton_gradients(ctx, grad):
     """_TritonConv's gradients, in the order of its forward's arguments."""
     from ..triton import pointwise_conv2d as _triton  # noqa: F401  (registers the op)
 
-    x, weight, bias, scale, shift, residual, y = ctx.saved_tensors
+    x, weight, bias, scale, shift, residual, y, in_scale, in_shift = ctx.saved_tensors
     stride, groups, code, negative_slope = ctx.config
     needs = ctx.needs_input_grad
     need_x, need_w, need_b, need_s, need_t, need_r = (needs[i] for i in (0, 1, 2, 5, 6, 7))
     need_in_scale, need_in_shift = needs[11], needs[12]
     prologue = ctx.prologue
-    in_scale, in_shift, in_code, in_slope = prologue if prologue is not None else \
-        (None, None, activations.IDENTITY, 0.01)
+    in_code, in_slope = prologue if prologue is not None else (activations.IDENTITY, 0.01)
     grad_scale = grad_residual = None
     act = code
     if need_s or need_r or code not in (activations.IDENTITY, activations.RELU):
@@ -294,12 +294,13 @@ def _triton_gradients(ctx, grad):
                                         groups, code, negative_slope, need_s)
         grad_residual = dpre.to(x.dtype) if need_r else None
         grad, act = dpre, activations.IDENTITY
-    need_sums = need_b or need_t or need_in_scale or need_in_shift
-    need_input = need_x or need_in_scale or need_in_shift
+    need_prologue_sums = need_in_scale or need_in_shift
+    need_input = need_x or need_prologue_sums
     grad_x, grad_w, sums, grad_in_scale, grad_in_shift = \
         torch.ops.cnnkernels.pointwise_conv2d_triton_backward(
             grad, x, weight, y, None if scale is None else scale.detach().contiguous(), stride,
-            groups, act, in_scale, in_shift, in_code, in_slope, need_input, need_w, need_sums)
+            groups, act, in_scale, in_shift, in_code, in_slope, need_input, need_w,
+            need_b or need_t, need_prologue_sums)
     return (grad_x if need_x else None, grad_w if need_w else None, sums if need_b else None,
             None, None, grad_scale, sums if need_t else None, grad_residual, None, None, None,
             grad_in_scale if need_in_scale else None, grad_in_shift if need_in_shift else None,

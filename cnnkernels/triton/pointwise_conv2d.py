@@ -339,13 +339,14 @@ def pointwise_conv2d_triton_backward(
         grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
         scale: torch.Tensor | None, stride: int, groups: int, activation: int,
         input_scale: torch.Tensor | None, input_shift: torch.Tensor | None, input_activation: int,
-        input_negative_slope: float, need_input: bool, need_weight: bool, need_sums: bool
+        input_negative_slope: float, need_input: bool, need_weight: bool, need_bias_sums: bool,
+        need_prologue_sums: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, Σ dpre per output channel, grad_input_scale, grad_input_shift) of
     y = act(scale·conv1x1(u) + …), u = in_act(input_scale·x + input_shift) when a prologue is
-    given. `activation`: identity or ReLU (see above); `need_sums`: also the per-channel sums
-    (bias/shift, and with a prologue input_scale/input_shift). Empty tensors for what is not
-    needed."""
+    given. `activation`: identity or ReLU (see above). `need_bias_sums`: Σ dpre (bias, shift);
+    `need_prologue_sums` (with a prologue and need_input): the input_scale / input_shift
+    gradients. Empty tensors for what is not needed."""
     out_channels, k_per_group = weight.shape[0], weight.shape[1]
     n_per_group = out_channels // groups
     n, _, out_h, out_w = y.shape
@@ -368,10 +369,11 @@ def pointwise_conv2d_triton_backward(
     grad_x = empty(x.dtype)
     in_sums = x.new_zeros((2, 0, x.shape[1]), dtype=compute)
     if need_input:
-        # the unsampled pixels of a strided 1x1 convolution get no gradient
-        grad_x = (torch.zeros_like if stride > 1 else torch.empty_like)(x)
+        # the unsampled pixels of a strided 1x1 convolution get no gradient (nor does any pixel
+        # when there is no output channel and no kernel runs)
+        grad_x = (torch.zeros_like if stride > 1 or not work else torch.empty_like)(x)
         grid = (triton.cdiv(rows, block_m), triton.cdiv(k_per_group, block_k), groups)
-        prologue_sums = has_prologue and need_sums
+        prologue_sums = has_prologue and need_prologue_sums
         in_sums = x.new_zeros((2, grid[0], x.shape[1]) if prologue_sums else (2, 0, x.shape[1]),
                               dtype=compute)
         if work:
@@ -387,7 +389,7 @@ def pointwise_conv2d_triton_backward(
 
     grad_w = empty(weight.dtype)
     bias_sums = x.new_zeros((0, out_channels), dtype=compute)
-    if need_weight or need_sums:
+    if need_weight or need_bias_sums:
         tiles = triton.cdiv(n_per_group, block_n) * triton.cdiv(k_per_group, block_k) * groups
         splits = _weight_splits(rows, block_m, tiles, on_gpu)
         rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), splits), block_m) * block_m
@@ -401,12 +403,12 @@ def pointwise_conv2d_triton_backward(
                 rows, rows_per_split, splits, k_per_group, n_per_group, out_h, out_w,
                 *grad.stride(), *y.stride(), *xs, input_negative_slope,
                 ACT=activation, IN_ACT=input_activation, HAS_SCALE=has_scale,
-                HAS_PROLOGUE=has_prologue, BIAS_SUMS=need_sums, CPU_MATH=not on_gpu,
+                HAS_PROLOGUE=has_prologue, BIAS_SUMS=need_bias_sums, CPU_MATH=not on_gpu,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
         if need_weight:
             grad_w = partial_w.sum(0).to(weight.dtype).view(weight.shape)
-    sums = bias_sums.sum(0) if need_sums else empty()
-    if need_sums and has_prologue and need_input:
+    sums = bias_sums.sum(0) if need_bias_sums else empty()
+    if need_prologue_sums and has_prologue and need_input:
         grad_in_scale, grad_in_shift = in_sums.sum(1).unbind(0)
         return grad_x, grad_w, sums, grad_in_scale.clone(), grad_in_shift.clone()
     return grad_x, grad_w, sums, empty(), empty()
