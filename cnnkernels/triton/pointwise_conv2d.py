@@ -28,6 +28,13 @@ from .activation import RELU, activation_backward, activation_forward
 
 
 @triton.jit
+def _output_pixels(m, out_h, out_w):
+    """(image, oh, ow) of output pixels (GEMM rows) m: rows run over n, then h, then w."""
+    pixel = m % (out_h * out_w)
+    return m // (out_h * out_w), pixel // out_w, pixel % out_w
+
+
+@triton.jit
 def _pointwise_conv2d_kernel(
         x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, residual_ptr, in_scale_ptr, in_shift_ptr,
         partials_ptr,
@@ -43,10 +50,7 @@ def _pointwise_conv2d_kernel(
     # the output pixels of this tile, and where their inputs and outputs live
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = m < rows
-    image = m // (out_h * out_w)
-    pixel = m % (out_h * out_w)
-    oh = pixel // out_w
-    ow = pixel % out_w
+    image, oh, ow = _output_pixels(m, out_h, out_w)
     x_row = image * sx_n + oh * sx_h + ow * sx_w  # sx_h, sx_w already include the stride
     # the output channels of this tile (inside the group)
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -221,10 +225,7 @@ def _grad_input_kernel(
     group = tl.program_id(2).to(tl.int64)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = m < rows
-    image = m // (out_h * out_w)
-    pixel = m % (out_h * out_w)
-    oh = pixel // out_w
-    ow = pixel % out_w
+    image, oh, ow = _output_pixels(m, out_h, out_w)
     g_row = image * sg_n + oh * sg_h + ow * sg_w
     y_row = image * sy_n + oh * sy_h + ow * sy_w
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -298,10 +299,7 @@ def _grad_weight_kernel(
     for m0 in range(first, last, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         mask_m = m < last
-        image = m // (out_h * out_w)
-        pixel = m % (out_h * out_w)
-        oh = pixel // out_w
-        ow = pixel % out_w
+        image, oh, ow = _output_pixels(m, out_h, out_w)
         dpre, dz = _output_grad_tile(g_ptr, y_ptr, scale_ptr, image * sg_n + oh * sg_h + ow * sg_w,
                                      image * sy_n + oh * sy_h + ow * sy_w, channel, mask_m,
                                      mask_n, sg_c, sy_c, ACT, HAS_SCALE)
