@@ -319,10 +319,11 @@ def _prepare_pointwise_conv2d(case: Case, x: torch.Tensor, gen: torch.Generator)
 def _prepare_conv_bn_act_training(case: Case, x: torch.Tensor, gen: torch.Generator) -> Prepared:
     """A training step of Conv1x1 → BatchNorm → ReLU (projections: BN then + residual) as
     torchvision runs it vs as ConvBNAct2d runs it (on NCHW CPU input our pointwise op, whose GEMMs
-    are BLAS matmuls, else torch's conv; then our batch_norm_act with the residual fused), sharing x, the conv weight and the BN affine parameters (the leaves); each
-    side updates its own running statistics."""
-    from . import _extension, ops
-    from .ops.pointwise_conv2d import matmul_applies
+    are BLAS matmuls, else torch's conv; then our batch_norm_act with the residual fused),
+    sharing x, the conv weight and the BN affine parameters (the leaves); each side updates its
+    own running statistics."""
+    from . import ops
+    from .nn.conv import pointwise_matmul_runs
 
     cin, cout = case.shape[1], case.kernel
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -343,8 +344,8 @@ def _prepare_conv_bn_act_training(case: Case, x: torch.Tensor, gen: torch.Genera
         y = F.batch_norm(F.conv2d(x, weight, None, case.stride), *torch_stats, gamma, beta, True)
         return y + residual if residual is not None else F.relu(y, inplace=True)
 
-    def conv():  # as ConvBNAct2d._gemm_by_matmul chooses: BLAS matmuls for NCHW CPU 1x1 convs
-        if _extension.cpu_ext and matmul_applies(x, case.stride, 1):
+    def conv():  # as ConvBNAct2d's run_conv chooses: BLAS matmuls for NCHW CPU 1x1 convs
+        if pointwise_matmul_runs(x, weight, case.stride, 1):
             return ops.pointwise_conv2d(x, weight, stride=case.stride)
         return F.conv2d(x, weight, None, case.stride)
 

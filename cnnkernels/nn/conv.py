@@ -17,12 +17,18 @@ def run_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x), a 1x1 NCHW convolution on the CPU as our pointwise op: batched BLAS GEMMs
     forward and backward, faster there than ATen's oneDNN convolution on planes of 28x28 or more
     (ops.pointwise_conv2d.matmul_applies). Any other convolution: conv(x)."""
-    if is_plain_1x1(conv) and x.dim() == 4 and conv.weight.dtype == x.dtype and \
-            matmul_applies(x, conv.stride[0], conv.groups) and _extension.cpu_ext and \
-            not _has_forward_hooks(conv) and not torch.is_autocast_enabled("cpu") and \
-            backend.select(x.device, POINTWISE_KERNELS, "pointwise_conv2d") == "cpu":
+    if is_plain_1x1(conv) and not _has_forward_hooks(conv) and \
+            pointwise_matmul_runs(x, conv.weight, conv.stride[0], conv.groups):
         return ops.pointwise_conv2d(x, conv.weight, conv.bias)
     return conv(x)
+
+
+def pointwise_matmul_runs(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int) -> bool:
+    """Whether ops.pointwise_conv2d(x, weight, stride=stride, groups=groups) runs on our CPU
+    kernels as batched BLAS matmuls (ops.pointwise_conv2d.matmul_applies), outside autocast."""
+    return x.dim() == 4 and weight.dtype == x.dtype and matmul_applies(x, stride, groups) and \
+        _extension.cpu_ext and not torch.is_autocast_enabled("cpu") and \
+        backend.select(x.device, POINTWISE_KERNELS, "pointwise_conv2d") == "cpu"
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:
