@@ -1,5 +1,10 @@
 """Depthwise convolution: every implementation against F.conv2d(groups=C), values and all three
 gradients, over kernel sizes, strides, paddings, dilations, multipliers, layouts and dtypes."""
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -262,3 +267,38 @@ def test_torch_compile_fullgraph():
     for got, want in zip(torch.autograd.grad(out.sum(), [x, *model.parameters()]),
                          torch.autograd.grad(ref.sum(), [x, *model.parameters()])):
         torch.testing.assert_close(got, want)
+
+
+def isa_results(tmp_path, capability):
+    """The worker's results in a process whose instruction sets ATEN_CPU_CAPABILITY caps (None:
+    uncapped)."""
+    import depthwise_isa_worker
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability is not None:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    out = tmp_path / f"{capability}.pt"
+    subprocess.run([sys.executable, depthwise_isa_worker.__file__, str(out)], env=env, check=True,
+                   timeout=300)
+    return torch.load(out)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+def test_cpu_instruction_set_copies_agree(tmp_path):
+    """The channel-blocked float32 kernels are compiled for AVX-512 and for AVX2, over portable
+    kernels for CPUs with neither; ATEN_CPU_CAPABILITY caps ours as it caps ATen's. The AVX2 copy
+    must give bit for bit what the best copy gives (the same sums in the same order; on an AVX2
+    CPU both runs take it), and the portable kernels the same values within rounding (they
+    multiply and add where the blocked kernels fuse, so some bits must differ)."""
+    best = isa_results(tmp_path, None)
+    avx2 = isa_results(tmp_path, "avx2")
+    portable = isa_results(tmp_path, "default")
+    assert portable["capability"] == "DEFAULT"
+    for case, want in best["results"].items():
+        for index, (fast, slow) in enumerate(zip(want, portable["results"][case])):
+            torch.testing.assert_close(fast, slow, rtol=2e-5, atol=2e-5, msg=f"{case} #{index}")
+        for index, (a, b) in enumerate(zip(want, avx2["results"][case])):
+            assert torch.equal(a, b), f"{case} result #{index}: AVX2 differs from {best['capability']}"
+    if best["capability"] != "DEFAULT":
+        assert any(not torch.equal(a, b) for case, want in best["results"].items()
+                   for a, b in zip(want, portable["results"][case])), \
+            "the capped process ran the same kernels (ATEN_CPU_CAPABILITY ignored?)"

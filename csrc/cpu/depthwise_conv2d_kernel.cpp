@@ -1,11 +1,11 @@
 // CPU kernels of depthwise 2-D convolution: forward (with the optional inference epilogue
 // act(scale * (conv + bias) + shift)), grad_input and grad_weight.
 //
-// float32 with channel multiplier 1 on AVX-512 CPUs (the common case) runs the channel-blocked
-// kernels of namespace `blocked`: 16 channels per vector, in both layouts, channels_last read and
-// written in place (see the comments there). Everything else (float64, half, bfloat16, multiplier >
-// 1, CPUs without AVX-512) runs the portable kernels: NCHW plane by plane (one input plane and its
-// `multiplier` output planes per task), vectorising along W, except small planes, which are
+// float32 with channel multiplier 1 on AVX-512 and AVX2 CPUs (the common case) runs the
+// channel-blocked kernels (depthwise_conv2d_blocked.inc): 16 channels per block, in both layouts,
+// channels_last read and written in place (see the comments there). Everything else (float64, half,
+// bfloat16, multiplier > 1, CPUs without AVX2) runs the portable kernels: NCHW plane by plane (one
+// input plane and its `multiplier` output planes per task), vectorising along W, except small planes, which are
 // computed in blocks of 16 channels; channels_last row by row, vectorising along C; their
 // backward works on NCHW (channels_last tensors are converted, and grad_input converted back).
 // Arithmetic is in float (double for double); half and bfloat16 planes are converted to float once
@@ -24,7 +24,7 @@
 
 #include "../depthwise_conv2d.h"
 #include "cnnkernels/activation.h"
-#include "cnnkernels/cpu/channel_blocks.h"
+#include "cnnkernels/cpu/block_isa.h"
 #include "cnnkernels/cpu/map.h"
 
 namespace cnnkernels {
@@ -408,7 +408,7 @@ void forward_channels_last(const at::Tensor& x, const at::Tensor& weight,
 }
 
 #if CNNKERNELS_X86
-// --- channel-blocked kernels: float32, multiplier 1, AVX-512 ----------------------------------
+// --- channel-blocked kernels: float32, multiplier 1, AVX-512 or AVX2 ---------------------------
 //
 // oneDNN's approach, for both layouts: the channels are taken 16 at a time ("blocks"), copied into
 // zero-padded [row][column][16] windows (one in-register transpose per 16 pixels from NCHW, one
@@ -418,681 +418,28 @@ void forward_channels_last(const at::Tensor& x, const at::Tensor& weight,
 // channels of the whole group in memory order. Measured on the dev CPU (AVX-512 EPYC), on
 // MobileNet's 14x14 and 7x7 planes, where a row is shorter than a vector, this is 2-3x faster than
 // row-wise loops, and the backward ops read and write channels_last directly.
-namespace blocked {
-
-using cpu::kBlock;
-
-// act(scale * (acc + bias) + shift) of channels [first, first + 16), as Epilogue computes it per
-// value (its vectors padded to whole blocks).
-template <typename Act>
-CNNKERNELS_TARGET_AVX512 CNNKERNELS_ALWAYS_INLINE __m512 epilogue16(const Epilogue<float>& ep,
-                                                                    int64_t first, __m512 acc,
-                                                                    const Act& act) {
-  __m512 v = _mm512_add_ps(acc, _mm512_loadu_ps(ep.bias.data() + first));
-  if (ep.has_affine) {
-    v = _mm512_add_ps(_mm512_mul_ps(v, _mm512_loadu_ps(ep.scale.data() + first)),
-                      _mm512_loadu_ps(ep.shift.data() + first));
-  }
-  return cpu::activation16(act, v);
-}
-
-inline int64_t block_count(int64_t channels) { return (channels + kBlock - 1) / kBlock; }
-
-// One image of an NCHW or channels_last float tensor with `channels` channels of h x w.
-struct Image {
-  int64_t n, channels, h, w;
-  bool channels_last;
-
-  int64_t lanes(int64_t block) const { return std::min(kBlock, channels - block * kBlock); }
-
-  // Offset of channel `block`*16 at pixel `pixel` (row-major within the plane).
-  int64_t offset(int64_t block, int64_t pixel) const {
-    return channels_last ? (n * h * w + pixel) * channels + block * kBlock
-                         : (n * channels + block * kBlock) * h * w + pixel;
-  }
-};
-
-// dst[(b - b0) * stride + e][l] = channel 16b + l at pixel first + e, for blocks [b0, b1) and
-// e < count (lanes past the channels are zero).
-CNNKERNELS_TARGET_AVX512 void to_blocks(const float* data, const Image& im, int64_t b0, int64_t b1,
-                                        int64_t first, int64_t count, float* dst, int64_t stride) {
-  if (!im.channels_last) {
-    for (int64_t b = b0; b < b1; ++b) {
-      cpu::planes_to_block(data + im.offset(b, first), im.h * im.w, im.lanes(b), count,
-                           dst + (b - b0) * stride);
-    }
-    return;
-  }
-  const float* src = data + im.offset(b0, first);
-  for (int64_t e = 0; e < count; ++e, src += im.channels) {  // memory order: pixel, then channel
-    for (int64_t b = b0; b < b1; ++b) {
-      const __m512 v = _mm512_maskz_loadu_ps(cpu::first_lanes(im.lanes(b)), src + (b - b0) * kBlock);
-      _mm512_storeu_ps(dst + (b - b0) * stride + e * kBlock, v);
-    }
-  }
-}
-
-// The inverse: channel 16b + l at pixel first + e = src[(b - b0) * stride + e][l].
-CNNKERNELS_TARGET_AVX512 void from_blocks(const float* src, int64_t stride, float* data,
-                                          const Image& im, int64_t b0, int64_t b1, int64_t first,
-                                          int64_t count) {
-  if (!im.channels_last) {
-    for (int64_t b = b0; b < b1; ++b) {
-      cpu::block_to_planes(src + (b - b0) * stride, count, data + im.offset(b, first), im.h * im.w,
-                           im.lanes(b));
-    }
-    return;
-  }
-  float* dst = data + im.offset(b0, first);
-  for (int64_t e = 0; e < count; ++e, dst += im.channels) {
-    for (int64_t b = b0; b < b1; ++b) {
-      _mm512_mask_storeu_ps(dst + (b - b0) * kBlock, cpu::first_lanes(im.lanes(b)),
-                            _mm512_loadu_ps(src + (b - b0) * stride + e * kBlock));
-    }
-  }
-}
-
-// The input rows and columns that output rows [oh0, oh1) read: rows from row0 (negative in the
-// padding), columns from -pw.
-struct Window {
-  int64_t row0, rows, cols;
-  int64_t size() const { return rows * cols * kBlock; }  // floats per block
-};
-
-inline int64_t window_cols(const DepthwiseGeometry& g) {
-  return (g.ow - 1) * g.sw + g.dw * (g.kw - 1) + 1;
-}
-
-inline Window input_window(const DepthwiseGeometry& g, int64_t oh0, int64_t oh1) {
-  return {oh0 * g.sh - g.ph, (oh1 - 1 - oh0) * g.sh + g.dh * (g.kh - 1) + 1, window_cols(g)};
-}
-
-// buf[(b - b0) * win.size() + (r * cols + col) * 16] = input pixel (win.row0 + r, col - pw), zero
-// outside the image.
-CNNKERNELS_TARGET_AVX512 void load_windows(const float* x, const Image& im, int64_t b0, int64_t b1,
-                                           const Window& win, int64_t pw, float* buf) {
-  const int64_t left = std::min(pw, win.cols);                         // padding columns
-  const int64_t inside = std::clamp<int64_t>(win.cols - pw, 0, im.w);  // image columns read
-  for (int64_t r = 0; r < win.rows; ++r) {
-    float* row = buf + r * win.cols * kBlock;
-    const int64_t ih = win.row0 + r;
-    const bool in_image = ih >= 0 && ih < im.h;
-    for (int64_t b = b0; b < b1; ++b) {
-      float* brow = row + (b - b0) * win.size();
-      if (!in_image) {
-        cpu::zero_block(brow, win.cols);
-        continue;
-      }
-      cpu::zero_block(brow, left);
-      cpu::zero_block(brow + (left + inside) * kBlock, win.cols - left - inside);
-    }
-    if (in_image) to_blocks(x, im, b0, b1, ih * im.w, inside, row + left * kBlock, win.size());
-  }
-}
-
-// wv[b][t][l] = weight of channel 16b + l, tap t (zero past the channels).
-std::vector<float> weight_blocks(const float* w, int64_t channels, int64_t taps) {
-  std::vector<float> wv(block_count(channels) * taps * kBlock, 0.f);
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t t = 0; t < taps; ++t) wv[((c / kBlock) * taps + t) * kBlock + c % kBlock] = w[c * taps + t];
-  }
-  return wv;
-}
-
-// Work split: tasks of (image, strip of rows, group of blocks). Strips are as tall as fits the
-// group's windows in kWindowBytes (half of the dev CPU's L2); blocks are grouped so that there are
-// at least 4 tasks per thread (batch 1 still uses every thread).
-constexpr int64_t kWindowBytes = 512 * 1024;
-
-// Blocks a task moves in and out together. NCHW: one, so that a block's window stays in L1 from
-// its load to its store. channels_last: several, so that copies read each pixel's channels in
-// memory order, in runs of several cache lines.
-inline int64_t blocks_at_once(bool channels_last) {
-  return channels_last ? 8 : 1;
-}
-
-struct Tasks {
-  int64_t images, rows, strip, strips, blocks, group, groups, at_once;
-
-  int64_t count() const { return images * strips * groups; }
-
-  struct Task {
-    int64_t n, row0, row1, b0, b1;
-  };
-  Task operator[](int64_t task) const {
-    const int64_t group_index = task % groups, strip_index = (task / groups) % strips;
-    const int64_t row0 = strip_index * strip, b0 = group_index * group;
-    return {task / (groups * strips), row0, std::min(rows, row0 + strip), b0,
-            std::min(blocks, b0 + group)};
-  }
-};
-
-// `rows`: rows to split; `row_bytes`: window bytes per row and block; `rows_for(window_rows)`: how
-// many of those rows a window of that many rows serves.
-template <typename RowsFor>
-Tasks split_work(const DepthwiseGeometry& g, bool channels_last, int64_t rows, int64_t row_bytes,
-                 RowsFor rows_for) {
-  Tasks t{g.n, rows, 0, 0, block_count(g.c), 0, 0, 0};
-  t.at_once = std::min(t.blocks, blocks_at_once(channels_last));
-  const int64_t window_rows = std::max<int64_t>(1, kWindowBytes / (row_bytes * t.at_once));
-  const int64_t strip = std::clamp<int64_t>(rows_for(window_rows), 1, rows);
-  t.strips = (rows + strip - 1) / strip;
-  t.strip = (rows + t.strips - 1) / t.strips;
-  const int64_t wanted = 4 * at::get_num_threads();
-  const int64_t groups = std::clamp<int64_t>((wanted + g.n * t.strips - 1) / (g.n * t.strips), 1, t.blocks);
-  t.group = (t.blocks + groups - 1) / groups;
-  t.groups = (t.blocks + t.group - 1) / t.group;
-  return t;
-}
-
-// Tasks over output rows, each reading an input window.
-inline Tasks split_output_rows(const DepthwiseGeometry& g, bool channels_last) {
-  return split_work(g, channels_last, g.oh, window_cols(g) * kBlock * int64_t(sizeof(float)),
-                    [&](int64_t window_rows) { return (window_rows - g.dh * (g.kh - 1) - 1) / g.sh + 1; });
-}
-
-// RB output pixels of a row: out[r] = sum over taps of w[t] * in[r * pixel_step + tap offset].
-// RB accumulators stay in registers across the taps.
-template <int RB>
-CNNKERNELS_TARGET_AVX512 CNNKERNELS_ALWAYS_INLINE void conv_pixels(
-    const float* in, const float* wv, int64_t kh, int64_t kw, int64_t row_step, int64_t col_step,
-    int64_t pixel_step, float* out) {
-  __m512 acc[RB];
-  for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < kh; ++i) {
-    for (int64_t j = 0; j < kw; ++j) {
-      const __m512 w = _mm512_loadu_ps(wv + (i * kw + j) * kBlock);
-      const float* src = in + i * row_step + j * col_step;
-      for (int r = 0; r < RB; ++r) {
-        acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(src + r * pixel_step), acc[r]);
-      }
-    }
-  }
-  for (int r = 0; r < RB; ++r) _mm512_storeu_ps(out + r * kBlock, acc[r]);
-}
-
-// out[(oh - oh0) * ow + ow] = convolution at output pixel (oh, ow), for oh in [oh0, oh1).
-CNNKERNELS_TARGET_AVX512 void conv_strip(const float* buf, const Window& win,
-                                         const DepthwiseGeometry& g, const float* wv, int64_t oh0,
-                                         int64_t oh1, float* out) {
-  const int64_t pitch = win.cols * kBlock;
-  const int64_t row_step = g.dh * pitch, col_step = g.dw * kBlock, pixel_step = g.sw * kBlock;
-  for (int64_t oh = oh0; oh < oh1; ++oh) {
-    const float* in = buf + (oh - oh0) * g.sh * pitch;
-    float* o = out + (oh - oh0) * g.ow * kBlock;
-    // (no lambda here: it would not carry the AVX-512 target that conv_pixels needs to inline)
-#define CNNKERNELS_CONV_PIXELS(RB)                                                          \
-  conv_pixels<RB>(in + ow * pixel_step, wv, g.kh, g.kw, row_step, col_step, pixel_step, \
-                  o + ow * kBlock)
-    int64_t ow = 0;
-    for (; ow + 8 <= g.ow; ow += 8) CNNKERNELS_CONV_PIXELS(8);
-    if (ow + 4 <= g.ow) { CNNKERNELS_CONV_PIXELS(4); ow += 4; }
-    if (ow + 2 <= g.ow) { CNNKERNELS_CONV_PIXELS(2); ow += 2; }
-    if (ow < g.ow) CNNKERNELS_CONV_PIXELS(1);
-#undef CNNKERNELS_CONV_PIXELS
-  }
-}
-
-// Output pixels [first, first + count) of blocks [b0, b1) through the epilogue; conv holds them
-// as [(b - b0) * stride + e][16].
-template <typename Act>
-CNNKERNELS_TARGET_AVX512 void store_outputs(const float* conv, int64_t stride, float* y,
-                                            const Image& im, int64_t b0, int64_t b1, int64_t first,
-                                            int64_t count, const Epilogue<float>& ep,
-                                            std::vector<float>& planes, const Act& act) {
-  if (im.channels_last) {
-    float* dst = y + im.offset(b0, first);
-    for (int64_t e = 0; e < count; ++e, dst += im.channels) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const __m512 acc = _mm512_loadu_ps(conv + (b - b0) * stride + e * kBlock);
-        _mm512_mask_storeu_ps(dst + (b - b0) * kBlock, cpu::first_lanes(im.lanes(b)),
-                              epilogue16(ep, b * kBlock, acc, act));
-      }
-    }
-    return;
-  }
-  planes.resize(count * kBlock);
-  for (int64_t b = b0; b < b1; ++b) {  // back to planes, then the epilogue along each plane
-    cpu::block_to_planes(conv + (b - b0) * stride, count, planes.data(), count, im.lanes(b));
-    for (int64_t l = 0; l < im.lanes(b); ++l) {
-      ep.apply_channel(b * kBlock + l, planes.data() + l * count,
-                       y + im.offset(b, first) + l * im.h * im.w, count, act);
-    }
-  }
-}
-
-template <typename Act>
-CNNKERNELS_TARGET_AVX512 void forward_tasks(const float* x, float* y, const float* wv,
-                                            const Epilogue<float>& ep, const DepthwiseGeometry& g,
-                                            bool channels_last, const Tasks& tasks, int64_t begin,
-                                            int64_t end, const Act& act) {
-  std::vector<float> buf, conv, planes;
-  const int64_t taps = g.kh * g.kw;
-  for (int64_t index = begin; index < end; ++index) {
-    const Tasks::Task t = tasks[index];
-    const Image in{t.n, g.c, g.h, g.w, channels_last}, out{t.n, g.c, g.oh, g.ow, channels_last};
-    const Window win = input_window(g, t.row0, t.row1);
-    const int64_t pixels = (t.row1 - t.row0) * g.ow;
-    for (int64_t b0 = t.b0; b0 < t.b1; b0 += tasks.at_once) {
-      const int64_t b1 = std::min(t.b1, b0 + tasks.at_once);
-      buf.resize((b1 - b0) * win.size());
-      conv.resize((b1 - b0) * pixels * kBlock);
-      load_windows(x, in, b0, b1, win, g.pw, buf.data());
-      for (int64_t b = b0; b < b1; ++b) {
-        conv_strip(buf.data() + (b - b0) * win.size(), win, g, wv + b * taps * kBlock, t.row0,
-                   t.row1, conv.data() + (b - b0) * pixels * kBlock);
-      }
-      store_outputs(conv.data(), pixels * kBlock, y, out, b0, b1, t.row0 * g.ow, pixels, ep,
-                    planes, act);
-    }
-  }
-}
-
-// --- channels_last forward, straight from the input ---
 //
-// In channels_last a pixel's 16 channels already form a vector: the taps read the input where it
-// lies (no window copy) and the epilogue writes the output from the accumulators, one pass each
-// way as oneDNN's channels_last kernel does. Output pixels whose taps all fall inside the image run
-// 8 at a time; those at the left and right edges one at a time with their taps clipped.
+// The code is in depthwise_conv2d_blocked.inc, compiled twice: a block is one AVX-512 register, or
+// two AVX2 registers (with fewer output pixels and sums held at once, see block_isa.h).
+namespace blocked_avx512 {
+using Isa = cpu::Avx512Block;
+#define CNNKERNELS_BLOCKED_TARGET CNNKERNELS_TARGET_AVX512
+#include "depthwise_conv2d_blocked.inc"
+#undef CNNKERNELS_BLOCKED_TARGET
+}  // namespace blocked_avx512
 
-// The taps [lo, hi) of one dimension that land inside [0, size) from position `start`.
-struct TapRange {
-  int64_t lo, hi;
-};
-
-inline TapRange taps_inside(int64_t start, int64_t dilation, int64_t taps, int64_t size) {
-  const int64_t lo = start >= 0 ? 0 : (-start + dilation - 1) / dilation;
-  const int64_t hi = start > size - 1 ? 0 : std::min(taps, (size - 1 - start) / dilation + 1);
-  return {std::min(lo, taps), std::max(std::min(lo, taps), hi)};
-}
-
-// dst[r * pixel_out] = epilogue(sum over taps (i, j) in rows x cols of
-// w[i][j] * src[i*row_step + j*col_step + r*pixel_step]) for r < RB, channels [c0, c0 + 16) (lanes
-// past `mask` neither read nor written); src and wv point at the first tap in range, `kw` is the
-// weights' row length. The accumulators never leave registers.
-template <int RB, typename Act>
-CNNKERNELS_TARGET_AVX512 CNNKERNELS_ALWAYS_INLINE void conv_pixels_direct(
-    const float* src, __mmask16 mask, const float* wv, int64_t kw, TapRange rows, TapRange cols,
-    int64_t row_step, int64_t col_step, int64_t pixel_step, const Epilogue<float>& ep, int64_t c0,
-    float* dst, int64_t pixel_out, const Act& act) {
-  __m512 acc[RB];
-  for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < rows.hi - rows.lo; ++i) {
-    for (int64_t j = 0; j < cols.hi - cols.lo; ++j) {
-      const __m512 w = _mm512_loadu_ps(wv + (i * kw + j) * kBlock);
-      const float* s = src + i * row_step + j * col_step;
-      for (int r = 0; r < RB; ++r) {
-        acc[r] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, s + r * pixel_step), acc[r]);
-      }
-    }
-  }
-  for (int r = 0; r < RB; ++r) {
-    _mm512_mask_storeu_ps(dst + r * pixel_out, mask, epilogue16(ep, c0, acc[r], act));
-  }
-}
-
-// The output columns [first, last) whose taps all fall inside the image.
-inline std::pair<int64_t, int64_t> interior_columns(const DepthwiseGeometry& g) {
-  const int64_t first = std::min(g.ow, (g.pw + g.sw - 1) / g.sw);
-  const int64_t reach = g.w - 1 + g.pw - g.dw * (g.kw - 1);  // largest ow*sw of an interior pixel
-  return {first, std::max(first, reach < 0 ? 0 : std::min(g.ow, reach / g.sw + 1))};
-}
-
-// Output row oh of image n, every channel block. For each run of output pixels the blocks are
-// the inner loop, so input and output are walked in memory order (pixel, then channel): looping
-// over pixels inside a block instead touches one cache line per 2-4 KB and was 2x slower.
-template <typename Act>
-CNNKERNELS_TARGET_AVX512 void forward_direct_row(const float* x, float* y, const float* wv,
-                                                 const Epilogue<float>& ep,
-                                                 const DepthwiseGeometry& g, int64_t n, int64_t oh,
-                                                 const Act& act) {
-  const int64_t blocks = block_count(g.c), taps = g.kh * g.kw;
-  const int64_t ih0 = oh * g.sh - g.ph;
-  const TapRange rows = taps_inside(ih0, g.dh, g.kh, g.h);
-  const int64_t row_step = g.dh * g.w * g.c, col_step = g.dw * g.c, pixel_step = g.sw * g.c;
-  float* y_row = y + (n * g.oh + oh) * g.ow * g.c;
-  // RB pixels from ow, taps `cols`, every block
-#define CNNKERNELS_DIRECT_PIXELS(RB, COLS)                                                       \
-  do {                                                                                           \
-    const int64_t iw0 = ow * g.sw - g.pw;                                                        \
-    const float* first = x + ((n * g.h + ih0 + rows.lo * g.dh) * g.w + iw0 + (COLS).lo * g.dw) * g.c; \
-    for (int64_t b = 0; b < blocks; ++b) {                                                       \
-      const int64_t c0 = b * kBlock, lanes = std::min(kBlock, g.c - c0);                         \
-      conv_pixels_direct<RB>(first + c0, cpu::first_lanes(lanes),                                \
-                             wv + (b * taps + rows.lo * g.kw + (COLS).lo) * kBlock, g.kw, rows,  \
-                             COLS, row_step, col_step, pixel_step, ep, c0,                       \
-                             y_row + ow * g.c + c0, g.c, act);                                   \
-    }                                                                                            \
-  } while (0)
-  const auto [ow_a, ow_b] = interior_columns(g);
-  const TapRange all_cols{0, g.kw};
-  for (int64_t ow = 0; ow < ow_a; ++ow) {
-    const TapRange cols = taps_inside(ow * g.sw - g.pw, g.dw, g.kw, g.w);
-    CNNKERNELS_DIRECT_PIXELS(1, cols);
-  }
-  int64_t ow = ow_a;
-  for (; ow + 8 <= ow_b; ow += 8) CNNKERNELS_DIRECT_PIXELS(8, all_cols);
-  if (ow + 4 <= ow_b) { CNNKERNELS_DIRECT_PIXELS(4, all_cols); ow += 4; }
-  if (ow + 2 <= ow_b) { CNNKERNELS_DIRECT_PIXELS(2, all_cols); ow += 2; }
-  if (ow < ow_b) { CNNKERNELS_DIRECT_PIXELS(1, all_cols); ++ow; }
-  for (; ow < g.ow; ++ow) {
-    const TapRange cols = taps_inside(ow * g.sw - g.pw, g.dw, g.kw, g.w);
-    CNNKERNELS_DIRECT_PIXELS(1, cols);
-  }
-#undef CNNKERNELS_DIRECT_PIXELS
-}
-
-template <typename Act>
-CNNKERNELS_TARGET_AVX512 void forward_direct_rows(const float* x, float* y, const float* wv,
-                                                  const Epilogue<float>& ep,
-                                                  const DepthwiseGeometry& g, int64_t begin,
-                                                  int64_t end, const Act& act) {
-  for (int64_t row = begin; row < end; ++row) {
-    forward_direct_row(x, y, wv, ep, g, row / g.oh, row % g.oh, act);
-  }
-}
-
-// channels_last x and y; wv from weight_blocks.
-template <typename Act>
-void forward_direct(const float* x, const std::vector<float>& wv, const Epilogue<float>& ep,
-                           float* y, const DepthwiseGeometry& g, Act act) {
-  at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
-    forward_direct_rows(x, y, wv.data(), ep, g, begin, end, act);
-  });
-}
-
-// x, y in the layout channels_last says; wv from weight_blocks, ep padded to whole blocks.
-template <typename Act>
-void forward_pointers(const float* x, const std::vector<float>& wv, const Epilogue<float>& ep,
-                      float* y, const DepthwiseGeometry& g, bool channels_last, Act act) {
-  // channels_last in place when most output columns are interior; otherwise (7x7 and 5x5 kernels
-  // on 7x7 planes: one interior column of seven) the edge pixels, one at a time with clipped
-  // taps, cost more than copying into padded windows
-  const auto [first, last] = interior_columns(g);
-  if (channels_last && 2 * (last - first) >= g.ow) {
-    forward_direct(x, wv, ep, y, g, act);
-    return;
-  }
-  const Tasks tasks = split_output_rows(g, channels_last);
-  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
-    forward_tasks(x, y, wv.data(), ep, g, channels_last, tasks, begin, end, act);
-  });
-}
-
-template <typename Act>
-void forward(const at::Tensor& x, const at::Tensor& weight, const Epilogue<float>& ep,
-             const at::Tensor& out, const DepthwiseGeometry& g, bool channels_last, Act act) {
-  forward_pointers(x.const_data_ptr<float>(),
-                   weight_blocks(weight.const_data_ptr<float>(), g.c, g.kh * g.kw),
-                   ep.padded_to_blocks(), out.mutable_data_ptr<float>(), g, channels_last, act);
-}
-
-// --- grad_input: every output pixel's gradient scattered onto the taps it read ---
-
-inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-
-// The output rows [lo, hi) whose taps reach input rows [ih0, ih1).
-struct OutputRows {
-  int64_t lo, hi;
-};
-
-inline OutputRows rows_reaching(const DepthwiseGeometry& g, int64_t ih0, int64_t ih1) {
-  const int64_t lo = std::max<int64_t>(0, floor_div(ih0 + g.ph - g.dh * (g.kh - 1) + g.sh - 1, g.sh));
-  const int64_t hi = std::min(g.oh, floor_div(ih1 - 1 + g.ph, g.sh) + 1);
-  return {lo, std::max(lo, hi)};
-}
-
-// Columns of the gradient buffer, from -pw: every column a tap reaches and every image column.
-inline int64_t gradient_cols(const DepthwiseGeometry& g) { return std::max(window_cols(g), g.w + g.pw); }
-
-// dbuf[(oh*sh - ph + i*dh) - row0][ow*sw + j*dw] += w[i][j] * grad[oh][ow] for oh in rows.
-CNNKERNELS_TARGET_AVX512 void scatter_strip(const float* grad, const OutputRows& rows,
-                                            const DepthwiseGeometry& g, const float* wv,
-                                            int64_t row0, int64_t cols, float* dbuf) {
-  const int64_t pitch = cols * kBlock;
-  for (int64_t oh = rows.lo; oh < rows.hi; ++oh) {
-    float* base = dbuf + (oh * g.sh - g.ph - row0) * pitch;
-    for (int64_t ow = 0; ow < g.ow; ++ow) {
-      const __m512 go = _mm512_loadu_ps(grad + ((oh - rows.lo) * g.ow + ow) * kBlock);
-      for (int64_t i = 0; i < g.kh; ++i) {
-        float* drow = base + i * g.dh * pitch + ow * g.sw * kBlock;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          float* d = drow + j * g.dw * kBlock;
-          const __m512 w = _mm512_loadu_ps(wv + (i * g.kw + j) * kBlock);
-          _mm512_storeu_ps(d, _mm512_fmadd_ps(w, go, _mm512_loadu_ps(d)));
-        }
-      }
-    }
-  }
-}
-
-CNNKERNELS_TARGET_AVX512 void backward_input_tasks(const float* gp, float* dxp, const float* wv,
-                                                   const DepthwiseGeometry& g, bool channels_last,
-                                                   const Tasks& tasks, int64_t begin, int64_t end) {
-  std::vector<float> grad, dbuf;
-  const int64_t cols = gradient_cols(g), taps = g.kh * g.kw;
-  for (int64_t index = begin; index < end; ++index) {
-    const Tasks::Task t = tasks[index];  // rows: input rows
-    const Image go{t.n, g.c, g.oh, g.ow, channels_last}, dx{t.n, g.c, g.h, g.w, channels_last};
-    const OutputRows rows = rows_reaching(g, t.row0, t.row1);
-    // buffer rows: the strip's, and every row the contributing outputs' taps reach
-    const int64_t row0 = std::min(t.row0, rows.lo * g.sh - g.ph);
-    const int64_t row1 = std::max(t.row1, (rows.hi - 1) * g.sh - g.ph + g.dh * (g.kh - 1) + 1);
-    const int64_t size = (row1 - row0) * cols * kBlock, pixels = (rows.hi - rows.lo) * g.ow;
-    for (int64_t b0 = t.b0; b0 < t.b1; b0 += tasks.at_once) {
-      const int64_t b1 = std::min(t.b1, b0 + tasks.at_once);
-      dbuf.resize((b1 - b0) * size);
-      cpu::zero_block(dbuf.data(), (b1 - b0) * (row1 - row0) * cols);
-      if (pixels > 0) {
-        grad.resize((b1 - b0) * pixels * kBlock);
-        to_blocks(gp, go, b0, b1, rows.lo * g.ow, pixels, grad.data(), pixels * kBlock);
-        for (int64_t b = b0; b < b1; ++b) {
-          scatter_strip(grad.data() + (b - b0) * pixels * kBlock, rows, g, wv + b * taps * kBlock,
-                        row0, cols, dbuf.data() + (b - b0) * size);
-        }
-      }
-      for (int64_t ih = t.row0; ih < t.row1; ++ih) {
-        from_blocks(dbuf.data() + ((ih - row0) * cols + g.pw) * kBlock, size, dxp, dx, b0, b1,
-                    ih * g.w, g.w);
-      }
-    }
-  }
-}
-
-// At stride 1, grad_input is the forward convolution of grad_output with the taps reversed and
-// padding dilation * (kernel - 1) - padding (when that is not negative).
-bool is_transposable(const DepthwiseGeometry& g) {
-  return g.sh == 1 && g.sw == 1 && g.ph <= g.dh * (g.kh - 1) && g.pw <= g.dw * (g.kw - 1);
-}
-
-DepthwiseGeometry transposed(const DepthwiseGeometry& g) {
-  DepthwiseGeometry t = g;
-  t.h = g.oh, t.w = g.ow, t.oh = g.h, t.ow = g.w;
-  t.ph = g.dh * (g.kh - 1) - g.ph, t.pw = g.dw * (g.kw - 1) - g.pw;
-  return t;
-}
-
-std::vector<float> reversed_taps(const float* w, int64_t channels, int64_t taps) {
-  std::vector<float> r(channels * taps);
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t t = 0; t < taps; ++t) r[c * taps + t] = w[c * taps + taps - 1 - t];
-  }
-  return r;
-}
-
-void backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
-                    const at::Tensor& grad_input, const DepthwiseGeometry& g, bool channels_last) {
-  if (is_transposable(g)) {  // a forward pass: no scatter
-    const int64_t taps = g.kh * g.kw;
-    const std::vector<float> wv =
-        weight_blocks(reversed_taps(weight.const_data_ptr<float>(), g.c, taps).data(), g.c, taps);
-    const Epilogue<float> plain{std::vector<float>(g.c, 0.f), {}, {}, false};
-    forward_pointers(grad_output.const_data_ptr<float>(), wv, plain.padded_to_blocks(),
-                     grad_input.mutable_data_ptr<float>(), transposed(g), channels_last, Identity{});
-    return;
-  }
-  // strips of input rows; a buffer row per input row (plus the halo)
-  const Tasks tasks = split_work(g, channels_last, g.h, gradient_cols(g) * kBlock * int64_t(sizeof(float)),
-                                 [](int64_t window_rows) { return window_rows; });
-  const std::vector<float> wv = weight_blocks(weight.const_data_ptr<float>(), g.c, g.kh * g.kw);
-  const float* gp = grad_output.const_data_ptr<float>();
-  float* dxp = grad_input.mutable_data_ptr<float>();
-  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
-    backward_input_tasks(gp, dxp, wv.data(), g, channels_last, tasks, begin, end);
-  });
-}
-
-// --- grad_weight: per task partial sums, added in a fixed order ---
-
-// sums[t][l] += sum over the strip's output pixels of grad * input at tap t.
-CNNKERNELS_TARGET_AVX512 void weight_grad_strip(const float* buf, const Window& win,
-                                                const float* grad, const DepthwiseGeometry& g,
-                                                int64_t rows, double* sums) {
-  const int64_t pitch = win.cols * kBlock, pixel_step = g.sw * kBlock;
-  alignas(64) float lane_sums[kBlock];
-  for (int64_t i = 0; i < g.kh; ++i) {
-    for (int64_t j = 0; j < g.kw; ++j) {
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                       _mm512_setzero_ps()};
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* xrow = buf + (r * g.sh + i * g.dh) * pitch + j * g.dw * kBlock;
-        const float* grow = grad + r * g.ow * kBlock;
-        int64_t ow = 0;
-        for (; ow + 4 <= g.ow; ow += 4) {
-          for (int q = 0; q < 4; ++q) {
-            acc[q] = _mm512_fmadd_ps(_mm512_loadu_ps(grow + (ow + q) * kBlock),
-                                     _mm512_loadu_ps(xrow + (ow + q) * pixel_step), acc[q]);
-          }
-        }
-        for (; ow < g.ow; ++ow) {
-          acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(grow + ow * kBlock),
-                                   _mm512_loadu_ps(xrow + ow * pixel_step), acc[0]);
-        }
-      }
-      _mm512_store_ps(lane_sums, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]),
-                                               _mm512_add_ps(acc[2], acc[3])));
-      double* s = sums + (i * g.kw + j) * kBlock;
-      for (int64_t l = 0; l < kBlock; ++l) s[l] += lane_sums[l];
-    }
-  }
-}
-
-// The same for tap rows [i0, i0 + TR) of a kernel KW wide: all TR * KW sums stay in registers
-// over the strip's pixels, each pixel's gradient loaded once for all of them (the per-tap loop
-// above loads it once per tap, and its 4 sums are too few to hide the FMA latency).
-template <int TR, int KW>
-CNNKERNELS_TARGET_AVX512 void weight_grad_strip_rows(const float* buf, const Window& win,
-                                                     const float* grad, const DepthwiseGeometry& g,
-                                                     int64_t rows, int64_t i0, double* sums) {
-  const int64_t pitch = win.cols * kBlock, pixel_step = g.sw * kBlock, col_step = g.dw * kBlock;
-  __m512 acc[TR * KW];
-  for (int a = 0; a < TR * KW; ++a) acc[a] = _mm512_setzero_ps();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xrow = buf + (r * g.sh + i0 * g.dh) * pitch;
-    const float* grow = grad + r * g.ow * kBlock;
-    for (int64_t ow = 0; ow < g.ow; ++ow) {
-      const __m512 go = _mm512_loadu_ps(grow + ow * kBlock);
-      const float* xp = xrow + ow * pixel_step;
-      for (int i = 0; i < TR; ++i) {
-        for (int j = 0; j < KW; ++j) {
-          acc[i * KW + j] = _mm512_fmadd_ps(go, _mm512_loadu_ps(xp + i * g.dh * pitch + j * col_step),
-                                            acc[i * KW + j]);
-        }
-      }
-    }
-  }
-  alignas(64) float lane_sums[kBlock];
-  for (int a = 0; a < TR * KW; ++a) {
-    _mm512_store_ps(lane_sums, acc[a]);
-    double* s = sums + (i0 * KW + a) * kBlock;
-    for (int64_t l = 0; l < kBlock; ++l) s[l] += lane_sums[l];
-  }
-}
-
-// Tap rows TR at a time (as many as 25 registers hold), then one at a time.
-template <int TR, int KW>
-CNNKERNELS_TARGET_AVX512 void weight_grad_strip_kw(const float* buf, const Window& win,
-                                                   const float* grad, const DepthwiseGeometry& g,
-                                                   int64_t rows, double* sums) {
-  int64_t i = 0;
-  for (; i + TR <= g.kh; i += TR) weight_grad_strip_rows<TR, KW>(buf, win, grad, g, rows, i, sums);
-  for (; i < g.kh; ++i) weight_grad_strip_rows<1, KW>(buf, win, grad, g, rows, i, sums);
-}
-
-CNNKERNELS_TARGET_AVX512 void weight_grad_block(const float* buf, const Window& win,
-                                                const float* grad, const DepthwiseGeometry& g,
-                                                int64_t rows, double* sums) {
-  switch (g.kw) {
-    case 3: return weight_grad_strip_kw<3, 3>(buf, win, grad, g, rows, sums);
-    case 5: return weight_grad_strip_kw<5, 5>(buf, win, grad, g, rows, sums);
-    case 7: return weight_grad_strip_kw<3, 7>(buf, win, grad, g, rows, sums);
-    default: return weight_grad_strip(buf, win, grad, g, rows, sums);
-  }
-}
-
-// partial[(n * strips + strip) * blocks + b][t][l]: the task's sums for its blocks.
-CNNKERNELS_TARGET_AVX512 void weight_grad_tasks(const float* gp, const float* xp,
-                                                const DepthwiseGeometry& g, bool channels_last,
-                                                const Tasks& tasks, int64_t begin, int64_t end,
-                                                double* partial) {
-  std::vector<float> buf, grad;
-  const int64_t taps = g.kh * g.kw;
-  for (int64_t index = begin; index < end; ++index) {
-    const Tasks::Task t = tasks[index];
-    const Image x{t.n, g.c, g.h, g.w, channels_last}, go{t.n, g.c, g.oh, g.ow, channels_last};
-    const Window win = input_window(g, t.row0, t.row1);
-    const int64_t pixels = (t.row1 - t.row0) * g.ow;
-    const int64_t strip_index = t.row0 / tasks.strip;
-    double* sums = partial + ((t.n * tasks.strips + strip_index) * tasks.blocks) * taps * kBlock;
-    std::fill(sums + t.b0 * taps * kBlock, sums + t.b1 * taps * kBlock, 0.0);  // this task's slots
-    for (int64_t b0 = t.b0; b0 < t.b1; b0 += tasks.at_once) {
-      const int64_t b1 = std::min(t.b1, b0 + tasks.at_once);
-      buf.resize((b1 - b0) * win.size());
-      grad.resize((b1 - b0) * pixels * kBlock);
-      load_windows(xp, x, b0, b1, win, g.pw, buf.data());
-      to_blocks(gp, go, b0, b1, t.row0 * g.ow, pixels, grad.data(), pixels * kBlock);
-      for (int64_t b = b0; b < b1; ++b) {
-        weight_grad_block(buf.data() + (b - b0) * win.size(), win,
-                          grad.data() + (b - b0) * pixels * kBlock, g, t.row1 - t.row0,
-                          sums + b * taps * kBlock);
-      }
-    }
-  }
-}
-
-void backward_weight(const at::Tensor& grad_output, const at::Tensor& x,
-                     const at::Tensor& grad_weight, const DepthwiseGeometry& g,
-                     bool channels_last) {
-  const Tasks tasks = split_output_rows(g, channels_last);
-  const int64_t taps = g.kh * g.kw, parts = g.n * tasks.strips, part = tasks.blocks * taps * kBlock;
-  // every slot is zeroed by the task that owns it
-  std::unique_ptr<double[]> partial(new double[parts * part]);
-  const float* gp = grad_output.const_data_ptr<float>();
-  const float* xp = x.const_data_ptr<float>();
-  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
-    weight_grad_tasks(gp, xp, g, channels_last, tasks, begin, end, partial.get());
-  });
-  // images and strips added in order: the same result for any thread count
-  std::vector<double> total(partial.get(), partial.get() + part);
-  for (int64_t p = 1; p < parts; ++p) {
-    const double* src = partial.get() + p * part;
-    for (int64_t e = 0; e < part; ++e) total[e] += src[e];
-  }
-  float* dw = grad_weight.mutable_data_ptr<float>();
-  for (int64_t c = 0; c < g.c; ++c) {
-    for (int64_t t = 0; t < taps; ++t) {
-      dw[c * taps + t] = static_cast<float>(total[((c / kBlock) * taps + t) * kBlock + c % kBlock]);
-    }
-  }
-}
-
-}  // namespace blocked
+namespace blocked_avx2 {
+using Isa = cpu::Avx2Block;
+#define CNNKERNELS_BLOCKED_TARGET CNNKERNELS_TARGET_AVX2
+#include "depthwise_conv2d_blocked.inc"
+#undef CNNKERNELS_BLOCKED_TARGET
+}  // namespace blocked_avx2
 #endif  // CNNKERNELS_X86
 
-// The channel-blocked kernels serve float32 with multiplier 1 on AVX-512 CPUs.
+// The channel-blocked kernels serve float32 with multiplier 1 on AVX-512 and AVX2 CPUs.
 bool use_blocked(const DepthwiseGeometry& g, at::ScalarType dtype) {
 #if CNNKERNELS_X86
-  return dtype == at::kFloat && g.multiplier == 1 && cpu::has_avx512();
+  return dtype == at::kFloat && g.multiplier == 1 && (cpu::has_avx512() || cpu::has_avx2());
 #else
   (void)g, (void)dtype;
   return false;
@@ -1123,7 +470,11 @@ at::Tensor depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
 #if CNNKERNELS_X86
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (use_blocked(g, x.scalar_type())) {
-          blocked::forward(xc, wc, ep, out, g, channels_last, act);
+          if (cpu::has_avx512()) {
+            blocked_avx512::forward(xc, wc, ep, out, g, channels_last, act);
+          } else {
+            blocked_avx2::forward(xc, wc, ep, out, g, channels_last, act);
+          }
           return;
         }
       }
@@ -1154,8 +505,12 @@ at::Tensor depthwise_conv2d_backward_input_cpu(const at::Tensor& grad_output,
   if (use_blocked(g, grad_output.scalar_type())) {  // works in either layout
     at::Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(format));
     if (grad_input.numel() == 0) return grad_input;
-    blocked::backward_input(grad_output.contiguous(format), weight.contiguous(), grad_input, g,
-                            channels_last);
+    const at::Tensor go = grad_output.contiguous(format), wc = weight.contiguous();
+    if (cpu::has_avx512()) {
+      blocked_avx512::backward_input(go, wc, grad_input, g, channels_last);
+    } else {
+      blocked_avx2::backward_input(go, wc, grad_input, g, channels_last);
+    }
     return grad_input;
   }
 #endif
@@ -1237,8 +592,13 @@ at::Tensor depthwise_conv2d_backward_weight_cpu(const at::Tensor& grad_output, c
     const auto format = wants_channels_last(x) ? at::MemoryFormat::ChannelsLast
                                                : at::MemoryFormat::Contiguous;
     if (grad_output.numel() == 0) return grad_weight.zero_();
-    blocked::backward_weight(grad_output.contiguous(format), x.contiguous(format), grad_weight, g,
-                             format == at::MemoryFormat::ChannelsLast);
+    const at::Tensor go = grad_output.contiguous(format), xc = x.contiguous(format);
+    const bool channels_last = format == at::MemoryFormat::ChannelsLast;
+    if (cpu::has_avx512()) {
+      blocked_avx512::backward_weight(go, xc, grad_weight, g, channels_last);
+    } else {
+      blocked_avx2::backward_weight(go, xc, grad_weight, g, channels_last);
+    }
     return grad_weight;
   }
 #endif

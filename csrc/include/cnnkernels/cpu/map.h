@@ -14,6 +14,8 @@
 #include <c10/util/bit_cast.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -35,10 +37,24 @@
 
 namespace cnnkernels::cpu {
 
+// ATEN_CPU_CAPABILITY caps ATen's kernels at "default" (no vector ISA), "avx2" or "avx512"; ours
+// honour the same cap, so that one AVX-512 machine can run (and test) every copy of our kernels,
+// and a capped process compares like with like.
+inline bool capability_allows(const char* isa) {
+  static const std::string cap = [] {
+    const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+    return std::string(env ? env : "");
+  }();
+  if (cap == "default") return false;
+  if (cap == "avx2") return std::string(isa) == "avx2";
+  return true;
+}
+
 inline bool has_avx512() {
 #if CNNKERNELS_X86
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          capability_allows("avx512");
   return yes;
 #else
   return false;
@@ -48,7 +64,7 @@ inline bool has_avx512() {
 inline bool has_avx2() {
 #if CNNKERNELS_X86
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("f16c") && capability_allows("avx2");
   return yes;
 #else
   return false;
