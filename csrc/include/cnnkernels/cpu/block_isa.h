@@ -114,8 +114,11 @@ struct Avx2Block {
   struct Vec {
     __m256 lo, hi;  // lanes 0-7, 8-15
   };
+  // Masked stores are microcoded and slow on AMD CPUs (vmaskmovps, ~20x a plain store on Zen 2/3),
+  // so whole halves go through plain loads and stores, and only a partial half through the mask.
   struct Mask {
     __m256i lo, hi;
+    int64_t lanes;
   };
   static constexpr int kRun = 4;
   static constexpr int kAccumulators = 7;
@@ -128,15 +131,22 @@ struct Avx2Block {
     _mm256_storeu_ps(p + 8, v.hi);
   }
   CNNKERNELS_OP Mask first_lanes(int64_t n) {
-    return {avx2::first_lanes8(n), avx2::first_lanes8(n - 8)};
+    return {avx2::first_lanes8(n), avx2::first_lanes8(n - 8), n};
   }
   // masked-off lanes are neither read nor written (maskload/maskstore do not fault on them)
   CNNKERNELS_OP Vec load_lanes(Mask m, const float* p) {
-    return {_mm256_maskload_ps(p, m.lo), _mm256_maskload_ps(p + 8, m.hi)};
+    if (m.lanes >= 16) return load(p);
+    return {m.lanes >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m.lo),
+            _mm256_maskload_ps(p + 8, m.hi)};
   }
   CNNKERNELS_OP void store_lanes(float* p, Mask m, Vec v) {
-    _mm256_maskstore_ps(p, m.lo, v.lo);
-    _mm256_maskstore_ps(p + 8, m.hi, v.hi);
+    if (m.lanes >= 16) return store(p, v);
+    if (m.lanes >= 8) {
+      _mm256_storeu_ps(p, v.lo);
+      if (m.lanes > 8) _mm256_maskstore_ps(p + 8, m.hi, v.hi);
+    } else {
+      _mm256_maskstore_ps(p, m.lo, v.lo);
+    }
   }
   CNNKERNELS_OP Vec add(Vec a, Vec b) {
     return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
@@ -164,8 +174,10 @@ struct Avx2Block {
         __m256 r[8];
         for (int64_t q = 0; q < 8; ++q) {
           const int64_t l = half * 8 + q;
-          r[q] = l < lanes ? _mm256_maskload_ps(src + l * plane_stride + e0, mask)
-                           : _mm256_setzero_ps();
+          const float* row = src + l * plane_stride + e0;
+          r[q] = l >= lanes ? _mm256_setzero_ps()
+                 : n == 8   ? _mm256_loadu_ps(row)
+                            : _mm256_maskload_ps(row, mask);
         }
         avx2::transpose8x8(r);
         for (int64_t j = 0; j < n; ++j) _mm256_storeu_ps(dst + (e0 + j) * kBlock + half * 8, r[j]);
@@ -186,7 +198,12 @@ struct Avx2Block {
         }
         avx2::transpose8x8(r);
         for (int64_t q = 0; q < 8 && half * 8 + q < lanes; ++q) {
-          _mm256_maskstore_ps(dst + (half * 8 + q) * plane_stride + e0, mask, r[q]);
+          float* row = dst + (half * 8 + q) * plane_stride + e0;
+          if (n == 8) {
+            _mm256_storeu_ps(row, r[q]);
+          } else {
+            _mm256_maskstore_ps(row, mask, r[q]);
+          }
         }
       }
     }
