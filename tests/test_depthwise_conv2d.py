@@ -1,9 +1,6 @@
 """Depthwise convolution: every implementation against F.conv2d(groups=C), values and all three
 gradients, over kernel sizes, strides, paddings, dilations, multipliers, layouts and dtypes."""
-import os
 import platform
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -269,19 +266,6 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(got, want)
 
 
-def isa_results(tmp_path, capability):
-    """The worker's results in a process whose instruction sets ATEN_CPU_CAPABILITY caps (None:
-    uncapped)."""
-    import depthwise_isa_worker
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    if capability is not None:
-        env["ATEN_CPU_CAPABILITY"] = capability
-    out = tmp_path / f"{capability}.pt"
-    subprocess.run([sys.executable, depthwise_isa_worker.__file__, str(out)], env=env, check=True,
-                   timeout=300)
-    return torch.load(out)
-
-
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
 def test_cpu_instruction_set_copies_agree(tmp_path):
     """The channel-blocked float32 kernels are compiled for AVX-512 and for AVX2, over portable
@@ -289,9 +273,8 @@ def test_cpu_instruction_set_copies_agree(tmp_path):
     must give bit for bit what the best copy gives (the same sums in the same order; on an AVX2
     CPU both runs take it), and the portable kernels the same values within rounding (they
     multiply and add where the blocked kernels fuse, so some bits must differ)."""
-    best = isa_results(tmp_path, None)
-    avx2 = isa_results(tmp_path, "avx2")
-    portable = isa_results(tmp_path, "default")
+    from cpu_isa_worker import run_capped
+    best, avx2, portable = (run_capped("depthwise", cap, tmp_path) for cap in (None, "avx2", "default"))
     assert portable["capability"] == "DEFAULT"
     for case, want in best["results"].items():
         for index, (fast, slow) in enumerate(zip(want, portable["results"][case])):

@@ -1,6 +1,8 @@
 """contiguous_from_channels_last: the same tensor as x.contiguous(), for channels_last tensors and
 channel slices of them (the CPU kernel's tiles and their tails), and for everything it hands to
 ATen (other dtypes, layouts); opcheck; errors."""
+import platform
+
 import pytest
 import torch
 
@@ -109,3 +111,17 @@ def test_copy_to_channels_last_refuses_mismatches():
     with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
         op(overlapping, torch.randn(2, 3, 4, 5))
     torch.library.opcheck(op.default, (out, torch.randn(2, 3, 4, 5)))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+def test_every_cpu_instruction_set_copies_exactly(tmp_path):
+    """The transposes are compiled for AVX-512 and AVX2 (ATen's copy below): in processes capped
+    by ATEN_CPU_CAPABILITY every copy must move the same bits."""
+    needs_ext()
+    from cpu_isa_worker import run_capped
+    best, avx2, portable = (run_capped("layout", cap, tmp_path) for cap in (None, "avx2", "default"))
+    assert portable["capability"] == "DEFAULT"
+    for shape, want in best["results"].items():
+        for other in (avx2, portable):
+            for a, b in zip(want, other["results"][shape], strict=True):
+                assert torch.equal(a, b), f"{shape}: {other['capability']} differs"

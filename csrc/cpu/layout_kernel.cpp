@@ -4,13 +4,14 @@
 // 16x16 tiles loaded as 16 pixel rows of 16 channels, transposed in registers, stored as 16
 // channel rows of 16 pixels. Tasks are (image, block of 16 channels); each walks all pixels, so
 // it reads one cache line per pixel row and writes whole lines of 16 pixels. copy_to_channels_last_
-// runs the same tiles the other way. float32 with AVX-512; other dtypes and CPUs use ATen's copy.
+// runs the same tiles the other way. float32 with AVX-512 or AVX2 (8x8 tiles, two per block of 16
+// channels); other dtypes and CPUs use ATen's copy.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cnnkernels/cpu/channel_blocks.h"
+#include "cnnkernels/cpu/block_isa.h"
 #include "cnnkernels/cpu/rows.h"
 #include "cnnkernels/cpu/map.h"
 
@@ -70,6 +71,75 @@ CNNKERNELS_TARGET_AVX512 void transpose_block_to_rows(const float* src, int64_t 
   }
   if (stream) _mm_sfence();
 }
+
+// The same two transposes with AVX2: a 16-channel block as two halves of 8, 8x8 tiles. Whole
+// tiles use plain loads and stores: vmaskmovps stores are microcoded and slow on AMD CPUs.
+CNNKERNELS_TARGET_AVX2 void transpose_block_avx2(const float* src, int64_t row_stride, float* dst,
+                                                 int64_t plane, int64_t channels, int64_t pixels) {
+  __m256 r[8];
+  for (int64_t p = 0; p < pixels; p += 8) {
+    const int64_t count = std::min<int64_t>(8, pixels - p);
+    const __m256i tail = cpu::avx2::first_lanes8(count);
+    for (int64_t half = 0; half * 8 < channels; ++half) {
+      const int64_t lanes = std::min<int64_t>(8, channels - half * 8);
+      const __m256i lane_mask = cpu::avx2::first_lanes8(lanes);
+      for (int64_t i = 0; i < 8; ++i) {
+        const float* row = src + (p + i) * row_stride + half * 8;
+        r[i] = i >= count  ? _mm256_setzero_ps()
+               : lanes == 8 ? _mm256_loadu_ps(row)
+                            : _mm256_maskload_ps(row, lane_mask);
+      }
+      cpu::avx2::transpose8x8(r);
+      for (int64_t c = 0; c < lanes; ++c) {
+        float* out = dst + (half * 8 + c) * plane + p;
+        if (count == 8) {
+          _mm256_storeu_ps(out, r[c]);
+        } else {
+          _mm256_maskstore_ps(out, tail, r[c]);
+        }
+      }
+    }
+  }
+}
+
+// Both halves of a pixel's 16 channels are stored one after the other, so that each 64-byte row is
+// written whole (a streamed line written in two far-apart halves is flushed partially, and slowly).
+CNNKERNELS_TARGET_AVX2 void transpose_block_to_rows_avx2(const float* src, int64_t plane, float* dst,
+                                                         int64_t row_stride, int64_t channels,
+                                                         int64_t pixels, bool stream) {
+  stream = stream && channels == 16 && reinterpret_cast<uintptr_t>(dst) % 64 == 0 &&
+           row_stride % 16 == 0;
+  __m256 r[2][8];
+  const int64_t halves = channels > 8 ? 2 : 1;
+  for (int64_t p = 0; p < pixels; p += 8) {
+    const int64_t count = std::min<int64_t>(8, pixels - p);
+    const __m256i tail = cpu::avx2::first_lanes8(count);
+    for (int64_t half = 0; half < halves; ++half) {
+      const int64_t lanes = std::min<int64_t>(8, channels - half * 8);
+      for (int64_t c = 0; c < 8; ++c) {
+        const float* in = src + (half * 8 + c) * plane + p;
+        r[half][c] = c >= lanes   ? _mm256_setzero_ps()
+                     : count == 8 ? _mm256_loadu_ps(in)
+                                  : _mm256_maskload_ps(in, tail);
+      }
+      cpu::avx2::transpose8x8(r[half]);
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      float* out = dst + (p + i) * row_stride;
+      for (int64_t half = 0; half < halves; ++half) {
+        const int64_t lanes = std::min<int64_t>(8, channels - half * 8);
+        if (stream) {
+          _mm256_stream_ps(out + half * 8, r[half][i]);
+        } else if (lanes == 8) {
+          _mm256_storeu_ps(out + half * 8, r[half][i]);
+        } else {
+          _mm256_maskstore_ps(out + half * 8, cpu::avx2::first_lanes8(lanes), r[half][i]);
+        }
+      }
+    }
+  }
+  if (stream) _mm_sfence();
+}
 #endif
 
 // Tasks (image, block of 16 channels), each over all pixels: `block(n, c0, channels)`.
@@ -98,7 +168,7 @@ void copy_to_channels_last_cpu(const at::Tensor& out, const at::Tensor& x) {
 #if CNNKERNELS_X86
   const int64_t row_stride = cpu::pixel_row_stride(out);
   const bool fast = x.scalar_type() == at::kFloat && x.is_contiguous() && row_stride > 0 &&
-                    cpu::has_avx512() && x.numel() > 0 && x.size(1) > 1;
+                    (cpu::has_avx512() || cpu::has_avx2()) && x.numel() > 0 && x.size(1) > 1;
 #else
   const bool fast = false;
 #endif
@@ -113,8 +183,13 @@ void copy_to_channels_last_cpu(const at::Tensor& out, const at::Tensor& x) {
   float* dst = out.mutable_data_ptr<float>();
   const bool stream = cpu::streaming_pays_off(2 * x.numel() * int64_t(sizeof(float)));
   for_each_channel_block(x.size(0), channels, [&](int64_t n, int64_t c0, int64_t count) {
-    transpose_block_to_rows(src + (n * channels + c0) * plane, plane,
-                            dst + n * image_stride + c0, row_stride, count, plane, stream);
+    const float* from = src + (n * channels + c0) * plane;
+    float* to = dst + n * image_stride + c0;
+    if (cpu::has_avx512()) {
+      transpose_block_to_rows(from, plane, to, row_stride, count, plane, stream);
+    } else {
+      transpose_block_to_rows_avx2(from, plane, to, row_stride, count, plane, stream);
+    }
   });
 #endif
 }
@@ -124,8 +199,8 @@ at::Tensor contiguous_from_channels_last_cpu(const at::Tensor& x) {
               "[N, C, H, W] tensor, got ", x.dim(), " dimensions");
 #if CNNKERNELS_X86
   const int64_t row_stride = cpu::pixel_row_stride(x);
-  const bool fast = x.scalar_type() == at::kFloat && row_stride > 0 && cpu::has_avx512() &&
-                    x.numel() > 0 && !x.is_contiguous();
+  const bool fast = x.scalar_type() == at::kFloat && row_stride > 0 &&
+                    (cpu::has_avx512() || cpu::has_avx2()) && x.numel() > 0 && !x.is_contiguous();
 #else
   const bool fast = false;
 #endif
@@ -137,8 +212,13 @@ at::Tensor contiguous_from_channels_last_cpu(const at::Tensor& x) {
   const float* src = x.const_data_ptr<float>();
   float* dst = y.mutable_data_ptr<float>();
   for_each_channel_block(x.size(0), channels, [&](int64_t n, int64_t c0, int64_t count) {
-    transpose_block(src + n * image_stride + c0, row_stride, dst + (n * channels + c0) * plane,
-                    plane, count, plane);
+    const float* from = src + n * image_stride + c0;
+    float* to = dst + (n * channels + c0) * plane;
+    if (cpu::has_avx512()) {
+      transpose_block(from, row_stride, to, plane, count, plane);
+    } else {
+      transpose_block_avx2(from, row_stride, to, plane, count, plane);
+    }
   });
 #endif
   return y;
