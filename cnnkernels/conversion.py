@@ -48,7 +48,8 @@ from .nn.conv_bn_act import ConvBNAct2d, conv_bn_act_parts, unsupported_conv
 from .nn.pool import MaxPool2d
 from .nn.densenet import (DenseBlock, DenseTransition, _is_torchvision_dense_block,
                           dense_block_from, dense_block_to_torchvision, is_dense_transition,
-                          is_timm_dense_block, is_timm_dense_transition, timm_dense_block_problem,
+                          is_timm_dense_block, is_timm_dense_transition,
+                          link_channels_last_hand_offs, timm_dense_block_problem,
                           timm_transition_problem, transition_problem)
 from .nn.resnet import (ResidualBlock, is_timm_resnet_block, is_torchvision_resnet_block,
                         timm_block_problem)
@@ -304,6 +305,7 @@ def convert(model: nn.Module, *, inplace: bool = False, include: Iterable[str] |
         raise ValueError("cnnkernels.convert: pass the model that contains the layer, not the "
                          "layer itself (the root cannot be replaced in place)")
     visit(root, "")
+    link_channels_last_hand_offs(root)
     return (root, result) if report else root
 
 

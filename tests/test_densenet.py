@@ -486,3 +486,53 @@ def test_our_densenet_transitions_convert_and_revert():
     reverted = revert(converted)
     assert sum(type(m) is Transition for m in reverted.modules()) == 2
     assert list(reverted.state_dict()) == list(model.state_dict())
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_blocks_and_transitions_hand_off_in_channels_last(training):
+    """convert() marks a DenseBlock followed by a DenseTransition (and a transition followed by a
+    block) to pass its output on in channels_last, where the CPU computes both. Against the same
+    modules without the marks: the same values, gradients and running statistics, and the input's
+    gradient in the input's (NCHW) layout. An unmarked module returns its input's layout: block 2,
+    whose input is the transition's channels_last."""
+    from torchvision.models.densenet import _DenseBlock
+
+    from cnnkernels import convert
+    from cnnkernels.nn import DenseTransition
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(_DenseBlock(2, 8, 4, 6, 0.0), _torchvision_transition(20, 10),
+                                _DenseBlock(2, 10, 4, 6, 0.0), torch.nn.BatchNorm2d(22))
+    converted = convert(plain).train(training)
+    assert isinstance(converted[1], DenseTransition)
+    assert [getattr(m, "hands_off_channels_last", None) for m in converted] == [True, True, False, None]
+    unlinked = copy.deepcopy(converted)
+    for module in unlinked[:3]:
+        module.hands_off_channels_last = False
+    layouts = []
+    hooks = [m.register_forward_hook(lambda m, i, out: layouts.append(is_cl(out)))
+             for m in converted[:3]]
+    x = torch.randn(3, 8, 10, 9)
+    xa, xb = x.clone().requires_grad_(training), x.clone().requires_grad_(training)
+    with torch.set_grad_enabled(training):
+        ya, yb = converted(xa), unlinked(xb)
+    for hook in hooks:
+        hook.remove()
+    assert layouts == [True, True, True]
+    # torch's last BatchNorm, and the transition's conv and pool in backward, sum in another order
+    # over channels_last tensors
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ya, yb, **tol)
+    if training:
+        grad = torch.randn_like(ya)
+        ya.backward(grad), yb.backward(grad)
+        assert xa.grad.is_contiguous()
+        torch.testing.assert_close(xa.grad, xb.grad, **tol)
+        for (name, a), b in zip(converted.named_parameters(), unlinked.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, **tol, msg=name)
+    for a, b in zip(converted.buffers(), unlinked.buffers()):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def is_cl(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
