@@ -19,7 +19,8 @@ that autograd keeps for backward, so memory grows with the square of depth. `Den
   BN+ReLU from them with the forward's kernel (bit-identical) and goes back through it in two
   passes, ReLU's derivative recomputed from the input. Running statistics are updated exactly once,
   in forward. On the CPU the block computes in channels_last whatever its input's layout (see
-  _works_in_channels_last) and hands its output back in the input's.
+  _works_in_channels_last) and hands its output back in the input's, unless convert() found our
+  DenseTransition right after it (link_channels_last_hand_offs): then it stays in channels_last.
 
 All three compute the same outputs, gradients and running statistics, to float rounding ("shared"
 normalises with cnnkernels' kernels, the others with ATen's). Parameter names (and hence
