@@ -55,6 +55,7 @@ def info() -> dict:
         "triton_interpret": backend.triton_interpreted(),
         "device": _device_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa": _extension._C.cpu_isa() if _extension.cpu_ext else None,
         "num_threads": torch.get_num_threads(),
         "backend": get_backend(),
     }

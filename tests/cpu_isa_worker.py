@@ -3,13 +3,14 @@ ATEN_CPU_CAPABILITY caps (our kernels honour it as ATen's do): the tests start i
 the cap and compare, so one machine checks every compiled copy of a kernel.
 
 Usage: python cpu_isa_worker.py KIND OUT, KIND one of KINDS. Saves {"capability": what torch
-reports, "results": {case: [tensors]}}."""
+reports, "cpu_isa": the copy of our kernels that ran, "results": {case: [tensors]}}."""
 import os
 import subprocess
 import sys
 
 import torch
 
+import cnnkernels
 from cnnkernels import ops
 
 ACTS = ["identity", "relu", "relu6", "leaky_relu", "hardswish", "hardsigmoid"]
@@ -62,6 +63,10 @@ def layout():
         out = torch.zeros_like(base)
         copy_to_channels_last_(out[:, 3:3 + c], values(n, c, h, w, generator=g))
         saved[str(shape)] = [ops.contiguous_from_channels_last(base[:, 3:3 + c]), out]
+    # whole aligned 16-channel rows, and more than 32 MiB moved: the streaming stores
+    big = values(1, 64, 256, 264, generator=torch.Generator().manual_seed(1))
+    out = torch.empty_like(big, memory_format=torch.channels_last)
+    saved["streamed"] = [copy_to_channels_last_(out, big)]
     return saved
 
 
@@ -81,7 +86,8 @@ def run_capped(kind, capability, tmp_path):
 def main(kind, path):
     torch.set_num_threads(2)
     saved = {name: [t.contiguous() for t in tensors] for name, tensors in KINDS[kind]().items()}
-    torch.save({"capability": torch.backends.cpu.get_cpu_capability(), "results": saved}, path)
+    torch.save({"capability": torch.backends.cpu.get_cpu_capability(),
+                "cpu_isa": cnnkernels.info()["cpu_isa"], "results": saved}, path)
 
 
 if __name__ == "__main__":

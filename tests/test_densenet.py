@@ -490,11 +490,11 @@ def test_our_densenet_transitions_convert_and_revert():
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_blocks_and_transitions_hand_off_in_channels_last(training):
-    """convert() marks a DenseBlock followed by a DenseTransition (and a transition followed by a
-    block) to pass its output on in channels_last, where the CPU computes both. Against the same
-    modules without the marks: the same values, gradients and running statistics, and the input's
-    gradient in the input's (NCHW) layout. An unmarked module returns its input's layout: block 2,
-    whose input is the transition's channels_last."""
+    """convert() links a run of DenseBlocks and DenseTransitions that follow each other in a
+    Sequential: inside the run outputs are passed on in channels_last (the CPU computes both in
+    it); the run's last module gives back the layout the run was given (NCHW here), so the module
+    after it sees what it saw before. Against the same modules unlinked: the same values,
+    gradients and running statistics, and the input's gradient in its layout."""
     from torchvision.models.densenet import _DenseBlock
 
     from cnnkernels import convert
@@ -505,10 +505,10 @@ def test_blocks_and_transitions_hand_off_in_channels_last(training):
                                 _DenseBlock(2, 10, 4, 6, 0.0), torch.nn.BatchNorm2d(22))
     converted = convert(plain).train(training)
     assert isinstance(converted[1], DenseTransition)
-    assert [getattr(m, "hands_off_channels_last", None) for m in converted] == [True, True, False, None]
+    assert [getattr(m, "hand_off_role", None) for m in converted] == ["first", "middle", "last", None]
     unlinked = copy.deepcopy(converted)
     for module in unlinked[:3]:
-        module.hands_off_channels_last = False
+        module.hand_off_role = module.hand_off_chain = None
     layouts = []
     hooks = [m.register_forward_hook(lambda m, i, out: layouts.append(is_cl(out)))
              for m in converted[:3]]
@@ -518,20 +518,41 @@ def test_blocks_and_transitions_hand_off_in_channels_last(training):
         ya, yb = converted(xa), unlinked(xb)
     for hook in hooks:
         hook.remove()
-    assert layouts == [True, True, True]
-    # torch's last BatchNorm, and the transition's conv and pool in backward, sum in another order
-    # over channels_last tensors
-    tol = dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ya, yb, **tol)
+    assert layouts == [True, True, False]
+    assert ya.is_contiguous()
+    # eval: bit for bit; training: block 2's batch statistics of its input are summed in another
+    # order over channels_last than over NCHW, and the gradients carry that rounding back
+    exact = dict(rtol=1e-4, atol=1e-4) if training else dict(rtol=0, atol=0)
+    torch.testing.assert_close(ya, yb, **exact)
     if training:
         grad = torch.randn_like(ya)
         ya.backward(grad), yb.backward(grad)
         assert xa.grad.is_contiguous()
-        torch.testing.assert_close(xa.grad, xb.grad, **tol)
+        torch.testing.assert_close(xa.grad, xb.grad, **exact)
         for (name, a), b in zip(converted.named_parameters(), unlinked.parameters()):
-            torch.testing.assert_close(a.grad, b.grad, **tol, msg=name)
+            torch.testing.assert_close(a.grad, b.grad, **exact, msg=name)
     for a, b in zip(converted.buffers(), unlinked.buffers()):
-        torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(a, b, **exact)
+
+
+def test_hand_off_links_are_redone_by_each_convert():
+    """A second convert() after the modules were rearranged drops the links that no longer hold;
+    a Sequential subclass (its forward may not run its children in order) is not linked."""
+    from torchvision.models.densenet import _DenseBlock
+
+    from cnnkernels import convert
+
+    class Reordered(torch.nn.Sequential):
+        pass
+
+    model = convert(torch.nn.Sequential(_DenseBlock(2, 8, 4, 6, 0.0), _torchvision_transition(20, 10),
+                                        _DenseBlock(2, 10, 4, 6, 0.0)))
+    assert [m.hand_off_role for m in model] == ["first", "middle", "last"]
+    block, transition = model[0], model[1]
+    model = convert(torch.nn.Sequential(block, torch.nn.Identity(), transition), inplace=True)
+    assert block.hand_off_role is None and transition.hand_off_role is None
+    model = convert(Reordered(block, transition), inplace=True)
+    assert block.hand_off_role is None and transition.hand_off_role is None
 
 
 def is_cl(t):

@@ -133,11 +133,14 @@ struct Avx2Block {
   CNNKERNELS_OP Mask first_lanes(int64_t n) {
     return {avx2::first_lanes8(n), avx2::first_lanes8(n - 8), n};
   }
-  // masked-off lanes are neither read nor written (maskload/maskstore do not fault on them)
+  // lanes past `lanes` are neither read nor written; a half without lanes is not touched at all
   CNNKERNELS_OP Vec load_lanes(Mask m, const float* p) {
     if (m.lanes >= 16) return load(p);
-    return {m.lanes >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m.lo),
-            _mm256_maskload_ps(p + 8, m.hi)};
+    if (m.lanes <= 8) {  // no access past the lanes at all (AMD leaves faults on masked-off
+                         // elements implementation-defined)
+      return {m.lanes == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m.lo), _mm256_setzero_ps()};
+    }
+    return {_mm256_loadu_ps(p), _mm256_maskload_ps(p + 8, m.hi)};
   }
   CNNKERNELS_OP void store_lanes(float* p, Mask m, Vec v) {
     if (m.lanes >= 16) return store(p, v);
