@@ -20,8 +20,8 @@ that autograd keeps for backward, so memory grows with the square of depth. `Den
   passes, ReLU's derivative recomputed from the input. Running statistics are updated exactly once,
   in forward. On the CPU the block computes in channels_last whatever its input's layout (see
   _works_in_channels_last) and hands its output back in the input's, unless convert() linked it
-  with the DenseTransitions around it (link_channels_last_hand_offs): then it stays in
-  channels_last.
+  with the DenseTransitions around it (link_channels_last_hand_offs): inside such a run outputs
+  are passed on in channels_last, and the run's last module gives back the run's input layout.
 
 All three compute the same outputs, gradients and running statistics, to float rounding ("shared"
 normalises with cnnkernels' kernels, the others with ATen's). Parameter names (and hence
