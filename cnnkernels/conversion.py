@@ -27,6 +27,11 @@ resnet            torchvision / timm ``BasicBlock`` / ``Bottleneck``     ``Resid
 max_pool          ``nn.MaxPool2d``                                       ``cnnkernels.nn.MaxPool2d``: NCHW
                                                                          CPU inputs pooled in
                                                                          channels_last (same values)
+inverted_residual torchvision MobileNetV2 ``InvertedResidual``           ``InvertedResidual``: the
+                                                                         projection, its BN and the
+                                                                         residual add fused (same
+                                                                         keys); its other layers
+                                                                         converted as anywhere else
 ================  =====================================================  ==============================
 
 Every kind is on by default (see DEFAULT_KINDS); ``include`` / ``exclude`` choose. timm's layers
@@ -46,6 +51,8 @@ from .nn.batchnorm import _TORCH_ACTIVATIONS, BatchNormAct2d
 from .nn.conv import DepthwiseConv2d
 from .nn.conv_bn_act import ConvBNAct2d, conv_bn_act_parts, unsupported_conv
 from .nn.pool import MaxPool2d
+from .nn.inverted_residual import (InvertedResidual, inverted_residual_problem,
+                                   is_torchvision_inverted_residual)
 from .nn.densenet import (DenseBlock, DenseTransition, _is_torchvision_dense_block,
                           dense_block_from, dense_block_to_torchvision, is_dense_transition,
                           is_timm_dense_block, is_timm_dense_transition,
@@ -58,7 +65,9 @@ from .nn.squeeze_excite import (SqueezeExcite, is_timm_squeeze_excite,
                                 unsupported_parts)
 
 KINDS = ("conv_bn_act", "hardswish", "hardsigmoid", "depthwise", "densenet", "dense_transition",
-         "batchnorm_act", "resnet", "squeeze_excite", "max_pool")
+         "batchnorm_act", "resnet", "squeeze_excite", "max_pool", "inverted_residual")
+# Kinds whose replacement holds the original's layers, still to be converted by the walk.
+_WALKED_INTO = ("inverted_residual",)
 # Every kind is on by default. conv_bn_act was opt-in until its eval path (BatchNorm folded into
 # the conv) measured faster inside whole models than the default conversion: with oneDNN's fused
 # 1x1 convolution it does on the dev CPU (session 7, interleaved runs, batch 8, NCHW: MobileNetV2
@@ -227,6 +236,11 @@ def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, s
         return "resnet", lambda: ResidualBlock.from_torchvision(module), ""
     if type(module) is nn.MaxPool2d:
         return "max_pool", lambda: MaxPool2d.from_torch(module), ""
+    if is_torchvision_inverted_residual(module):
+        problem = inverted_residual_problem(module)
+        if problem:
+            return "inverted_residual", None, problem
+        return "inverted_residual", lambda: InvertedResidual.from_torchvision(module), ""
     if isinstance(module, nn.BatchNorm2d):
         return "batchnorm", None, "no activation follows it in a Sequential (or batchnorm_act not included)"
     return None
@@ -294,7 +308,9 @@ def convert(model: nn.Module, *, inplace: bool = False, include: Iterable[str] |
                     new = factory()
                     setattr(parent, child_name, new)
                     result.swaps.append(Swap(name, kind, type(child).__name__, type(new).__name__))
-                    continue  # the replacement's own children are ours
+                    if kind in _WALKED_INTO:
+                        visit(new, name + ".")
+                    continue  # otherwise the replacement's own children are ours
                 # an opt-in kind nobody asked about is not news: report the others
                 if kind not in KINDS or kind in DEFAULT_KINDS or kind in include_kinds | exclude_kinds:
                     result.swaps.append(Swap(name, kind, type(child).__name__, None,
@@ -333,6 +349,8 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             return module.to_torchvision()
         if isinstance(module, MaxPool2d):
             return module.to_torch()
+        if isinstance(module, InvertedResidual):
+            return module.to_torchvision()
         return None
 
     def visit(parent: nn.Module) -> None:
@@ -349,6 +367,8 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             new = plain(child)
             if new is not None:
                 setattr(parent, child_name, new)
+                if isinstance(child, InvertedResidual):  # it holds layers convert swapped too
+                    visit(new)
             else:
                 visit(child)
 

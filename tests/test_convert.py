@@ -9,6 +9,7 @@ from torch import nn
 
 import cnnkernels
 from cnnkernels.nn import DenseBlock, DepthwiseConv2d, HardSigmoid, HardSwish
+from cnnkernels.nn.conv import is_plain_1x1
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -133,10 +134,12 @@ def test_bad_arguments():
 def test_batchnorm_act_is_swapped_and_reverts_to_the_same_keys():
     torch.manual_seed(0)
     original = torchvision.models.mobilenet_v2()
-    without = cnnkernels.convert(original, exclude=["conv_bn_act", "batchnorm_act"])
+    # (InvertedResidual's projection BN is a BatchNormAct2d too)
+    without = cnnkernels.convert(original,
+                                 exclude=["conv_bn_act", "batchnorm_act", "inverted_residual"])
     assert not any(isinstance(m, cnnkernels.nn.BatchNormAct2d) for m in without.modules())
     converted, report = cnnkernels.convert(original, exclude=["conv_bn_act"], report=True)
-    assert report.counts() == {"batchnorm_act": 35, "depthwise": 17}
+    assert report.counts() == {"batchnorm_act": 35, "depthwise": 17, "inverted_residual": 17}
     assert isinstance(converted.features[0][1], cnnkernels.nn.BatchNormAct2d)
     assert isinstance(converted.features[0][2], nn.Identity)
     # float64: 52 train-mode BatchNorms over a batch of 2 amplify float32 rounding differences of
@@ -145,6 +148,68 @@ def test_batchnorm_act_is_swapped_and_reverts_to_the_same_keys():
     reverted = cnnkernels.revert(converted)
     assert type(reverted.features[0][1]) is nn.BatchNorm2d and type(reverted.features[0][2]) is nn.ReLU6
     assert list(reverted.state_dict()) == list(original.state_dict())
+
+
+def test_inverted_residual_fuses_the_projection_with_its_residual(dispatched_ops):
+    """MobileNetV2's InvertedResidual becomes ours with the same keys: its projection conv, BN and
+    residual add run as one pointwise op in eval (no separate add), BN + add as one pass in
+    training; the same outputs, gradients and running statistics; revert gives torchvision's
+    block back; exclude leaves it alone."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    torch.manual_seed(0)
+    original = nn.Sequential(InvertedResidual(24, 24, 1, 6), InvertedResidual(24, 32, 2, 6),
+                             InvertedResidual(32, 32, 1, 1))  # the last without an expansion
+    for module in original.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5), module.bias.uniform_(-1, 1)
+                module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.5, 1.5)
+    converted, report = cnnkernels.convert(original, report=True)
+    assert report.counts() == {"inverted_residual": 3, "conv_bn_act": 5}
+    assert all(type(m) is cnnkernels.nn.InvertedResidual for m in converted)
+    assert [m.use_res_connect for m in converted] == [True, False, True]
+    x = torch.randn(2, 24, 14, 15)
+    check_same_model(copy.deepcopy(original).double(), copy.deepcopy(converted).double(),
+                     x.double())
+    # running statistics after a training step, and the eval path without autograd
+    original.train(), converted.train()
+    original(x), converted(x)
+    for a, b in zip(converted.state_dict().values(), original.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    original.eval(), converted.eval()
+    with torch.no_grad():
+        converted(x)  # folds each BN's running statistics once (cached until they change)
+    with torch.no_grad(), dispatched_ops() as record:
+        y = converted(x)
+    assert record.ours().count("cnnkernels.pointwise_conv2d.default") == 5, record.names
+    assert not any(name.startswith("aten.add") for name in record.names), record.names
+    with torch.no_grad():
+        torch.testing.assert_close(y, original(x), rtol=1e-5, atol=1e-5)
+    reverted = cnnkernels.revert(converted)
+    assert [type(m) for m in reverted] == [InvertedResidual] * 3
+    assert type(reverted[0].conv[3]) is nn.BatchNorm2d and reverted[0]._is_cn is False
+    assert {type(m) for m in reverted.modules()} == {type(m) for m in original.modules()}
+    assert list(reverted.state_dict()) == list(original.state_dict())
+    assert not any(type(m) is cnnkernels.nn.InvertedResidual for m in
+                   cnnkernels.convert(original, exclude=["inverted_residual"]).modules())
+
+
+def test_inverted_residual_keeps_hooks_on_its_sequential():
+    """A forward hook on the block's conv Sequential sees its output, as in torchvision."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    torch.manual_seed(0)
+    original = nn.Sequential(InvertedResidual(16, 16, 1, 4)).eval()
+    converted = cnnkernels.convert(original)
+    seen = []
+    for model in (original, converted):
+        model[0].conv.register_forward_hook(lambda module, args, out: seen.append(out))
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), original(x), rtol=1e-5, atol=1e-5)
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], seen[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
@@ -202,7 +267,7 @@ def test_sync_batchnorm_becomes_batchnorm_act_with_the_default_group():
 # little of ours to run (SqueezeNet: no BatchNorm; GoogLeNet: BN → F.relu inside forward; only
 # their max pools) must still convert to an identical model.
 ZOO = {
-    "mobilenet_v2": {"conv_bn_act": 35},
+    "mobilenet_v2": {"conv_bn_act": 35, "inverted_residual": 17},
     "mobilenet_v3_large": {"conv_bn_act": 46, "squeeze_excite": 8, "hardswish": 1},
     "mobilenet_v3_small": {"conv_bn_act": 34, "squeeze_excite": 9, "hardswish": 1},
     "resnet18": {"resnet": 8, "max_pool": 1},
@@ -311,10 +376,11 @@ def test_conv_bn_act_swaps_conv2d_norm_activation_and_fuses_in_eval():
                    for m in cnnkernels.convert(original, exclude=["conv_bn_act"]).modules())
     converted, report = cnnkernels.convert(original, report=True)  # on by default
     # stem, 16 expansions, 17 depthwise, last 1x1; the 17 projections (conv, BN inside the block's
-    # Sequential with the other layers) are left as they are
-    assert report.counts() == {"conv_bn_act": 35}
+    # Sequential with the other layers) are InvertedResidual's (test_inverted_residual_...)
+    assert report.counts() == {"conv_bn_act": 35, "inverted_residual": 17}
     fused = [m for m in converted.modules() if isinstance(m, cnnkernels.nn.ConvBNAct2d)]
-    assert sum(m._is_pointwise() for m in fused) == 17 and sum(m._is_depthwise() for m in fused) == 17
+    assert sum(is_plain_1x1(m.conv) for m in fused) == 17
+    assert sum(m.conv.groups == m.conv.in_channels > 1 for m in fused) == 17
     assert list(converted.state_dict()) == list(original.state_dict())
     check_same_model(original.double(), converted.double(), torch.randn(2, 3, 64, 64).double())
     # eval without autograd: the folded epilogue path (its own kernels), same outputs

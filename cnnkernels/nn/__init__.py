@@ -4,10 +4,11 @@ from .batchnorm import BatchNormAct2d
 from .conv import DepthwiseConv2d
 from .conv_bn_act import ConvBNAct2d
 from .densenet import DenseBlock, DenseLayer, DenseTransition
+from .inverted_residual import InvertedResidual
 from .pool import MaxPool2d
 from .resnet import ResidualBlock
 from .squeeze_excite import SqueezeExcite
 
 __all__ = ["HardSwish", "HardSigmoid", "DepthwiseConv2d", "DenseBlock", "DenseLayer",
            "DenseTransition", "BatchNormAct2d", "ResidualBlock", "SqueezeExcite", "ConvBNAct2d",
-           "MaxPool2d"]
+           "MaxPool2d", "InvertedResidual"]

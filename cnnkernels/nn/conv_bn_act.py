@@ -76,52 +76,64 @@ class ConvBNAct2d(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------
 
-    def _is_pointwise(self) -> bool:
-        return is_plain_1x1(self.conv)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(BN(conv(x)) (+ residual))."""
+        return conv_bn_act(self.conv, self.bn, x, residual)
 
-    def _is_depthwise(self) -> bool:
-        c = self.conv
-        return c.groups == c.in_channels and c.groups > 1 and c.out_channels % c.in_channels == 0
 
-    def _fused_inference(self, x: torch.Tensor) -> bool:
-        bn = self.bn
-        return not self.training and bn.running_mean is not None and \
-            not torch.compiler.is_compiling() and \
-            not (torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for p in self.parameters()))) and \
-            (self._is_pointwise() or self._is_depthwise())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv, bn = self.conv, self.bn
-        if self._fused_inference(x):
-            scale, shift = bn._running_fold(_compute_dtype(x.dtype))
-            if self._is_depthwise():  # its epilogue: act(scale·(conv + bias) + shift)
-                return ops.depthwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
-                                            conv.dilation, scale=scale, shift=shift,
-                                            activation=bn.activation,
-                                            negative_slope=bn.negative_slope)
-            if conv.bias is not None:  # BN(z + b) = scale·z + (shift + scale·b)
-                shift = shift + scale * conv.bias.to(scale.dtype)
-            return ops.pointwise_conv2d(x, conv.weight, stride=conv.stride[0], groups=conv.groups,
-                                        scale=scale, shift=shift, activation=bn.activation,
+def conv_bn_act(conv: nn.Conv2d, bn: BatchNormAct2d, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(bn(conv(x)) (+ residual)) with BN folded into the conv's epilogue where it can be
+    (see the module docstring); ConvBNAct2d's forward, and MobileNetV2's projection + residual in
+    InvertedResidual."""
+    if _fused_inference(conv, bn, x, residual):
+        scale, shift = bn._running_fold(_compute_dtype(x.dtype))
+        if _is_depthwise(conv):  # its epilogue: act(scale·(conv + bias) + shift)
+            return ops.depthwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                        conv.dilation, scale=scale, shift=shift,
+                                        activation=bn.activation,
                                         negative_slope=bn.negative_slope)
-        if self._is_depthwise():
-            z = ops.depthwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
-                                     conv.dilation)
-        elif self._statistics_in_epilogue(x):
-            # the Triton GEMM computes BN's batch statistics from its output tiles in registers
-            z, mean, var = ops.pointwise_conv2d_stats(x, conv.weight, conv.bias,
-                                                      stride=conv.stride[0], groups=conv.groups)
-            return bn(z, batch_stats=(mean, var))
-        else:
-            z = run_conv(conv, x)  # 1x1 NCHW on the CPU: our pointwise op's BLAS matmuls
-        return bn(z)
+        if conv.bias is not None:  # BN(z + b) = scale·z + (shift + scale·b)
+            shift = shift + scale * conv.bias.to(scale.dtype)
+        return ops.pointwise_conv2d(x, conv.weight, stride=conv.stride[0], groups=conv.groups,
+                                    scale=scale, shift=shift, residual=residual,
+                                    activation=bn.activation, negative_slope=bn.negative_slope)
+    if _is_depthwise(conv):
+        z = ops.depthwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                 conv.dilation)
+    elif _statistics_in_epilogue(conv, bn, x):
+        # the Triton GEMM computes BN's batch statistics from its output tiles in registers
+        z, mean, var = ops.pointwise_conv2d_stats(x, conv.weight, conv.bias,
+                                                  stride=conv.stride[0], groups=conv.groups)
+        return bn(z, residual, batch_stats=(mean, var))
+    else:
+        z = run_conv(conv, x)  # 1x1 NCHW on the CPU: our pointwise op's BLAS matmuls
+    return bn(z, residual)
 
-    def _statistics_in_epilogue(self, x: torch.Tensor) -> bool:
-        """Training a 1x1 conv on the Triton backend (its GEMM has the statistics epilogue; the
-        other backends would read the output again, as BatchNorm does anyway)."""
-        return self.bn.training and x.dtype != torch.float64 and self._is_pointwise() and \
-            x.dim() == 4 and backend.select(x.device, POINTWISE_KERNELS, "pointwise_conv2d") == "triton"
+
+def _is_depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups == conv.in_channels and conv.groups > 1 and \
+        conv.out_channels % conv.in_channels == 0
+
+
+def _fused_inference(conv: nn.Conv2d, bn: BatchNormAct2d, x: torch.Tensor,
+                     residual: torch.Tensor | None) -> bool:
+    """Eval without autograd, a 1x1 or depthwise conv (the depthwise op's epilogue has no
+    residual input)."""
+    return not bn.training and bn.running_mean is not None and \
+        not torch.compiler.is_compiling() and \
+        not (torch.is_grad_enabled() and (
+            x.requires_grad or (residual is not None and residual.requires_grad) or
+            any(p.requires_grad for p in conv.parameters()) or
+            any(p.requires_grad for p in bn.parameters()))) and \
+        (is_plain_1x1(conv) or (_is_depthwise(conv) and residual is None))
+
+
+def _statistics_in_epilogue(conv: nn.Conv2d, bn: BatchNormAct2d, x: torch.Tensor) -> bool:
+    """Training a 1x1 conv on the Triton backend (its GEMM has the statistics epilogue; the
+    other backends would read the output again, as BatchNorm does anyway)."""
+    return bn.training and x.dtype != torch.float64 and is_plain_1x1(conv) and \
+        x.dim() == 4 and backend.select(x.device, POINTWISE_KERNELS, "pointwise_conv2d") == "triton"
 
 
 def unsupported_conv(conv: nn.Conv2d) -> str | None:
