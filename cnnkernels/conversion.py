@@ -27,7 +27,7 @@ resnet            torchvision / timm ``BasicBlock`` / ``Bottleneck``     ``Resid
 max_pool          ``nn.MaxPool2d``                                       ``cnnkernels.nn.MaxPool2d``: NCHW
                                                                          CPU inputs pooled in
                                                                          channels_last (same values)
-inverted_residual torchvision MobileNetV2 ``InvertedResidual``           ``InvertedResidual``: the
+inverted_residual torchvision MobileNetV2 / V3 ``InvertedResidual``      ``InvertedResidual``: the
                                                                          projection, its BN and the
                                                                          residual add fused (same
                                                                          keys); its other layers

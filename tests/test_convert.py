@@ -43,9 +43,11 @@ def test_mobilenet_v3_small_activations_and_depthwise():
     torch.manual_seed(0)
     original = torchvision.models.mobilenet_v3_small()
     converted, report = cnnkernels.convert(
-        original, exclude=["conv_bn_act", "batchnorm_act", "squeeze_excite"], report=True)
+        original, exclude=["conv_bn_act", "batchnorm_act", "squeeze_excite", "inverted_residual"],
+        report=True)
     assert report.counts() == {"hardswish": 19, "depthwise": 11, "hardsigmoid": 9}
-    assert {s.kind for s in report.left_alone} == {"batchnorm", "squeeze_excite", "conv_bn_act"}
+    assert {s.kind for s in report.left_alone} == {"batchnorm", "squeeze_excite", "conv_bn_act",
+                                                   "inverted_residual"}
     assert isinstance(converted.features[0][2], HardSwish)
     assert isinstance(converted.features[1].block[0][0], DepthwiseConv2d)
     assert type(original.features[0][2]) is nn.Hardswish  # the original is untouched
@@ -59,7 +61,9 @@ def test_mobilenet_v3_small_every_kind_but_conv_bn_act():
     original = torchvision.models.mobilenet_v3_small()
     converted, report = cnnkernels.convert(original, exclude=["conv_bn_act"], report=True)
     assert report.counts() == {"batchnorm_act": 23, "hardswish": 1, "depthwise": 11,
-                               "squeeze_excite": 9}
+                               "squeeze_excite": 9, "inverted_residual": 11}
+    # without conv_bn_act the projection stays a Conv2dNormActivation: the add runs after it
+    assert type(converted.features[1]) is cnnkernels.nn.InvertedResidual
     assert isinstance(converted.features[1].block[1], cnnkernels.nn.SqueezeExcite)
     assert isinstance(converted.features[0][1], cnnkernels.nn.BatchNormAct2d)
     assert isinstance(converted.features[0][2], nn.Identity)
@@ -183,7 +187,8 @@ def test_inverted_residual_fuses_the_projection_with_its_residual(dispatched_ops
     with torch.no_grad(), dispatched_ops() as record:
         y = converted(x)
     assert record.ours().count("cnnkernels.pointwise_conv2d.default") == 5, record.names
-    assert not any(name.startswith("aten.add") for name in record.names), record.names
+    assert not any(name.startswith(("aten.add.", "aten.add_.")) for name in record.names), \
+        record.names
     with torch.no_grad():
         torch.testing.assert_close(y, original(x), rtol=1e-5, atol=1e-5)
     reverted = cnnkernels.revert(converted)
@@ -193,6 +198,38 @@ def test_inverted_residual_fuses_the_projection_with_its_residual(dispatched_ops
     assert list(reverted.state_dict()) == list(original.state_dict())
     assert not any(type(m) is cnnkernels.nn.InvertedResidual for m in
                    cnnkernels.convert(original, exclude=["inverted_residual"]).modules())
+
+
+def test_mobilenet_v3_inverted_residual_adds_the_residual_in_the_projection(dispatched_ops):
+    """MobileNetV3's blocks (expand, depthwise, SE, projection; torchvision adds the input after
+    its block Sequential): ours pass the residual to the projection's ConvBNAct2d, so eval runs
+    no separate add; same keys, outputs and gradients; revert gives torchvision's blocks back."""
+    from torchvision.models.mobilenetv3 import InvertedResidual
+
+    torch.manual_seed(0)
+    original = nn.Sequential(*torchvision.models.mobilenet_v3_large().features[4:7])
+    for module in original.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.5, 1.5)
+    converted = cnnkernels.convert(original)
+    assert [type(m) for m in converted] == [cnnkernels.nn.InvertedResidual] * 3
+    assert [m.use_res_connect for m in converted] == [False, True, True]
+    x = torch.randn(2, 24, 16, 17)
+    check_same_model(copy.deepcopy(original).double(), copy.deepcopy(converted).double(),
+                     x.double())
+    original.eval(), converted.eval()
+    with torch.no_grad():
+        converted(x)  # folds the running statistics once
+        with dispatched_ops() as record:
+            y = converted(x)
+        torch.testing.assert_close(y, original(x), rtol=1e-5, atol=1e-5)
+    assert not any(name.startswith(("aten.add.", "aten.add_.")) for name in record.names), \
+        record.names
+    reverted = cnnkernels.revert(converted)
+    assert [type(m) for m in reverted] == [InvertedResidual] * 3
+    assert {type(m) for m in reverted.modules()} == {type(m) for m in original.modules()}
+    assert list(reverted.state_dict()) == list(original.state_dict())
 
 
 def test_inverted_residual_keeps_hooks_on_its_sequential():
@@ -268,8 +305,10 @@ def test_sync_batchnorm_becomes_batchnorm_act_with_the_default_group():
 # their max pools) must still convert to an identical model.
 ZOO = {
     "mobilenet_v2": {"conv_bn_act": 35, "inverted_residual": 17},
-    "mobilenet_v3_large": {"conv_bn_act": 46, "squeeze_excite": 8, "hardswish": 1},
-    "mobilenet_v3_small": {"conv_bn_act": 34, "squeeze_excite": 9, "hardswish": 1},
+    "mobilenet_v3_large": {"conv_bn_act": 46, "inverted_residual": 15, "squeeze_excite": 8,
+                           "hardswish": 1},
+    "mobilenet_v3_small": {"conv_bn_act": 34, "inverted_residual": 11, "squeeze_excite": 9,
+                           "hardswish": 1},
     "resnet18": {"resnet": 8, "max_pool": 1},
     "resnet50": {"resnet": 16, "max_pool": 1},
     "resnext50_32x4d": {"resnet": 16, "max_pool": 1},
@@ -558,7 +597,8 @@ def test_converted_model_under_torch_compile(backend):
         model = torchvision.models.mobilenet_v3_small(num_classes=10)
         x = torch.randn(2, 3, 64, 64)
     else:
-        model = torchvision.models.mobilenet_v3_small().features[4]  # expand, dw 5x5, SE, project
+        # expand, dw 5x5, SE, project + residual (convert replaces children, not the root)
+        model = nn.Sequential(torchvision.models.mobilenet_v3_small().features[4])
         x = torch.randn(2, 24, 16, 16)
     converted = cnnkernels.convert(model)
     compiled = torch.compile(converted, backend=backend)

@@ -1,15 +1,18 @@
-"""MobileNetV2's inverted residual block with its projection, BatchNorm and residual add fused.
+"""MobileNetV2/V3 inverted residual blocks with the projection, its BatchNorm and the residual add
+fused.
 
-torchvision's ``InvertedResidual`` ends its ``conv`` Sequential with a bare 1x1 projection and a
-BatchNorm2d (no activation), and adds the block's input outside that Sequential. Neither is a
-Conv → BN → act run that ``convert`` can swap for a ConvBNAct2d without renaming keys, so
-`InvertedResidual` takes over the block (cnnkernels.convert, kind "inverted_residual"): the same
-``conv`` Sequential under the same child names (``conv.0.*`` ... ``conv.3.*``, so the state_dict
-keys do not change), its BatchNorm a BatchNormAct2d without activation, and a forward that runs the
-projection as ``conv_bn_act(conv.2, conv.3, h, residual=x)``:
+torchvision's blocks add their input outside the Sequential that holds their layers, so the
+projection's BatchNorm cannot take the residual in the same pass; and MobileNetV2's ends that
+Sequential with a bare 1x1 projection and a BatchNorm2d (no activation), which is no Conv → BN →
+act run that ``convert`` could swap for a ConvBNAct2d without renaming keys. `InvertedResidual`
+takes over either block (cnnkernels.convert, kind "inverted_residual"): the same Sequential under
+the same name and child names (``conv.0.*`` ... ``conv.3.*`` in V2, ``block.0.*`` ... in V3), so
+the state_dict keys do not change, and a forward that runs the projection with the residual:
 - eval without autograd: one pointwise op, BN folded into its epilogue with the residual add;
 - training: the 1x1 conv (BLAS matmuls for NCHW CPU input), then BN + residual add in one pass.
-The expansion and depthwise layers are converted by convert's walk as anywhere else.
+In V2 the projection's BatchNorm2d becomes a BatchNormAct2d without activation; in V3 the
+projection is a Conv2dNormActivation, which convert's walk makes a ConvBNAct2d as anywhere else
+(with conv_bn_act excluded it stays, and the add runs after it as in torchvision).
 """
 from __future__ import annotations
 
@@ -18,27 +21,30 @@ from torch import nn
 
 from .batchnorm import BatchNormAct2d
 from .conv import _has_forward_hooks, is_plain_1x1
-from .conv_bn_act import conv_bn_act
+from .conv_bn_act import ConvBNAct2d, conv_bn_act
 
 
-def _torchvision_block() -> type | None:
+def _torchvision_blocks() -> dict[type, str]:
+    """{torchvision block class: the name of its layers' Sequential}."""
     try:
-        from torchvision.models.mobilenetv2 import InvertedResidual as block
+        from torchvision.models import mobilenetv2, mobilenetv3
     except ImportError:  # torchvision is optional
-        return None
-    return block
+        return {}
+    return {mobilenetv2.InvertedResidual: "conv", mobilenetv3.InvertedResidual: "block"}
 
 
 def is_torchvision_inverted_residual(module: nn.Module) -> bool:
-    block = _torchvision_block()
-    return block is not None and type(module) is block
+    return type(module) in _torchvision_blocks()
 
 
 def inverted_residual_problem(block: nn.Module) -> str | None:
-    """Why a torchvision InvertedResidual does not end in a plain 1x1 projection + BatchNorm2d."""
-    layers = list(block.conv.children()) if isinstance(block.conv, nn.Sequential) else []
-    if len(layers) < 2:
-        return "its conv is not a Sequential ending in a projection and a BatchNorm"
+    """Why a torchvision inverted residual block does not end in a projection we can fuse."""
+    name = _torchvision_blocks()[type(block)]
+    layers = getattr(block, name, None)
+    if not isinstance(layers, nn.Sequential) or len(layers) < 2:
+        return f"its {name} is not a Sequential of at least two layers"
+    if name == "block":  # V3: the projection is a Conv2dNormActivation without activation
+        return None
     conv, bn = layers[-2], layers[-1]
     if not (type(conv) is nn.Conv2d and is_plain_1x1(conv)):
         return f"its projection is not a plain 1x1 nn.Conv2d but {type(conv).__name__}"
@@ -48,59 +54,84 @@ def inverted_residual_problem(block: nn.Module) -> str | None:
 
 
 class InvertedResidual(nn.Module):
-    """x + bn(project(layers(x))) (the residual when `use_res_connect`), the projection fused."""
+    """x + project(layers(x)) (the residual when `use_res_connect`), the projection fused."""
 
-    def __init__(self, conv: nn.Sequential, stride: int, use_res_connect: bool,
-                 out_channels: int) -> None:
+    def __init__(self, layers: nn.Sequential, layers_name: str, stride: int,
+                 use_res_connect: bool, out_channels: int, original: type | None = None) -> None:
         super().__init__()
-        if not isinstance(conv[-1], BatchNormAct2d) or not is_plain_1x1(conv[-2]):
-            raise ValueError("InvertedResidual: conv must end in a 1x1 nn.Conv2d and a "
-                             "BatchNormAct2d")
+        if layers_name not in ("conv", "block"):
+            raise ValueError(f"InvertedResidual: layers_name must be 'conv' (MobileNetV2) or "
+                             f"'block' (MobileNetV3), got {layers_name!r}")
+        if layers_name == "conv" and not (isinstance(layers[-1], BatchNormAct2d) and
+                                          is_plain_1x1(layers[-2])):
+            raise ValueError("InvertedResidual: a MobileNetV2 block's layers must end in a 1x1 "
+                             "nn.Conv2d and a BatchNormAct2d")
+        self.layers_name = layers_name
         self.stride = stride
         self.use_res_connect = use_res_connect
         self.out_channels = out_channels
-        self.conv = conv
+        self.original = original
+        self.add_module(layers_name, layers)
 
     @classmethod
     def from_torchvision(cls, block: nn.Module) -> "InvertedResidual":
-        """Ours, holding `block`'s layers and a BatchNormAct2d copy of its last BatchNorm."""
+        """Ours, holding `block`'s layers (V2: its last BatchNorm as a BatchNormAct2d copy)."""
         problem = inverted_residual_problem(block) if is_torchvision_inverted_residual(block) \
-            else f"not torchvision's InvertedResidual but {type(block).__name__}"
+            else f"not a torchvision InvertedResidual but {type(block).__name__}"
         if problem:
             raise TypeError(f"InvertedResidual.from_torchvision: {problem}")
-        names = list(block.conv._modules)
-        conv = nn.Sequential()
-        for name in names[:-1]:
-            conv.add_module(name, block.conv._modules[name])
-        conv.add_module(names[-1], BatchNormAct2d.from_modules(block.conv._modules[names[-1]]))
-        return cls(conv, block.stride, block.use_res_connect,
-                   block.out_channels).train(block.training)
+        name = _torchvision_blocks()[type(block)]
+        layers = getattr(block, name)
+        stride = block.stride if name == "conv" else (2 if block._is_cn else 1)
+        if name == "conv":
+            last = list(layers._modules)[-1]
+            layers = _with_last(layers, BatchNormAct2d.from_modules(layers._modules[last]))
+        return cls(layers, name, stride, block.use_res_connect, block.out_channels,
+                   type(block)).train(block.training)
 
     def to_torchvision(self) -> nn.Module:
-        """torchvision's block holding the same layers, the last BatchNorm a BatchNorm2d again
-        (revert then walks its layers)."""
-        block_type = _torchvision_block()
+        """torchvision's block holding the same layers (V2: the last BatchNorm a BatchNorm2d
+        again); revert then walks its layers."""
+        blocks = _torchvision_blocks()
+        block_type = self.original or next(t for t, n in blocks.items() if n == self.layers_name)
         block = block_type.__new__(block_type)
         nn.Module.__init__(block)
-        names = list(self.conv._modules)
-        conv = nn.Sequential()
-        for name in names[:-1]:
-            conv.add_module(name, self.conv._modules[name])
-        conv.add_module(names[-1], self.conv._modules[names[-1]].to_modules()[0])
-        block.stride = self.stride
+        layers = self.layers()
+        if self.layers_name == "conv":
+            block.stride = self.stride
+            layers = _with_last(layers, layers[-1].to_modules()[0])
         block.use_res_connect = self.use_res_connect
         block.out_channels = self.out_channels
         block._is_cn = self.stride > 1
-        block.conv = conv
+        block.add_module(self.layers_name, layers)
         return block.train(self.training)
+
+    def layers(self) -> nn.Sequential:
+        return self._modules[self.layers_name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.use_res_connect else None
-        if _has_forward_hooks(self.conv):  # hooks on the Sequential see its output, as before
-            out = self.conv(x)
+        layers = self.layers()
+        v2 = self.layers_name == "conv"
+        fusable = v2 or isinstance(layers[-1], ConvBNAct2d)
+        if _has_forward_hooks(layers) or not fusable:  # as torchvision: the add after the layers
+            out = layers(x)
             return out + residual if residual is not None else out
-        layers = list(self.conv.children())
+        children = list(layers.children())
+        head = children[:-2] if v2 else children[:-1]
         h = x
-        for layer in layers[:-2]:
+        for layer in head:
             h = layer(h)
-        return conv_bn_act(layers[-2], layers[-1], h, residual)
+        if v2:
+            return conv_bn_act(children[-2], children[-1], h, residual)
+        return children[-1](h, residual)
+
+
+def _with_last(layers: nn.Sequential, last: nn.Module) -> nn.Sequential:
+    """A Sequential of the same children under the same names, the last one replaced."""
+    names = list(layers._modules)
+    out = nn.Sequential()
+    for name in names[:-1]:
+        out.add_module(name, layers._modules[name])
+    out.add_module(names[-1], last)
+    return out
