@@ -61,7 +61,7 @@ def run_case(benchmark, case, impl: str, direction: str, dtype=torch.float32,
     if impl == "torch":
         side = prepared.torch_fn
     elif impl == "torch.compile":
-        side = torch.compile(prepared.torch_fn)
+        side = profile.compile_fresh(prepared.torch_fn)
     else:
         side = prepared.ours_fn
     grad = torch.randn_like(prepared.torch_fn()) if direction != "fwd" else None

@@ -83,7 +83,7 @@ def _bench_case(case, device, dtype, backends, direction, reps, with_compile, wi
 
     fns = {"torch": timed(prepared.torch_fn)}
     if with_compile:
-        fns["torch.compile"] = timed(torch.compile(prepared.torch_fn))
+        fns["torch.compile"] = timed(profile.compile_fresh(prepared.torch_fn))
     for backend in backends:
         fn = timed(prepared.ours_fn, backend)
         try:

@@ -60,6 +60,15 @@ def _time_once(fn: Callable[[], object], device: torch.device, calls: int = 1) -
     return (time.perf_counter() - begin) / calls
 
 
+def compile_fresh(fn: Callable[..., object], **options) -> Callable[..., object]:
+    """torch.compile(fn) after clearing Dynamo's caches. Every benchmark case's torch function is
+    a closure over the same code object, so Dynamo guards each case's tensors as a recompilation
+    of that one frame; after config.recompile_limit (8) cases it silently runs the rest eagerly,
+    and 'torch.compile' would time eager PyTorch."""
+    torch._dynamo.reset()
+    return torch.compile(fn, **options)
+
+
 def compare_times(fns: Mapping[str, Callable[[], object]], device: torch.device | str, *,
                   warmup: int = 3, reps: int = 20, calls_per_rep: int = 1) -> dict[str, float]:
     """Median seconds per call of each function, measured round-robin; each repetition times

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from cnnkernels import cli
 
@@ -168,3 +169,25 @@ def test_bench_kernels_stream_timing(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["timing"] == "stream" and results["calls_per_rep"] == cli.STREAM_CALLS
     assert all(r["median_s"]["cnnkernels[cpu]"] > 0 for r in results["results"])
+
+
+def test_compile_fresh_compiles_every_case_of_the_same_closure():
+    """Benchmark cases are closures over one code object: plain torch.compile stops compiling
+    them after Dynamo's recompile limit and times eager PyTorch instead; compile_fresh does not."""
+    from cnnkernels.profile import compile_fresh
+
+    compiled_graphs = []
+
+    def counting_backend(graph, example_inputs):
+        compiled_graphs.append(graph)
+        return graph.forward
+
+    def case(scale):
+        x = torch.full((3,), float(scale))
+        return lambda: x * 2 + scale
+
+    limit = torch._dynamo.config.recompile_limit
+    for scale in range(limit + 3):
+        fn = case(scale)
+        torch.testing.assert_close(compile_fresh(fn, backend=counting_backend)(), fn())
+    assert len(compiled_graphs) == limit + 3
