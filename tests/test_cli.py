@@ -53,7 +53,7 @@ def test_convert_prints_report_check_and_timings(tmp_path, capsys):
     assert cli.main(["convert", "torchvision:mobilenet_v3_small", "--batch", "1", "--image-size",
                      "64", "--reps", "1", "--device", "cpu", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "replaced: 34 conv_bn_act, 9 squeeze_excite, 1 hardswish" in printed
+    assert "replaced: 34 conv_bn_act, 11 inverted_residual, 9 squeeze_excite, 1 hardswish" in printed
     assert "outputs match" in printed
     assert [r["direction"] for r in json.loads(out.read_text())["rows"]] == ["inference", "training"]
 
