@@ -281,12 +281,14 @@ def run_model_benchmarks(models: str, args: argparse.Namespace) -> dict:
         profile.keep_cpu_memory_mapped()
     rows = []
     for name in progress(names, len(names), "bench models"):
-        rows += models_bench.bench_model(name, device, dtype, batch, image, reps)
+        rows += models_bench.bench_model(name, device, dtype, batch, image, reps,
+                                         with_compile=getattr(args, "compile", False))
     title = (f"torchvision models, plain vs cnnkernels.convert, {device} {args.dtype}, "
              f"{image}x{image}, median of {reps} round-robin steps")
     print(title)
     print(models_bench.format_table(rows))
-    print("speed-up = plain median / converted (> 1 means the converted model is faster)")
+    print("speed-up = plain median / converted (> 1 means the converted model is faster); "
+          "vs compile = torch.compile(plain) median / converted")
     return {"info": package_info(), "title": title, "rows": rows}
 
 
@@ -417,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--batch", type=int, help="batch size (default 8; 2 with --quick)")
     models.add_argument("--image-size", type=int, help="input size (default 224; 128 with --quick)")
     models.add_argument("--reps", type=int, help="timed steps per side (default 5; 3 with --quick)")
+    models.add_argument("--compile", action="store_true",
+                        help="also time torch.compile of the plain model (compiles each model "
+                             "twice, inference and training: minutes per model on a small CPU)")
     models.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     models.set_defaults(run=cmd_bench_models)
 

@@ -53,19 +53,27 @@ def _check_same_outputs(plain, converted, x) -> float:
 
 
 def bench_model(name: str, device: torch.device, dtype: torch.dtype, batch: int, image: int,
-                reps: int) -> list[dict]:
+                reps: int, with_compile: bool = False) -> list[dict]:
+    """Rows of plain vs converted (and, `with_compile`, torch.compile of the plain model: its
+    first step, in the warm-up, compiles; inference and training compile separately)."""
     from . import profile
 
     plain, converted, counts = build(name, device, dtype)
     x = torch.randn(batch, 3, image, image, device=device, dtype=dtype)
     error = _check_same_outputs(plain, converted, x)
+    compiled = profile.compile_fresh(plain) if with_compile else None
     rows = []
     for direction in ("inference", "training"):
         fns = {"torch": step_fn(plain, x, direction), "cnnkernels": step_fn(converted, x, direction)}
+        if compiled is not None:
+            fns["torch.compile"] = step_fn(compiled, x, direction)
         medians = profile.compare_times(fns, device, warmup=1, reps=reps)
-        rows.append({"model": name, "direction": direction, "batch": batch, "image": image,
-                     "median_s": medians, "speedup": medians["torch"] / medians["cnnkernels"],
-                     "swapped": counts, "relative_output_error": error})
+        row = {"model": name, "direction": direction, "batch": batch, "image": image,
+               "median_s": medians, "speedup": medians["torch"] / medians["cnnkernels"],
+               "swapped": counts, "relative_output_error": error}
+        if compiled is not None:
+            row["speedup_vs_compile"] = medians["torch.compile"] / medians["cnnkernels"]
+        rows.append(row)
     return rows
 
 
@@ -87,10 +95,17 @@ def step_fn(model, x, direction: str):
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'model':<20} {'pass':<10} {'batch':>5} {'torch ms':>10} {'ours ms':>10} {'speed-up':>9}  swapped"]
+    compiled = any("speedup_vs_compile" in r for r in rows)
+    extra = f" {'compile ms':>10} {'vs compile':>10}" if compiled else ""
+    lines = [f"{'model':<20} {'pass':<10} {'batch':>5} {'torch ms':>10} {'ours ms':>10} {'speed-up':>9}"
+             f"{extra}  swapped"]
     for r in rows:
         swapped = ", ".join(f"{n} {k}" for k, n in r["swapped"].items()) or "nothing"
+        cells = ""
+        if compiled:
+            cells = (f" {r['median_s']['torch.compile'] * 1e3:>10.1f} {r['speedup_vs_compile']:>9.2f}x"
+                     if "speedup_vs_compile" in r else f" {'-':>10} {'-':>10}")
         lines.append(f"{r['model']:<20} {r['direction']:<10} {r['batch']:>5} "
                      f"{r['median_s']['torch'] * 1e3:>10.1f} {r['median_s']['cnnkernels'] * 1e3:>10.1f} "
-                     f"{r['speedup']:>8.2f}x  {swapped}")
+                     f"{r['speedup']:>8.2f}x{cells}  {swapped}")
     return "\n".join(lines)

@@ -47,6 +47,33 @@ def test_bench_models_checks_outputs_and_prints_ratios(tmp_path, capsys):
     assert all(r["speedup"] > 0 and r["relative_output_error"] < 1e-3 for r in rows)
 
 
+def test_bench_models_compile_times_torch_compile_of_the_plain_model(tmp_path, capsys,
+                                                                     monkeypatch):
+    """--compile adds torch.compile of the plain model as a third side (here with Dynamo's eager
+    backend: Inductor would take minutes per model on a 2-core CI machine)."""
+    pytest.importorskip("torchvision")
+    from cnnkernels import profile
+
+    compiled = []
+    real = profile.compile_fresh
+
+    def compile_eagerly(fn, **options):
+        compiled.append(fn)
+        return real(fn, backend="eager")
+
+    monkeypatch.setattr(profile, "compile_fresh", compile_eagerly)
+    out = tmp_path / "models.json"
+    assert cli.main(["bench", "models", "--models", "mobilenet_v3_large", "--batch", "2",
+                     "--image-size", "32", "--reps", "1", "--device", "cpu", "--compile",
+                     "--json", str(out)]) == 0
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "MobileNetV3"  # the plain model
+    printed = capsys.readouterr().out
+    assert "vs compile" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["direction"] for r in rows] == ["inference", "training"]
+    assert all(r["median_s"]["torch.compile"] > 0 and r["speedup_vs_compile"] > 0 for r in rows)
+
+
 def test_convert_prints_report_check_and_timings(tmp_path, capsys):
     pytest.importorskip("torchvision")
     out = tmp_path / "convert.json"
