@@ -199,8 +199,10 @@ def test_bench_kernels_stream_timing(tmp_path, capsys):
 
 
 def test_compile_fresh_compiles_every_case_of_the_same_closure():
-    """Benchmark cases are closures over one code object: plain torch.compile stops compiling
-    them after Dynamo's recompile limit and times eager PyTorch instead; compile_fresh does not."""
+    """Benchmark cases are closures over one code object: once Dynamo has compiled that frame
+    recompile_limit times (here: tensors of a new rank each time, which no dynamic shape can
+    cover) plain torch.compile runs the next cases eagerly, and a 'torch.compile' timing would
+    time eager PyTorch; compile_fresh compiles each of them."""
     from cnnkernels.profile import compile_fresh
 
     compiled_graphs = []
@@ -209,12 +211,12 @@ def test_compile_fresh_compiles_every_case_of_the_same_closure():
         compiled_graphs.append(graph)
         return graph.forward
 
-    def case(scale):
-        x = torch.full((3,), float(scale))
-        return lambda: x * 2 + scale
+    def case(rank):
+        x = torch.ones((2,) * rank)
+        return lambda: x * 2 + 1
 
     limit = torch._dynamo.config.recompile_limit
-    for scale in range(limit + 3):
-        fn = case(scale)
+    for rank in range(1, limit + 4):
+        fn = case(rank)
         torch.testing.assert_close(compile_fresh(fn, backend=counting_backend)(), fn())
     assert len(compiled_graphs) == limit + 3

@@ -232,6 +232,65 @@ def test_mobilenet_v3_inverted_residual_adds_the_residual_in_the_projection(disp
     assert list(reverted.state_dict()) == list(original.state_dict())
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "resnet18"])
+def test_frozen_batchnorms_stay_frozen_through_convert_and_revert(name):
+    """Fine-tuning with frozen BatchNorms (model.train(), every BN .eval()): the blocks convert
+    replaces (InvertedResidual, ResidualBlock) keep each layer's own mode, so the BNs keep using
+    and not updating their running statistics; revert keeps them frozen too."""
+    torch.manual_seed(0)
+    original = getattr(torchvision.models, name)().train()
+    for module in original.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    converted = cnnkernels.convert(original)
+
+    def norms(model):
+        return [m for m in model.modules()
+                if isinstance(m, (nn.BatchNorm2d, cnnkernels.nn.BatchNormAct2d))]
+
+    assert converted.training and len(norms(converted)) == len(norms(original))
+    assert not any(m.training for m in norms(converted))
+    x = torch.randn(2, 3, 64, 64)
+    before = copy.deepcopy(converted.state_dict())
+    torch.testing.assert_close(converted(x), original(x), rtol=1e-4, atol=1e-4)
+    for key, value in converted.state_dict().items():  # no running statistic moved
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    reverted = cnnkernels.revert(converted)
+    assert reverted.training and not any(m.training for m in norms(reverted))
+
+
+def test_inverted_residual_under_autocast_with_a_float32_input():
+    """A float32 block input under bfloat16 autocast: the projection's output is bfloat16, so the
+    residual is added after it as torchvision does (float32 result), in training and in eval, with
+    and without autograd."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    torch.manual_seed(0)
+    original = nn.Sequential(InvertedResidual(16, 16, 1, 4))
+    converted = cnnkernels.convert(original)
+    x = torch.randn(2, 16, 9, 9)
+    for train, grad in ((True, True), (False, True), (False, False)):
+        original.train(train), converted.train(train)
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = original(x), converted(x)
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+
+
+def test_inverted_residual_calls_hooks_on_its_projection():
+    """A hook on the V2 projection conv (pruning's pre-hook, a feature tap) still runs in eval
+    without autograd, where the projection would otherwise be one fused op."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    torch.manual_seed(0)
+    converted = cnnkernels.convert(nn.Sequential(InvertedResidual(16, 16, 1, 4))).eval()
+    seen = []
+    converted[0].conv[2].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        converted(torch.randn(2, 16, 9, 9))
+    assert seen == [torch.Size([2, 16, 9, 9])]
+
+
 def test_inverted_residual_keeps_hooks_on_its_sequential():
     """A forward hook on the block's conv Sequential sees its output, as in torchvision."""
     from torchvision.models.mobilenetv2 import InvertedResidual
@@ -465,6 +524,33 @@ def test_conv_bn_act_module_matches_conv_bn_act_in_every_mode():
         assert list(back.state_dict()) == list(reference.state_dict())
 
 
+@pytest.mark.parametrize("k, groups", [(1, 1), (1, 8), (3, 8), (3, 1)],
+                         ids=["pointwise", "depthwise1x1", "depthwise3x3", "dense3x3"])
+def test_conv_bn_act_adds_a_residual_before_the_activation(k, groups):
+    """ConvBNAct2d(x, residual) = act(BN(conv(x)) + residual) in eval (fused or not: a 1x1
+    depthwise conv takes the pointwise op, whose epilogue has the residual; the depthwise op's has
+    none) and in training, gradients to the residual included."""
+    from cnnkernels.nn import ConvBNAct2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, k, 1, k // 2, groups=groups, bias=False)
+    bn = nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+    ours = ConvBNAct2d.from_modules(conv, bn, nn.ReLU())
+    x, r = torch.randn(2, 8, 9, 10), torch.randn(2, 8, 9, 10)
+    conv.eval(), bn.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, r), F.relu(bn(conv(x)) + r), rtol=1e-5, atol=1e-5)
+    conv.train(), bn.train(), ours.train()
+    ra, rb = r.clone().requires_grad_(), r.clone().requires_grad_()
+    want, got = F.relu(bn(conv(x)) + ra), ours(x, rb)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want.square().sum().backward(), got.square().sum().backward()
+    torch.testing.assert_close(rb.grad, ra.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_conv_bn_act_training_on_the_cpu_runs_its_1x1_conv_as_matmuls(dispatched_ops):
     """Training a 1x1 ConvBNAct2d on NCHW CPU input: the conv is our pointwise op (batched BLAS
     GEMMs forward and backward, no ATen convolution); output, every gradient and the running
@@ -575,6 +661,39 @@ def test_converted_model_under_autocast_channels_last_deepcopy_and_pickle(tmp_pa
         reference = converted(x)
         torch.testing.assert_close(copied(x), reference)
         torch.testing.assert_close(loaded(x), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "densenet121"])
+def test_converted_model_trains_under_autocast(name, dtype):
+    """A training step under CPU autocast (our SE, DenseNet block, inverted residual and ResNet
+    blocks see activations in autocast's dtype with float32 parameters): it runs, every parameter
+    gets a float32 gradient, and the output and gradients are as close to a float64 step as
+    PyTorch's own autocast step is (batch statistics of small maps make both far from it)."""
+    torch.manual_seed(0)
+    original = getattr(torchvision.models, name)(num_classes=10).train()
+    converted = cnnkernels.convert(original)
+    x = torch.randn(4, 3, 64, 64)
+    reference = copy.deepcopy(original).double()
+    want = reference(x.double())
+    want.square().sum().backward()
+    want_grads = [p.grad for p in reference.parameters()]
+
+    def errors(model):
+        with torch.autocast("cpu", dtype=dtype):
+            y = model(x)
+        assert y.dtype == dtype
+        y.float().square().sum().backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+        out = ((y.double() - want).norm() / want.norm()).item()
+        grads = (sum((p.grad.double() - g).norm() ** 2 for p, g in
+                     zip(model.parameters(), want_grads)) ** 0.5 /
+                 sum(g.norm() ** 2 for g in want_grads) ** 0.5).item()
+        return out, grads
+
+    (ours_out, ours_grads), (torch_out, torch_grads) = errors(converted), errors(original)
+    assert ours_out <= 1.5 * torch_out + 1e-3, (ours_out, torch_out)
+    assert ours_grads <= 1.5 * torch_grads + 1e-3, (ours_grads, torch_grads)
 
 
 def _train_step(model, x):

@@ -88,7 +88,8 @@ def conv_bn_act(conv: nn.Conv2d, bn: BatchNormAct2d, x: torch.Tensor,
     InvertedResidual."""
     if _fused_inference(conv, bn, x, residual):
         scale, shift = bn._running_fold(_compute_dtype(x.dtype))
-        if _is_depthwise(conv):  # its epilogue: act(scale·(conv + bias) + shift)
+        # the depthwise op's epilogue, act(scale·(conv + bias) + shift), has no residual input
+        if _is_depthwise(conv) and residual is None:
             return ops.depthwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
                                         conv.dilation, scale=scale, shift=shift,
                                         activation=bn.activation,

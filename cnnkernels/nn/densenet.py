@@ -361,6 +361,9 @@ def _layer_params(layer: DenseLayer) -> list[Tensor]:
             layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
 
 
+_CONV_PARAMS = (2, 5)  # the conv weights' places in _layer_params
+
+
 _PARAMS_PER_LAYER = 6
 _STATS_PER_LAYER = 8  # (mean, invstd, scale, shift) of norm1, then of norm2
 
@@ -617,6 +620,21 @@ class DenseBlock(nn.Module):
                 return self._forward_naive(x)
             return self._forward_eval(x)
         F._verify_batch_size(x.size())  # the error nn.BatchNorm2d raises for one value per channel
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):
+            # as autocast runs F.conv2d: x and the conv weights in its dtype (the casts are
+            # autograd ops, so the float32 weights get float32 gradients), the BatchNorms' own
+            # parameters as they are; then the block without autocast, whose backward would
+            # otherwise meet bf16 activations and float32 weights
+            dtype = torch.get_autocast_dtype(kind)
+            x = x.to(dtype)
+            params = [p.to(dtype) if index % _PARAMS_PER_LAYER in _CONV_PARAMS else p
+                      for index, p in enumerate(params)]
+            with torch.autocast(kind, enabled=False):
+                return self._forward_shared_training(x, params, needs_grad)
+        return self._forward_shared_training(x, params, needs_grad)
+
+    def _forward_shared_training(self, x: Tensor, params: list[Tensor], needs_grad: bool) -> Tensor:
         if not needs_grad:  # e.g. recalibrating BN statistics: update them, save nothing
             with torch.no_grad():
                 return _forward_shared(self, x, params, save=False)[0]

@@ -86,8 +86,9 @@ class InvertedResidual(nn.Module):
         if name == "conv":
             last = list(layers._modules)[-1]
             layers = _with_last(layers, BatchNormAct2d.from_modules(layers._modules[last]))
-        return cls(layers, name, stride, block.use_res_connect, block.out_channels,
-                   type(block)).train(block.training)
+        ours = cls(layers, name, stride, block.use_res_connect, block.out_channels, type(block))
+        ours.training = block.training  # not .train(): its layers keep their own modes (frozen BNs)
+        return ours
 
     def to_torchvision(self) -> nn.Module:
         """torchvision's block holding the same layers (V2: the last BatchNorm a BatchNorm2d
@@ -104,7 +105,8 @@ class InvertedResidual(nn.Module):
         block.out_channels = self.out_channels
         block._is_cn = self.stride > 1
         block.add_module(self.layers_name, layers)
-        return block.train(self.training)
+        block.training = self.training  # its layers keep their own modes
+        return block
 
     def layers(self) -> nn.Sequential:
         return self._modules[self.layers_name]
@@ -112,12 +114,12 @@ class InvertedResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.use_res_connect else None
         layers = self.layers()
+        children = list(layers.children())
         v2 = self.layers_name == "conv"
-        fusable = v2 or isinstance(layers[-1], ConvBNAct2d)
-        if _has_forward_hooks(layers) or not fusable:  # as torchvision: the add after the layers
+        projection = children[-2:] if v2 else children[-1:]
+        if not self._fusable(x, layers, projection):  # as torchvision: the add after the layers
             out = layers(x)
             return out + residual if residual is not None else out
-        children = list(layers.children())
         head = children[:-2] if v2 else children[:-1]
         h = x
         for layer in head:
@@ -125,6 +127,22 @@ class InvertedResidual(nn.Module):
         if v2:
             return conv_bn_act(children[-2], children[-1], h, residual)
         return children[-1](h, residual)
+
+    def _fusable(self, x: torch.Tensor, layers: nn.Sequential, projection: list[nn.Module]) -> bool:
+        """Whether the residual can be added inside the projection: not where hooks on the
+        layers or on the projection's modules expect to see them called (pruning recomputes a
+        weight in a pre-hook); not under autocast when x is not in autocast's dtype (the
+        projection's output is, and torchvision's add then promotes to x's dtype); and in V3 only
+        a ConvBNAct2d projection without activation (with conv_bn_act excluded it stays a
+        Conv2dNormActivation)."""
+        if any(_has_forward_hooks(m) for m in [layers, *projection]):
+            return False
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind) and x.dtype != torch.get_autocast_dtype(kind):
+            return False
+        last = projection[-1]
+        return self.layers_name == "conv" or (isinstance(last, ConvBNAct2d) and
+                                              last.bn.activation == "identity")
 
 
 def _with_last(layers: nn.Sequential, last: nn.Module) -> nn.Sequential:

@@ -82,8 +82,9 @@ class ResidualBlock(nn.Module):
             raise TypeError("ResidualBlock.from_torchvision: the block's norm layers are not "
                             "BatchNorm2d")
         fused = [BatchNormAct2d.from_modules(n, nn.ReLU()) for n in norms]
-        return cls(convs, fused, block.downsample, block.relu, block.stride,
-                   type(block)).train(block.training)
+        ours = cls(convs, fused, block.downsample, block.relu, block.stride, type(block))
+        ours.training = block.training  # not .train(): its layers keep their own modes (frozen BNs)
+        return ours
 
     @classmethod
     def from_timm(cls, block: nn.Module) -> "ResidualBlock":
@@ -98,7 +99,9 @@ class ResidualBlock(nn.Module):
         fused = [BatchNormAct2d.from_modules(getattr(block, f"bn{i}"), nn.ReLU())
                  for i in range(1, depth + 1)]
         stride = convs[1].stride[0] if depth == 3 else convs[0].stride[0]
-        return cls(convs, fused, block.downsample, nn.ReLU(inplace=True), stride).train(block.training)
+        ours = cls(convs, fused, block.downsample, nn.ReLU(inplace=True), stride)
+        ours.training = block.training  # its layers keep their own modes
+        return ours
 
     def to_torchvision(self) -> nn.Module:
         """torchvision's block with the same modules and weights (for export / revert)."""
@@ -112,7 +115,8 @@ class ResidualBlock(nn.Module):
         block.relu = self.relu
         block.downsample = self.downsample
         block.stride = self.stride
-        return block.train(self.training)
+        block.training = self.training  # its layers keep their own modes
+        return block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x

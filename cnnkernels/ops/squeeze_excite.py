@@ -49,11 +49,14 @@ class _SqueezeExcite(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, code, negative_slope, gate):
         compute = _compute_dtype(x.dtype)
         weights = [None if t is None else t.to(compute) for t in (w1, b1, w2, b2)]
-        pooled = x.mean((2, 3), dtype=compute)
-        hidden_pre = F.linear(pooled, weights[0], weights[1])
-        hidden = apply_activation(hidden_pre, code, negative_slope)
-        gate_pre = F.linear(hidden, weights[2], weights[3])
-        scale = _gate(gate_pre, gate)
+        # the small layers in the compute type even under autocast (which would run F.linear in
+        # its lower precision and hand the backward kernel a gate it does not take)
+        with torch.autocast(x.device.type, enabled=False):
+            pooled = x.mean((2, 3), dtype=compute)
+            hidden_pre = F.linear(pooled, weights[0], weights[1])
+            hidden = apply_activation(hidden_pre, code, negative_slope)
+            gate_pre = F.linear(hidden, weights[2], weights[3])
+            scale = _gate(gate_pre, gate)
         y = x * scale[:, :, None, None].to(x.dtype)
         ctx.config = (code, negative_slope, gate, [None if t is None else t.dtype for t in (w1, b1, w2, b2)])
         ctx.save_for_backward(x, pooled, hidden_pre, hidden, gate_pre, scale, weights[0], weights[2])
