@@ -54,8 +54,8 @@ from .nn.pool import MaxPool2d
 from .nn.inverted_residual import (InvertedResidual, inverted_residual_problem,
                                    is_torchvision_inverted_residual)
 from .nn.densenet import (DenseBlock, DenseTransition, _is_torchvision_dense_block,
-                          dense_block_from, dense_block_to_torchvision, is_dense_transition,
-                          is_timm_dense_block, is_timm_dense_transition,
+                          dense_block_from, dense_block_mode_problem, dense_block_to_torchvision,
+                          is_dense_transition, is_timm_dense_block, is_timm_dense_transition,
                           link_channels_last_hand_offs, timm_dense_block_problem,
                           timm_transition_problem, transition_problem)
 from .nn.resnet import (ResidualBlock, is_timm_resnet_block, is_torchvision_resnet_block,
@@ -138,6 +138,12 @@ def _timm_batchnorm_act_problem(module: nn.Module) -> str | None:
     return None
 
 
+def _with_mode_of(original: nn.Module, ours: nn.Module) -> nn.Module:
+    """`ours` in `original`'s train/eval mode, its own flag only: its layers keep theirs."""
+    ours.training = original.training
+    return ours
+
+
 def _remembering(original: nn.Module, ours: nn.Module) -> nn.Module:
     """`ours`, with an empty (meta-device) copy of the third-party module it replaces, from which
     revert() rebuilds that module: timm's layers are not importable by name like torchvision's.
@@ -148,14 +154,22 @@ def _remembering(original: nn.Module, ours: nn.Module) -> nn.Module:
 
 
 def _rebuilt_from_template(module: nn.Module, template: nn.Module) -> nn.Module:
-    """The remembered module with `module`'s parameters and buffers, device, dtype and mode."""
+    """The remembered module with `module`'s parameters and buffers, device, dtype and modes: each
+    submodule takes the mode of ours of the same name (frozen BatchNorms stay frozen), the others
+    the mode of the nearest named ancestor, `module` itself at the top."""
     state = module.state_dict()
     tensor = next((t for t in state.values() if t.is_floating_point()), None)
     layer = copy.deepcopy(template).to_empty(device=tensor.device if tensor is not None else "cpu")
     if tensor is not None:
         layer = layer.to(dtype=tensor.dtype)
     layer.load_state_dict(state)
-    return layer.train(module.training)
+    ours = dict(module.named_modules())
+    modes = {"": module.training}
+    for name, sub in layer.named_modules():  # parents come before their children
+        parent = name.rpartition(".")[0]
+        sub.training = ours[name].training if name in ours else modes.get(parent, module.training)
+        modes[name] = sub.training
+    return layer
 
 
 def _from_timm_batchnorm_act(module: nn.Module) -> BatchNormAct2d:
@@ -196,6 +210,9 @@ def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, s
             return "depthwise", None, problem
         return "depthwise", lambda: DepthwiseConv2d.from_conv(module), ""
     if _is_torchvision_dense_block(module):
+        problem = dense_block_mode_problem(module)
+        if problem:
+            return "densenet", None, problem
         return "densenet", lambda: dense_block_from(module, memory="shared"), ""
     if is_dense_transition(module):
         problem = transition_problem(module)
@@ -207,10 +224,11 @@ def _classify(module: nn.Module) -> tuple[str, Callable[[], nn.Module] | None, s
         problem = timm_transition_problem(module) or _timm_batchnorm_act_problem(module.norm)
         if problem:
             return "dense_transition", None, problem
-        return "dense_transition", lambda: _remembering(module, DenseTransition.from_parts(
-            BatchNormAct2d.from_modules(module.norm, module.norm.act), module.conv)), ""
+        return "dense_transition", lambda: _remembering(module, _with_mode_of(
+            module, DenseTransition.from_parts(
+                BatchNormAct2d.from_modules(module.norm, module.norm.act), module.conv))), ""
     if is_timm_dense_block(module):
-        problem = timm_dense_block_problem(module)
+        problem = timm_dense_block_problem(module) or dense_block_mode_problem(module)
         if problem:
             return "densenet", None, problem
         return "densenet", lambda: _remembering(module, dense_block_from(module, "shared")), ""

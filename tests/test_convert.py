@@ -232,13 +232,14 @@ def test_mobilenet_v3_inverted_residual_adds_the_residual_in_the_projection(disp
     assert list(reverted.state_dict()) == list(original.state_dict())
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "resnet18"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "densenet121",
+                                  "timm:resnet50", "timm:densenet121"])
 def test_frozen_batchnorms_stay_frozen_through_convert_and_revert(name):
     """Fine-tuning with frozen BatchNorms (model.train(), every BN .eval()): the blocks convert
-    replaces (InvertedResidual, ResidualBlock) keep each layer's own mode, so the BNs keep using
-    and not updating their running statistics; revert keeps them frozen too."""
-    torch.manual_seed(0)
-    original = getattr(torchvision.models, name)().train()
+    replaces (InvertedResidual, ResidualBlock, DenseTransition) keep each layer's own mode, so the
+    BNs keep using and not updating their running statistics; DenseNet blocks, which run in one
+    mode, are left alone (with the reason); revert (timm's classes too) keeps them frozen."""
+    original = build(name).train()
     for module in original.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.eval()
@@ -257,6 +258,10 @@ def test_frozen_batchnorms_stay_frozen_through_convert_and_revert(name):
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     reverted = cnnkernels.revert(converted)
     assert reverted.training and not any(m.training for m in norms(reverted))
+    if "densenet" in name:
+        _, report = cnnkernels.convert(original, report=True)
+        assert {s.reason for s in report.left_alone if s.kind == "densenet"} == {
+            "its layers are not all in the block's train/eval mode (frozen BatchNorms?)"}
 
 
 def test_inverted_residual_under_autocast_with_a_float32_input():

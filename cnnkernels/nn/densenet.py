@@ -671,6 +671,15 @@ def is_timm_dense_block(module: nn.Module) -> bool:
         "timm.models.densenet")
 
 
+def dense_block_mode_problem(block: nn.Module) -> str | None:
+    """Why a DenseNet block cannot run as one shared-memory block: the shared block runs all its
+    layers in its own train/eval mode, so layers or BatchNorms set apart (BatchNorms frozen for
+    fine-tuning in a training model) would silently train again."""
+    if any(m.training != block.training for m in block.modules()):
+        return "its layers are not all in the block's train/eval mode (frozen BatchNorms?)"
+    return None
+
+
 def timm_dense_block_problem(block: nn.Module) -> str | None:
     """Why a timm DenseBlock is not torchvision's in disguise (None if it is): its layers' norms
     must be BatchNorm + ReLU with no drop layer, and no gradient checkpointing of its own."""
@@ -751,7 +760,9 @@ class DenseTransition(nn.Module):
         if problem:
             raise ValueError(f"cnnkernels: DenseTransition.from_transition: {problem}")
         norm = BatchNormAct2d.from_modules(transition.norm, transition.relu)
-        return cls.from_parts(norm, transition.conv).train(transition.training)
+        ours = cls.from_parts(norm, transition.conv)
+        ours.training = transition.training  # not .train(): its BatchNorm keeps its own mode
+        return ours
 
     @classmethod
     def from_parts(cls, norm: BatchNormAct2d, conv: nn.Conv2d) -> "DenseTransition":
@@ -766,7 +777,8 @@ class DenseTransition(nn.Module):
                                 device=conv.weight.device, dtype=conv.weight.dtype)
         module.conv.load_state_dict(conv.state_dict())
         module.pool = nn.AvgPool2d(kernel_size=2, stride=2)
-        return module.train(norm.training)
+        module.training = norm.training
+        return module
 
     def forward(self, x: Tensor) -> Tensor:
         _note_chain_input(self, x)
