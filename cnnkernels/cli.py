@@ -287,8 +287,9 @@ def run_model_benchmarks(models: str, args: argparse.Namespace) -> dict:
              f"{image}x{image}, median of {reps} round-robin steps")
     print(title)
     print(models_bench.format_table(rows))
-    print("speed-up = plain median / converted (> 1 means the converted model is faster); "
-          "vs compile = torch.compile(plain) median / converted")
+    print("speed-up = plain median / converted (> 1 means the converted model is faster)" +
+          ("; vs compile = torch.compile(plain) median / converted"
+           if getattr(args, "compile", False) else ""))
     return {"info": package_info(), "title": title, "rows": rows}
 
 
