@@ -119,7 +119,11 @@ class InvertedResidual(nn.Module):
         projection = children[-2:] if v2 else children[-1:]
         if not self._fusable(x, layers, projection):  # as torchvision: the add after the layers
             out = layers(x)
-            return out + residual if residual is not None else out
+            if residual is None:
+                return out
+            # V2 adds out of place (x + out: autocast's output promoted to x's dtype), V3 in
+            # place (result += input: the result keeps the layers' dtype)
+            return residual + out if v2 else (out + residual).to(out.dtype)
         head = children[:-2] if v2 else children[:-1]
         h = x
         for layer in head:

@@ -125,4 +125,7 @@ class ResidualBlock(nn.Module):
             out = getattr(self, f"bn{i}")(run_conv(getattr(self, f"conv{i}"), out))
         identity = x if self.downsample is None else self.downsample(x)
         last = self.depth
-        return getattr(self, f"bn{last}")(run_conv(getattr(self, f"conv{last}"), out), identity)
+        z = run_conv(getattr(self, f"conv{last}"), out)
+        # torchvision adds in place, `out += identity`, so under autocast a float32 identity
+        # lands in the convolution's dtype
+        return getattr(self, f"bn{last}")(z, identity.to(z.dtype))
