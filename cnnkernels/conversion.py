@@ -385,10 +385,8 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             new = plain(child)
             if new is not None:
                 setattr(parent, child_name, new)
-                if isinstance(child, InvertedResidual):  # it holds layers convert swapped too
-                    visit(new)
-            else:
-                visit(child)
+                child = new  # it may hold layers convert swapped too (InvertedResidual's)
+            visit(child)
 
     visit(root)
     return root

@@ -361,9 +361,6 @@ def _layer_params(layer: DenseLayer) -> list[Tensor]:
             layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
 
 
-_CONV_PARAMS = (2, 5)  # the conv weights' places in _layer_params
-
-
 _PARAMS_PER_LAYER = 6
 _STATS_PER_LAYER = 8  # (mean, invstd, scale, shift) of norm1, then of norm2
 
@@ -628,8 +625,7 @@ class DenseBlock(nn.Module):
             # otherwise meet bf16 activations and float32 weights
             dtype = torch.get_autocast_dtype(kind)
             x = x.to(dtype)
-            params = [p.to(dtype) if index % _PARAMS_PER_LAYER in _CONV_PARAMS else p
-                      for index, p in enumerate(params)]
+            params = [p.to(dtype) if p.dim() == 4 else p for p in params]  # the conv weights
             with torch.autocast(kind, enabled=False):
                 return self._forward_shared_training(x, params, needs_grad)
         return self._forward_shared_training(x, params, needs_grad)
