@@ -25,6 +25,7 @@ from .backend import (
 from . import ops  # noqa: E402  (registers autograd and fake kernels of the compiled ops)
 from . import nn  # noqa: E402
 from . import models  # noqa: E402
+from . import conversion, profile  # noqa: E402  (documented as cnnkernels.profile)
 from .conversion import ConversionReport, convert, revert  # noqa: E402
 
 
@@ -64,4 +65,5 @@ def info() -> dict:
 __all__ = [
     "__version__", "info", "ops", "nn", "BACKENDS", "set_backend", "get_backend", "use_backend",
     "BackendUnavailableError", "FallbackWarning", "models", "convert", "revert", "ConversionReport",
+    "conversion", "profile",
 ]

@@ -56,7 +56,8 @@ def test_mobilenet_v3_small_activations_and_depthwise():
 
 
 def test_mobilenet_v3_small_every_kind_but_conv_bn_act():
-    """BN → Hardswish pairs become one BatchNormAct2d (the Hardswish an Identity, not swapped too)."""
+    """BN → Hardswish pairs run fused in a BNActSequential that keeps both modules (the Hardswish
+    not swapped too)."""
     torch.manual_seed(0)
     original = torchvision.models.mobilenet_v3_small()
     converted, report = cnnkernels.convert(original, exclude=["conv_bn_act"], report=True)
@@ -65,8 +66,9 @@ def test_mobilenet_v3_small_every_kind_but_conv_bn_act():
     # without conv_bn_act the projection stays a Conv2dNormActivation: the add runs after it
     assert type(converted.features[1]) is cnnkernels.nn.InvertedResidual
     assert isinstance(converted.features[1].block[1], cnnkernels.nn.SqueezeExcite)
-    assert isinstance(converted.features[0][1], cnnkernels.nn.BatchNormAct2d)
-    assert isinstance(converted.features[0][2], nn.Identity)
+    assert isinstance(converted.features[0], cnnkernels.nn.BNActSequential)
+    assert type(converted.features[0][1]) is nn.BatchNorm2d
+    assert type(converted.features[0][2]) is nn.Hardswish
     check_same_model(original.double(), converted.double(), torch.randn(2, 3, 64, 64).double())
 
 
@@ -131,21 +133,19 @@ def test_bad_arguments():
         cnnkernels.convert("resnet")
     with pytest.raises(ValueError, match="unknown kind"):
         cnnkernels.convert(nn.Sequential(), include=["gelu"])
-    with pytest.raises(ValueError, match="not the layer itself"):
-        cnnkernels.convert(nn.Hardswish())
 
 
 def test_batchnorm_act_is_swapped_and_reverts_to_the_same_keys():
     torch.manual_seed(0)
     original = torchvision.models.mobilenet_v2()
-    # (InvertedResidual's projection BN is a BatchNormAct2d too)
     without = cnnkernels.convert(original,
                                  exclude=["conv_bn_act", "batchnorm_act", "inverted_residual"])
     assert not any(isinstance(m, cnnkernels.nn.BatchNormAct2d) for m in without.modules())
     converted, report = cnnkernels.convert(original, exclude=["conv_bn_act"], report=True)
     assert report.counts() == {"batchnorm_act": 35, "depthwise": 17, "inverted_residual": 17}
-    assert isinstance(converted.features[0][1], cnnkernels.nn.BatchNormAct2d)
-    assert isinstance(converted.features[0][2], nn.Identity)
+    assert isinstance(converted.features[0], cnnkernels.nn.BNActSequential)
+    assert type(converted.features[0][1]) is nn.BatchNorm2d
+    assert type(converted.features[0][2]) is nn.ReLU6
     # float64: 52 train-mode BatchNorms over a batch of 2 amplify float32 rounding differences of
     # the depthwise kernels to ~1e-4 in the first gradients; in float64 they stay at 1e-10
     check_same_model(original.double(), converted.double(), torch.randn(2, 3, 64, 64).double())
@@ -331,8 +331,8 @@ def test_resnet_blocks_fuse_bn_relu_and_residual(name):
     assert report.counts() == {"resnet": blocks}
     block = converted.layer1[0]
     assert isinstance(block, cnnkernels.nn.ResidualBlock)
-    assert all(isinstance(getattr(block, f"bn{i}"), cnnkernels.nn.BatchNormAct2d)
-               for i in range(1, block.depth + 1))
+    # the very BatchNorms, run fused with the ReLU (and the residual add) by the block
+    assert all(type(getattr(block, f"bn{i}")) is nn.BatchNorm2d for i in range(1, block.depth + 1))
     check_same_model(original.double(), converted.double(), torch.randn(2, 3, 64, 64).double())
     reverted = cnnkernels.revert(converted)
     assert type(reverted.layer1[0]) is type(original.layer1[0])
@@ -362,13 +362,15 @@ def test_bottleneck_runs_its_1x1_convs_through_the_pointwise_op(dispatched_ops):
     check_same_model(original, converted, x)
 
 
-def test_sync_batchnorm_becomes_batchnorm_act_with_the_default_group():
+def test_sync_batchnorm_runs_fused_with_the_default_group():
+    from cnnkernels.nn.batchnorm import process_group_of
     from cnnkernels.ops.batch_norm_act import WORLD
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU())
     converted = cnnkernels.convert(model, include=["batchnorm_act"])
-    assert isinstance(converted[1], cnnkernels.nn.BatchNormAct2d)
-    assert converted[1].process_group == WORLD
+    assert isinstance(converted, cnnkernels.nn.BNActSequential)
+    assert type(converted[1]) is nn.SyncBatchNorm
+    assert process_group_of(converted[1]) == WORLD
     assert list(converted.state_dict()) == list(model.state_dict())
 
 
@@ -592,7 +594,8 @@ def test_conv_bn_act_training_on_the_cpu_runs_its_1x1_conv_as_matmuls(dispatched
     for a, b in ((xb.grad, xa.grad), (ours.conv.weight.grad, conv.weight.grad),
                  (ours.bn.weight.grad, bn.weight.grad), (ours.bn.bias.grad, bn.bias.grad),
                  (ours.bn.running_mean, bn.running_mean), (ours.bn.running_var, bn.running_var)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        # sums over 2,520 pixels of values up to ~360: rounding scales with the largest
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item() + 1e-5)
 
 
 def test_run_conv_calls_the_module_when_it_has_hooks():

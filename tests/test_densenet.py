@@ -379,9 +379,9 @@ def test_memory_cli_writes_table_json_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--impls", "naive,fast"), "--impls: unknown implementation fast"),
-    (("--depths", "41"), "--depths: DenseNet-BC depth must be 6n + 4"),
-    (("--depths", "a,b"), "--depths must be comma-separated integers"),
+    (("--impls", "naive,fast"), "argument --impls: unknown implementation fast"),
+    (("--depths", "41"), "argument --depths: expected comma-separated DenseNet-BC depths 6n + 4"),
+    (("--depths", "a,b"), "argument --depths: expected comma-separated DenseNet-BC depths"),
 ])
 def test_memory_cli_errors_are_one_line(args, message):
     import subprocess
@@ -391,7 +391,8 @@ def test_memory_cli_errors_are_one_line(args, message):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"cnnkernels: error: {message}"), lines
+    assert len(lines) == 1 and \
+        lines[0].startswith(f"cnnkernels memory densenet: error: {message}"), lines
 
 
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3])
@@ -557,3 +558,70 @@ def test_hand_off_links_are_redone_by_each_convert():
 
 def is_cl(t):
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _shared_and_naive(drop_rate: float = 0.0):
+    torch.manual_seed(0)
+    shared = DenseBlock(3, 8, 4, bn_size=2, drop_rate=drop_rate, memory="shared")
+    naive = copy.deepcopy(shared)
+    naive.memory = "naive"
+    return shared, naive
+
+
+def _conv_with_bias():
+    torch.manual_seed(5)
+    return torch.nn.Conv2d(8, 4, 3, padding=1, bias=True)
+
+
+@pytest.mark.parametrize("change", [
+    lambda block: block.denselayer2.norm1.eval(),            # frozen after convert
+    lambda block: setattr(block.denselayer1, "relu1", torch.nn.Hardswish()),
+    lambda block: setattr(block.denselayer3, "conv2", _conv_with_bias()),
+    lambda block: block.denselayer2.norm2.register_forward_hook(lambda *_: None),
+])
+def test_shared_block_follows_its_layers_as_they_are(change):
+    """A layer changed after the block was built (a frozen BatchNorm, a swapped activation, a conv
+    with a bias, a hook) is computed as it is now: the shared block runs its layers one by one."""
+    shared, naive = _shared_and_naive()
+    change(shared), change(naive)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    torch.testing.assert_close(shared(x), naive(x))
+    torch.testing.assert_close(shared.state_dict(), naive.state_dict())
+
+
+def test_shared_block_double_backward_names_the_block():
+    shared, _ = _shared_and_naive()
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="DenseBlock.*double backward"):
+        (grad,) = torch.autograd.grad(shared(x).square().sum(), x, create_graph=True)
+        grad.sum().backward()
+
+
+def test_shared_block_with_norms_without_affine_runs_them_as_they_are():
+    shared, naive = _shared_and_naive()
+    for block in (shared, naive):
+        block.denselayer1.norm1 = torch.nn.BatchNorm2d(8, affine=False)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    torch.testing.assert_close(shared(x), naive(x))
+
+
+def test_shared_block_with_eps_zero_raises_as_batchnorm_does():
+    shared, _ = _shared_and_naive()
+    shared.denselayer2.norm2.eps = 0.0
+    with pytest.raises(ValueError, match="eps must be positive"):
+        shared(torch.randn(2, 8, 5, 5))
+
+
+def test_training_block_compiles_in_full_graph():
+    """torch.compile(fullgraph=True) traces a training shared block (as its layers' plain ops):
+    the same output, gradients and running statistics as eager."""
+    shared, naive = _shared_and_naive(drop_rate=0.0)
+    compiled = torch.compile(shared, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    x_naive = x.detach().clone().requires_grad_(True)
+    y, y_naive = compiled(x), naive(x_naive)
+    y.square().sum().backward()
+    y_naive.square().sum().backward()
+    torch.testing.assert_close(y, y_naive)
+    torch.testing.assert_close(x.grad, x_naive.grad)
+    torch.testing.assert_close(shared.state_dict(), naive.state_dict())

@@ -7,8 +7,9 @@ from .densenet import DenseBlock, DenseLayer, DenseTransition
 from .inverted_residual import InvertedResidual
 from .pool import MaxPool2d
 from .resnet import ResidualBlock
+from .sequential import BNActSequential
 from .squeeze_excite import SqueezeExcite
 
 __all__ = ["HardSwish", "HardSigmoid", "DepthwiseConv2d", "DenseBlock", "DenseLayer",
            "DenseTransition", "BatchNormAct2d", "ResidualBlock", "SqueezeExcite", "ConvBNAct2d",
-           "MaxPool2d", "InvertedResidual"]
+           "MaxPool2d", "InvertedResidual", "BNActSequential"]

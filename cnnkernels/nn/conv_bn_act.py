@@ -11,94 +11,148 @@ matmuls forward and backward), then the fused BatchNormAct2d.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from .. import backend, ops
+from .. import activations, backend, ops
 from ..ops.affine_act import _compute_dtype
 from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS
-from .conv import is_plain_1x1, run_conv
-from .batchnorm import _TORCH_ACTIVATIONS, BatchNormAct2d
+from .conv import _has_forward_hooks, is_plain_1x1, run_conv
+from .batchnorm import (_TORCH_ACTIVATIONS, FoldCache, activation_of, bn_act,
+                        check_eps_and_momentum)
 
 
-class ConvBNAct2d(nn.Module):
+class ConvBNAct2d(nn.Sequential):
+    """nn.Sequential(Conv2d, BatchNorm2d[, activation]) whose call runs the three fused.
+
+    Its children are the plain modules, so indexing, ``len``, iteration and a parent that calls
+    them one by one see what they saw before convert(); only calling the whole runs the fused path
+    (see the module docstring). When a child stops being what the fused path computes (another
+    type, a hook, a changed padding mode) the call runs the children one by one instead."""
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  padding: int | None = None, groups: int = 1, activation: str = "relu",
                  negative_slope: float = 0.01, dilation: int = 1, bias: bool = False,
                  eps: float = 1e-5, momentum: float | None = 0.1, device=None,
                  dtype=None) -> None:
-        super().__init__()
+        check_eps_and_momentum("ConvBNAct2d", eps, momentum)
         if padding is None:  # torchvision's default: "same" for odd kernels
             padding = (kernel_size - 1) // 2 * dilation
         factory = {"device": device, "dtype": dtype}
-        self.add_module("0", nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
-                                       dilation, groups, bias, **factory))
-        self.add_module("1", BatchNormAct2d(out_channels, eps, momentum, activation=activation,
-                                            negative_slope=negative_slope, **factory))
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, **factory)
+        bn = nn.BatchNorm2d(out_channels, eps, momentum, **factory)
+        act = _activation_module(activation, negative_slope)
+        super().__init__(conv, bn, *([] if act is None else [act]))
+        self._fold_cache = FoldCache()
 
     @property
     def conv(self) -> nn.Conv2d:
         return self._modules["0"]
 
     @property
-    def bn(self) -> BatchNormAct2d:
+    def bn(self) -> nn.BatchNorm2d:
         return self._modules["1"]
+
+    @property
+    def act(self) -> nn.Module | None:
+        return self._modules.get("2")
+
+    @property
+    def activation(self) -> str:
+        """The fused activation's name ("identity" without one)."""
+        found = activation_of(self.act)
+        return found[0] if found is not None else type(self.act).__name__
+
+    @classmethod
+    def wrapping(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                 act: nn.Module | None = None) -> "ConvBNAct2d":
+        """Ours holding these very modules: their parameters, modes and sharing stay theirs."""
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f"ConvBNAct2d expects an nn.Conv2d, got {type(conv).__name__}")
+        problem = unsupported_conv(conv)
+        if problem:
+            raise ValueError(f"ConvBNAct2d: {problem}")
+        if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+            raise TypeError(f"ConvBNAct2d expects an nn.BatchNorm2d, got {type(bn).__name__}")
+        if act is not None and activation_of(act) is None:
+            raise TypeError(f"ConvBNAct2d: unsupported activation {type(act).__name__}; "
+                            f"supported: {', '.join(t.__name__ for t in _TORCH_ACTIVATIONS)}")
+        module = cls.__new__(cls)
+        nn.Sequential.__init__(module, conv, bn, *([] if act is None else [act]))
+        module._fold_cache = FoldCache()
+        module.training = bn.training  # its children keep their own modes
+        return module
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d,
                      act: nn.Module | None = None) -> "ConvBNAct2d":
-        """Ours holding copies of the three modules' parameters and buffers."""
-        if type(conv) is not nn.Conv2d:
-            raise TypeError(f"ConvBNAct2d.from_modules expects an nn.Conv2d, got {type(conv).__name__}")
-        problem = unsupported_conv(conv)
-        if problem:
-            raise ValueError(f"ConvBNAct2d.from_modules: {problem}")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        conv_copy = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                              conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                              device=conv.weight.device, dtype=conv.weight.dtype)
-        conv_copy.load_state_dict(conv.state_dict())
-        module.add_module("0", conv_copy.train(conv.training))
-        module.add_module("1", BatchNormAct2d.from_modules(bn, act))
-        return module.train(bn.training)
+        """Ours holding copies of the three modules."""
+        return cls.wrapping(*(copy.deepcopy(m) for m in (conv, bn, act)))
 
     def to_modules(self) -> nn.Sequential:
-        """nn.Sequential(Conv2d, BatchNorm2d[, activation]) with the same keys ("0.*", "1.*")."""
-        conv = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size,
-                         self.conv.stride, self.conv.padding, self.conv.dilation, self.conv.groups,
-                         self.conv.bias is not None, device=self.conv.weight.device,
-                         dtype=self.conv.weight.dtype)
-        conv.load_state_dict(self.conv.state_dict())
-        bn_act = self.bn.to_modules()
-        layers = [conv, bn_act[0]] + ([] if self.bn.activation == "identity" else [bn_act[1]])
-        return nn.Sequential(*layers).train(self.training)
+        """nn.Sequential(Conv2d, BatchNorm2d[, activation]) holding the same modules (same keys)."""
+        return nn.Sequential(*self.children()).train(self.training)
 
     # --- forward --------------------------------------------------------------------------------
 
+    def fusable(self) -> bool:
+        """Whether the children are still what the fused path computes."""
+        return len(self) in (2, 3) and type(self.conv) is nn.Conv2d and \
+            unsupported_conv(self.conv) is None and \
+            type(self.bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and \
+            (self.act is None or activation_of(self.act) is not None) and \
+            not any(_has_forward_hooks(m) for m in self.children())
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """act(BN(conv(x)) (+ residual))."""
-        return conv_bn_act(self.conv, self.bn, x, residual)
+        if not self.fusable():
+            return _children_one_by_one(self, x, residual)
+        activation, slope = activation_of(self.act)
+        return conv_bn_act(self.conv, self.bn, x, residual, activation, slope, self._fold_cache)
 
 
-def conv_bn_act(conv: nn.Conv2d, bn: BatchNormAct2d, x: torch.Tensor,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+def _activation_module(name: str, negative_slope: float) -> nn.Module | None:
+    """torch's activation module for one of our names (None for the identity)."""
+    activations.activation_code(name)  # clear error for unknown names
+    if name == "identity":
+        return None
+    torch_type = {n: t for t, n in _TORCH_ACTIVATIONS.items()}[name]
+    return torch_type(negative_slope) if name == "leaky_relu" else torch_type()
+
+
+def _children_one_by_one(seq: nn.Sequential, x: torch.Tensor,
+                         residual: torch.Tensor | None) -> torch.Tensor:
+    """What the Sequential computes, with the residual added before its activation."""
+    conv, bn, *act = seq.children()
+    out = bn(conv(x))
+    if residual is not None:
+        out = out + residual
+    return act[0](out) if act else out
+
+
+def conv_bn_act(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor,
+                residual: torch.Tensor | None = None, activation: str = "identity",
+                negative_slope: float = 0.01, fold_cache: FoldCache | None = None
+                ) -> torch.Tensor:
     """act(bn(conv(x)) (+ residual)) with BN folded into the conv's epilogue where it can be
     (see the module docstring); ConvBNAct2d's forward, and MobileNetV2's projection + residual in
-    InvertedResidual."""
+    InvertedResidual. `bn`: an nn.BatchNorm2d (or BatchNormAct2d, whose own activation is then
+    ignored for `activation`)."""
     if _fused_inference(conv, bn, x, residual):
-        scale, shift = bn._running_fold(_compute_dtype(x.dtype))
+        scale, shift = (fold_cache or FoldCache()).get(bn, _compute_dtype(x.dtype))
         # the depthwise op's epilogue, act(scale·(conv + bias) + shift), has no residual input
         if _is_depthwise(conv) and residual is None:
             return ops.depthwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
                                         conv.dilation, scale=scale, shift=shift,
-                                        activation=bn.activation,
-                                        negative_slope=bn.negative_slope)
+                                        activation=activation, negative_slope=negative_slope)
         if conv.bias is not None:  # BN(z + b) = scale·z + (shift + scale·b)
             shift = shift + scale * conv.bias.to(scale.dtype)
         return ops.pointwise_conv2d(x, conv.weight, stride=conv.stride[0], groups=conv.groups,
                                     scale=scale, shift=shift, residual=residual,
-                                    activation=bn.activation, negative_slope=bn.negative_slope)
+                                    activation=activation, negative_slope=negative_slope)
     if _is_depthwise(conv):
         z = ops.depthwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
                                  conv.dilation)
@@ -106,10 +160,10 @@ def conv_bn_act(conv: nn.Conv2d, bn: BatchNormAct2d, x: torch.Tensor,
         # the Triton GEMM computes BN's batch statistics from its output tiles in registers
         z, mean, var = ops.pointwise_conv2d_stats(x, conv.weight, conv.bias,
                                                   stride=conv.stride[0], groups=conv.groups)
-        return bn(z, residual, batch_stats=(mean, var))
+        return bn_act(bn, z, activation, negative_slope, residual, (mean, var), fold_cache)
     else:
         z = run_conv(conv, x)  # 1x1 NCHW on the CPU: our pointwise op's BLAS matmuls
-    return bn(z, residual)
+    return bn_act(bn, z, activation, negative_slope, residual, None, fold_cache)
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:
@@ -117,7 +171,7 @@ def _is_depthwise(conv: nn.Conv2d) -> bool:
         conv.out_channels % conv.in_channels == 0
 
 
-def _fused_inference(conv: nn.Conv2d, bn: BatchNormAct2d, x: torch.Tensor,
+def _fused_inference(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor,
                      residual: torch.Tensor | None) -> bool:
     """Eval without autograd, a 1x1 or depthwise conv (the depthwise op's epilogue has no
     residual input)."""
@@ -130,7 +184,7 @@ def _fused_inference(conv: nn.Conv2d, bn: BatchNormAct2d, x: torch.Tensor,
         (is_plain_1x1(conv) or (_is_depthwise(conv) and residual is None))
 
 
-def _statistics_in_epilogue(conv: nn.Conv2d, bn: BatchNormAct2d, x: torch.Tensor) -> bool:
+def _statistics_in_epilogue(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor) -> bool:
     """Training a 1x1 conv on the Triton backend (its GEMM has the statistics epilogue; the
     other backends would read the output again, as BatchNorm does anyway)."""
     return bn.training and x.dtype != torch.float64 and is_plain_1x1(conv) and \
@@ -146,17 +200,24 @@ def unsupported_conv(conv: nn.Conv2d) -> str | None:
     return None
 
 
+def runs_as_sequential(module: nn.Module) -> bool:
+    """An nn.Sequential whose call runs its children in order: neither its class nor the
+    instance has a forward of its own (then fusing neighbours would change what it computes)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward \
+        and "forward" not in vars(module)
+
+
 def conv_bn_act_parts(seq: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module | None] | None:
     """(conv, bn, act or None) when `seq` is an nn.Sequential of exactly Conv2d → BatchNorm2d
     (→ one of our activations), as torchvision's Conv2dNormActivation builds it; else None."""
-    if not isinstance(seq, nn.Sequential) or len(seq) not in (2, 3):
+    if not runs_as_sequential(seq) or isinstance(seq, ConvBNAct2d) or len(seq) not in (2, 3):
         return None
     parts = list(seq)
-    if type(parts[0]) is not nn.Conv2d or type(parts[1]) is not nn.BatchNorm2d:
+    if type(parts[0]) is not nn.Conv2d or type(parts[1]) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
         return None
     if list(seq._modules) != [str(i) for i in range(len(parts))]:
         return None  # named children: keys would not be "0.*", "1.*"
     act = parts[2] if len(parts) == 3 else None
-    if act is not None and type(act) not in _TORCH_ACTIVATIONS:
+    if act is not None and activation_of(act) is None:
         return None
-    return parts[0], parts[1], None if type(act) is nn.Identity else act
+    return parts[0], parts[1], act

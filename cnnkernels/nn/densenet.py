@@ -202,13 +202,15 @@ def link_channels_last_hand_offs(root: nn.Module) -> None:
     nn.Sequential (DenseNet's features: block, transition, block, ...): inside the run they pass
     their outputs on in channels_last, where the CPU computes both, and the run's last module gives
     back the layout the run was given. The values are the same; only the tensors passed inside the
-    run change layout. DenseNet-121, training step at batch 8 on an AVX2 CPU: ~6% faster. Only
-    plain nn.Sequentials (their children run in order); earlier links under root are cleared."""
+    run change layout. Only plain nn.Sequentials and BNActSequentials (their children run in
+    order); earlier links under root are cleared."""
     for module in root.modules():
         if isinstance(module, (DenseBlock, DenseTransition)):
             module.hand_off_role, module.hand_off_chain = None, None
+    from .sequential import BNActSequential
+
     for module in root.modules():
-        if type(module) is not nn.Sequential:
+        if type(module) not in (nn.Sequential, BNActSequential):
             continue
         run: list[nn.Module] = []
         for child in [*module.children(), None]:
@@ -549,6 +551,11 @@ class _SharedDenseBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: our backward kernels have no autograd
+            raise RuntimeError(
+                "cnnkernels.nn.DenseBlock(memory='shared'): double backward (create_graph=True, "
+                "e.g. a gradient penalty) is not supported; build the block with "
+                "memory='naive' or memory='checkpoint' for it")
         out, *rest = ctx.saved_tensors
         groups = []
         for count in ctx.counts:  # params, bottlenecks, masks, stats
@@ -608,7 +615,10 @@ class DenseBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         _note_chain_input(self, x)
-        if self.memory != "shared":
+        if self.memory != "shared" or not self._layers_as_built() or \
+                (self.training and torch.compiler.is_compiling()):
+            # torch.compile traces the layers as plain ops (and plans their memory itself): the
+            # shared path's autograd.Function holds the block, which Dynamo cannot trace
             return self._forward_naive(x)
         params = [p for layer in self.layers for p in _layer_params(layer)]
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
@@ -618,7 +628,7 @@ class DenseBlock(nn.Module):
             return self._forward_eval(x)
         F._verify_batch_size(x.size())  # the error nn.BatchNorm2d raises for one value per channel
         kind = x.device.type
-        if torch.is_autocast_enabled(kind):
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
             # as autocast runs F.conv2d: x and the conv weights in its dtype (the casts are
             # autograd ops, so the float32 weights get float32 gradients), the BatchNorms' own
             # parameters as they are; then the block without autocast, whose backward would
@@ -629,6 +639,22 @@ class DenseBlock(nn.Module):
             with torch.autocast(kind, enabled=False):
                 return self._forward_shared_training(x, params, needs_grad)
         return self._forward_shared_training(x, params, needs_grad)
+
+    def _layers_as_built(self) -> bool:
+        """Whether every layer is still what the shared path computes, in the block's mode (a
+        BatchNorm frozen after convert, a swapped activation, a hook: the layers then run one by
+        one, as they are)."""
+        if any(_hooked(m) for m in self.modules() if m is not self):
+            return False
+        if any(m.training != self.training for m in self.modules()):
+            return False
+        for index, layer in enumerate(self.children()):
+            if type(layer) is not DenseLayer or type(layer.relu1) is not nn.ReLU or \
+                    type(layer.relu2) is not nn.ReLU or _dense_layer_problem(
+                        layer, self.in_channels + index * self.growth_rate, self.growth_rate,
+                        self.bn_size, layer.drop_rate) is not None:
+                return False
+        return True
 
     def _forward_shared_training(self, x: Tensor, params: list[Tensor], needs_grad: bool) -> Tensor:
         if not needs_grad:  # e.g. recalibrating BN statistics: update them, save nothing
@@ -676,6 +702,67 @@ def dense_block_mode_problem(block: nn.Module) -> str | None:
     return None
 
 
+def _dense_layer_problem(layer: nn.Module, in_channels: int, growth_rate: int,
+                         bn_size: int, drop_rate: float) -> str | None:
+    """Why one layer of a DenseNet block is not BN → ReLU → conv1×1 → BN → ReLU → conv3×3 with
+    the block's shapes, as the shared path computes it (None if it is)."""
+    for name in ("norm1", "norm2"):
+        norm = getattr(layer, name, None)
+        if not isinstance(norm, nn.BatchNorm2d) or type(norm).__name__ not in (
+                "BatchNorm2d", "BatchNormAct2d"):
+            return f"its {name} is {type(norm).__name__}, not a BatchNorm2d"
+        if not norm.affine or not norm.track_running_stats:
+            return f"its {name} has affine=False or track_running_stats=False"
+        if not norm.eps > 0:
+            return f"its {name} has eps={norm.eps} (not positive)"
+    for name in ("relu1", "relu2"):
+        if name in layer._modules and type(layer._modules[name]) is not nn.ReLU:
+            return f"its {name} is {type(layer._modules[name]).__name__}, not nn.ReLU"
+    for name, kernel, padding, channels in (("conv1", 1, 0, in_channels),
+                                            ("conv2", 3, 1, bn_size * growth_rate)):
+        conv = getattr(layer, name, None)
+        if type(conv) is not nn.Conv2d or conv.kernel_size != (kernel, kernel) or \
+                conv.stride != (1, 1) or conv.padding != (padding, padding) or \
+                conv.dilation != (1, 1) or conv.groups != 1 or conv.bias is not None or \
+                conv.padding_mode != "zeros" or conv.in_channels != channels:
+            return f"its {name} is not a plain {kernel}x{kernel} convolution without bias"
+    if layer.conv2.out_channels != growth_rate or layer.norm1.num_features != in_channels:
+        return "its channels do not grow by the block's growth rate"
+    if float(getattr(layer, "drop_rate", 0.0)) != drop_rate:
+        return "its layers have different drop rates"
+    return None
+
+
+def dense_block_layers_problem(block: nn.Module) -> str | None:
+    """Why a DenseNet block's layers are not what the shared block computes (None if they are):
+    a swapped activation, a conv with a bias or another shape, a BatchNorm without affine
+    parameters or running statistics, hooks inside, or a forward of its own."""
+    layers = list(block.children())
+    if not layers or not all(hasattr(layer, "conv2") and hasattr(layer, "conv1")
+                             for layer in layers):
+        return "its children are not DenseNet layers"
+    first = layers[0]
+    growth_rate = first.conv2.out_channels
+    bn_size, remainder = divmod(first.conv1.out_channels, growth_rate)
+    if remainder:
+        return "its bottleneck width is not a multiple of the growth rate"
+    in_channels = first.norm1.num_features if hasattr(first, "norm1") else 0
+    drop_rate = float(getattr(first, "drop_rate", 0.0))
+    for index, layer in enumerate(layers):
+        problem = _dense_layer_problem(layer, in_channels + index * growth_rate, growth_rate,
+                                       bn_size, drop_rate)
+        if problem:
+            return f"denselayer{index + 1}: {problem}"
+        if any(_hooked(m) for m in layer.modules()):
+            return f"denselayer{index + 1} has hooks"
+    return None
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks or
+                getattr(module, "_backward_pre_hooks", None) or "forward" in vars(module))
+
+
 def timm_dense_block_problem(block: nn.Module) -> str | None:
     """Why a timm DenseBlock is not torchvision's in disguise (None if it is): its layers' norms
     must be BatchNorm + ReLU with no drop layer, and no gradient checkpointing of its own."""
@@ -713,9 +800,9 @@ def dense_block_from(block: nn.Module, memory: str = "shared",
     for layer, source in zip(ours.layers, layers):
         for norm, source_norm in ((layer.norm1, source.norm1), (layer.norm2, source.norm2)):
             norm.eps, norm.momentum = source_norm.eps, source_norm.momentum
-    ours.load_state_dict(block.state_dict())
     parameter = first.conv1.weight
-    ours.to(device=parameter.device, dtype=parameter.dtype)
+    ours.to(device=parameter.device, dtype=parameter.dtype)  # first: the block may be on meta
+    ours.load_state_dict(block.state_dict())
     return ours.train(block.training)
 
 

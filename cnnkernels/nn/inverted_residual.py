@@ -10,7 +10,7 @@ the same name and child names (``conv.0.*`` ... ``conv.3.*`` in V2, ``block.0.*`
 the state_dict keys do not change, and a forward that runs the projection with the residual:
 - eval without autograd: one pointwise op, BN folded into its epilogue with the residual add;
 - training: the 1x1 conv (BLAS matmuls for NCHW CPU input), then BN + residual add in one pass.
-In V2 the projection's BatchNorm2d becomes a BatchNormAct2d without activation; in V3 the
+In V2 the projection's conv and BatchNorm2d stay as they are and run fused from the block; in V3 the
 projection is a Conv2dNormActivation, which convert's walk makes a ConvBNAct2d as anywhere else
 (with conv_bn_act excluded it stays, and the add runs after it as in torchvision).
 """
@@ -19,9 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .batchnorm import BatchNormAct2d
+from .batchnorm import BatchNormAct2d, FoldCache
 from .conv import _has_forward_hooks, is_plain_1x1
 from .conv_bn_act import ConvBNAct2d, conv_bn_act
+
+_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, BatchNormAct2d)
 
 
 def _torchvision_blocks() -> dict[type, str]:
@@ -62,20 +64,20 @@ class InvertedResidual(nn.Module):
         if layers_name not in ("conv", "block"):
             raise ValueError(f"InvertedResidual: layers_name must be 'conv' (MobileNetV2) or "
                              f"'block' (MobileNetV3), got {layers_name!r}")
-        if layers_name == "conv" and not (isinstance(layers[-1], BatchNormAct2d) and
-                                          is_plain_1x1(layers[-2])):
+        if layers_name == "conv" and not _ends_in_projection(layers):
             raise ValueError("InvertedResidual: a MobileNetV2 block's layers must end in a 1x1 "
-                             "nn.Conv2d and a BatchNormAct2d")
+                             "nn.Conv2d and a BatchNorm2d")
         self.layers_name = layers_name
         self.stride = stride
         self.use_res_connect = use_res_connect
         self.out_channels = out_channels
         self.original = original
         self.add_module(layers_name, layers)
+        self._fold_cache = FoldCache()
 
     @classmethod
     def from_torchvision(cls, block: nn.Module) -> "InvertedResidual":
-        """Ours, holding `block`'s layers (V2: its last BatchNorm as a BatchNormAct2d copy)."""
+        """Ours, holding `block`'s very layers."""
         problem = inverted_residual_problem(block) if is_torchvision_inverted_residual(block) \
             else f"not a torchvision InvertedResidual but {type(block).__name__}"
         if problem:
@@ -83,9 +85,6 @@ class InvertedResidual(nn.Module):
         name = _torchvision_blocks()[type(block)]
         layers = getattr(block, name)
         stride = block.stride if name == "conv" else (2 if block._is_cn else 1)
-        if name == "conv":
-            last = list(layers._modules)[-1]
-            layers = _with_last(layers, BatchNormAct2d.from_modules(layers._modules[last]))
         ours = cls(layers, name, stride, block.use_res_connect, block.out_channels, type(block))
         ours.training = block.training  # not .train(): its layers keep their own modes (frozen BNs)
         return ours
@@ -100,7 +99,8 @@ class InvertedResidual(nn.Module):
         layers = self.layers()
         if self.layers_name == "conv":
             block.stride = self.stride
-            layers = _with_last(layers, layers[-1].to_modules()[0])
+            if isinstance(layers[-1], BatchNormAct2d):  # as built by earlier versions
+                layers = _with_last(layers, layers[-1].to_modules()[0])
         block.use_res_connect = self.use_res_connect
         block.out_channels = self.out_channels
         block._is_cn = self.stride > 1
@@ -129,7 +129,8 @@ class InvertedResidual(nn.Module):
         for layer in head:
             h = layer(h)
         if v2:
-            return conv_bn_act(children[-2], children[-1], h, residual)
+            return conv_bn_act(children[-2], children[-1], h, residual,
+                               fold_cache=self._fold_cache)
         return children[-1](h, residual)
 
     def _fusable(self, x: torch.Tensor, layers: nn.Sequential, projection: list[nn.Module]) -> bool:
@@ -141,12 +142,22 @@ class InvertedResidual(nn.Module):
         Conv2dNormActivation)."""
         if any(_has_forward_hooks(m) for m in [layers, *projection]):
             return False
+        if self.layers_name == "conv" and not _ends_in_projection(layers):
+            return False
         kind = x.device.type
-        if torch.is_autocast_enabled(kind) and x.dtype != torch.get_autocast_dtype(kind):
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind) and \
+                x.dtype != torch.get_autocast_dtype(kind):
             return False
         last = projection[-1]
-        return self.layers_name == "conv" or (isinstance(last, ConvBNAct2d) and
-                                              last.bn.activation == "identity")
+        return self.layers_name == "conv" or (isinstance(last, ConvBNAct2d) and last.fusable()
+                                              and last.activation == "identity")
+
+
+def _ends_in_projection(layers: nn.Sequential) -> bool:
+    """MobileNetV2's block end: a plain 1x1 nn.Conv2d, then a BatchNorm (no activation)."""
+    return len(layers) >= 2 and type(layers[-2]) is nn.Conv2d and is_plain_1x1(layers[-2]) and \
+        type(layers[-1]) in _NORMS and \
+        (not isinstance(layers[-1], BatchNormAct2d) or layers[-1].activation == "identity")
 
 
 def _with_last(layers: nn.Sequential, last: nn.Module) -> nn.Sequential:

@@ -1,18 +1,22 @@
 """ResNet blocks whose BatchNorms run fused with their ReLU, the last one with the residual add.
 
 `ResidualBlock` replaces torchvision's BasicBlock / Bottleneck (cnnkernels.convert, kind
-"resnet"): the same children under the same names (conv1, bn1, ..., downsample, relu), so the
-state_dict keys do not change, with every ``bn`` a BatchNormAct2d: ``bn → relu`` is one pass and
-``bn_last → += identity → relu`` is one pass too (batch_norm_act's residual input). Autograd keeps
-each BN's input (and the identity) instead of the BN output, the sum and the ReLU output.
+"resnet"): the very children under the same names (conv1, bn1, ..., downsample, relu), so the
+state_dict keys do not change and each child computes what it did; the block's call runs
+``bn → relu`` as one pass and ``bn_last → += identity → relu`` as one pass too (batch_norm_act's
+residual input). Autograd keeps each BN's input (and the identity) instead of the BN output, the
+sum and the ReLU output. When a child stops being what the fused path computes (another type, a
+hook) the call runs the children one by one, as torchvision's forward does.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .batchnorm import BatchNormAct2d
-from .conv import run_conv
+from .batchnorm import BatchNormAct2d, FoldCache, bn_act
+from .conv import _has_forward_hooks, run_conv
+
+_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def _torchvision_blocks() -> tuple[type, ...]:
@@ -31,6 +35,16 @@ def is_torchvision_resnet_block(module: nn.Module) -> bool:
 def is_timm_resnet_block(module: nn.Module) -> bool:
     return type(module).__name__ in ("BasicBlock", "Bottleneck") and \
         type(module).__module__.startswith("timm.models.resnet")
+
+
+def torchvision_block_problem(block: nn.Module) -> str | None:
+    """Why a torchvision BasicBlock / Bottleneck does not compute what ResidualBlock does."""
+    depth = 3 if hasattr(block, "conv3") else 2
+    if not all(type(getattr(block, f"bn{i}", None)) in _NORMS for i in range(1, depth + 1)):
+        return "its norm layers are not BatchNorm2d"
+    if type(getattr(block, "relu", None)) is not nn.ReLU:
+        return f"its relu is {type(getattr(block, 'relu', None)).__name__}, not nn.ReLU"
+    return None
 
 
 def timm_block_problem(block: nn.Module) -> str | None:
@@ -54,7 +68,7 @@ def timm_block_problem(block: nn.Module) -> str | None:
 class ResidualBlock(nn.Module):
     """relu(bn_last(conv_last(... relu(bn1(conv1(x))) ...)) + downsample(x)) with fused BN+act."""
 
-    def __init__(self, convs: list[nn.Conv2d], norms: list[BatchNormAct2d],
+    def __init__(self, convs: list[nn.Conv2d], norms: list[nn.BatchNorm2d],
                  downsample: nn.Module | None, relu: nn.Module, stride: int,
                  original: type | None = None) -> None:
         super().__init__()
@@ -68,21 +82,21 @@ class ResidualBlock(nn.Module):
         self.stride = stride
         self.depth = len(convs)
         self.original = original
+        self._fold_caches = [FoldCache() for _ in norms]
 
     @classmethod
     def from_torchvision(cls, block: nn.Module) -> "ResidualBlock":
-        """Ours, holding `block`'s convolutions and downsample and copies of its BatchNorms."""
+        """Ours, holding `block`'s very modules."""
         if not is_torchvision_resnet_block(block):
             raise TypeError(f"ResidualBlock.from_torchvision expects torchvision's BasicBlock or "
                             f"Bottleneck, got {type(block).__name__}")
+        problem = torchvision_block_problem(block)
+        if problem:
+            raise TypeError(f"ResidualBlock.from_torchvision: {problem}")
         depth = 3 if hasattr(block, "conv3") else 2
         convs = [getattr(block, f"conv{i}") for i in range(1, depth + 1)]
         norms = [getattr(block, f"bn{i}") for i in range(1, depth + 1)]
-        if not all(type(n) in (nn.BatchNorm2d, nn.SyncBatchNorm) for n in norms):
-            raise TypeError("ResidualBlock.from_torchvision: the block's norm layers are not "
-                            "BatchNorm2d")
-        fused = [BatchNormAct2d.from_modules(n, nn.ReLU()) for n in norms]
-        ours = cls(convs, fused, block.downsample, block.relu, block.stride, type(block))
+        ours = cls(convs, norms, block.downsample, block.relu, block.stride, type(block))
         ours.training = block.training  # not .train(): its layers keep their own modes (frozen BNs)
         return ours
 
@@ -96,10 +110,9 @@ class ResidualBlock(nn.Module):
             raise TypeError(f"ResidualBlock.from_timm: {problem}")
         depth = 3 if hasattr(block, "conv3") else 2
         convs = [getattr(block, f"conv{i}") for i in range(1, depth + 1)]
-        fused = [BatchNormAct2d.from_modules(getattr(block, f"bn{i}"), nn.ReLU())
-                 for i in range(1, depth + 1)]
+        norms = [getattr(block, f"bn{i}") for i in range(1, depth + 1)]
         stride = convs[1].stride[0] if depth == 3 else convs[0].stride[0]
-        ours = cls(convs, fused, block.downsample, nn.ReLU(inplace=True), stride)
+        ours = cls(convs, norms, block.downsample, nn.ReLU(inplace=True), stride)
         ours.training = block.training  # its layers keep their own modes
         return ours
 
@@ -110,7 +123,9 @@ class ResidualBlock(nn.Module):
         nn.Module.__init__(block)
         for i in range(1, self.depth + 1):
             block.add_module(f"conv{i}", getattr(self, f"conv{i}"))
-            bn = getattr(self, f"bn{i}").to_modules()[0]
+            bn = getattr(self, f"bn{i}")
+            if isinstance(bn, BatchNormAct2d):  # as built by earlier versions
+                bn = bn.to_modules()[0]
             block.add_module(f"bn{i}", bn)
         block.relu = self.relu
         block.downsample = self.downsample
@@ -118,14 +133,34 @@ class ResidualBlock(nn.Module):
         block.training = self.training  # its layers keep their own modes
         return block
 
+    def _fusable(self) -> bool:
+        """Whether the children are still what the fused path computes."""
+        norms = [getattr(self, f"bn{i}") for i in range(1, self.depth + 1)]
+        return all(type(n) in _NORMS for n in norms) and type(self.relu) is nn.ReLU and \
+            not any(_has_forward_hooks(m) for m in self.modules())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable():
+            return self._forward_one_by_one(x)
         out = x
         # run_conv: the 1x1 convolutions of NCHW CPU input as our pointwise op's BLAS matmuls
         for i in range(1, self.depth):
-            out = getattr(self, f"bn{i}")(run_conv(getattr(self, f"conv{i}"), out))
+            z = run_conv(getattr(self, f"conv{i}"), out)
+            out = bn_act(getattr(self, f"bn{i}"), z, "relu", fold_cache=self._fold_caches[i - 1])
         identity = x if self.downsample is None else self.downsample(x)
         last = self.depth
         z = run_conv(getattr(self, f"conv{last}"), out)
         # torchvision adds in place, `out += identity`, so under autocast a float32 identity
         # lands in the convolution's dtype
-        return getattr(self, f"bn{last}")(z, identity.to(z.dtype))
+        return bn_act(getattr(self, f"bn{last}"), z, "relu", residual=identity.to(z.dtype),
+                      fold_cache=self._fold_caches[last - 1])
+
+    def _forward_one_by_one(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's forward over the children as they are now."""
+        out = x
+        for i in range(1, self.depth):
+            out = self.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out)))
+        out = getattr(self, f"bn{self.depth}")(getattr(self, f"conv{self.depth}")(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)

@@ -25,8 +25,22 @@ def is_torchvision_squeeze_excitation(module: nn.Module) -> bool:
     return cls is not None and type(module) is cls
 
 
+def _plain_1x1_problem(name: str, conv: nn.Module) -> str | None:
+    if type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.stride != (1, 1) or \
+            conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1 or \
+            conv.bias is None:
+        return f"its {name} is not a plain 1x1 nn.Conv2d with a bias"
+    return None
+
+
 def unsupported_parts(module: nn.Module) -> str | None:
     """Why a torchvision SqueezeExcitation cannot become ours (None if it can)."""
+    pool = getattr(module, "avgpool", None)
+    if type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1)):
+        return f"its avgpool is {type(pool).__name__}, not AdaptiveAvgPool2d(1)"
+    problem = _plain_1x1_problem("fc1", module.fc1) or _plain_1x1_problem("fc2", module.fc2)
+    if problem:
+        return problem
     if type(module.activation) not in _TORCH_ACTIVATIONS:
         return f"activation {type(module.activation).__name__} is not one of ours"
     if type(module.scale_activation) not in _TORCH_GATES:
@@ -46,8 +60,14 @@ def timm_unsupported_parts(module: nn.Module) -> str | None:
         return f"activation {type(module.act1).__name__} is not one of ours"
     if type(module.gate) not in _TORCH_GATES:
         return f"gate {type(module.gate).__name__} (only Sigmoid, Hardsigmoid)"
-    if module.conv_reduce.bias is None or module.conv_expand.bias is None:
-        return "its 1x1 convolutions have no bias"
+    problem = _plain_1x1_problem("conv_reduce", module.conv_reduce) or \
+        _plain_1x1_problem("conv_expand", module.conv_expand)
+    if problem:
+        return problem
+    if getattr(module, "add_maxpool", False):
+        return "it adds a max pool to the mean"
+    if type(getattr(module, "bn", nn.Identity())) is not nn.Identity:
+        return f"its bn is {type(module.bn).__name__}"
     return None
 
 
