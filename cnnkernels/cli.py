@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+from typing import Callable, Sequence
 
 import torch
 
@@ -39,8 +41,26 @@ def _our_backends(device: torch.device) -> list[str]:
     return [b for b, ok in (("cuda", info["cuda_ext"]), ("triton", info["triton"])) if ok]
 
 
+def _given_or(value, default):
+    """`value` unless the flag was left out (None): an explicit value is never swapped for the
+    default (the parse-time types have already refused 0 where it is meaningless)."""
+    return default if value is None else value
+
+
+def _make_parent_folder(path: str, flag: str) -> None:
+    """Create the folders above an output file, so `--json out/run1/x.json` works on a fresh
+    checkout; a folder that cannot be made is a one-line error naming the flag."""
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{flag}: cannot create the folder {folder!r} for {path!r}: "
+                         f"{err.strerror}") from None
+
+
 def _write_json(path: str | None, payload: dict) -> None:
     if path:
+        _make_parent_folder(path, "--json")
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"wrote {path}")
@@ -112,12 +132,12 @@ def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
     """Time every selected case, printing one line per case; returns the JSON-ready results."""
     device, dtype = _device(args.device), _DTYPES[args.dtype]
     backends = _our_backends(device)
-    selected = tuple(args.ops.split(",")) if args.ops else bench_cases.known_ops()
+    selected = tuple(args.ops) if args.ops else bench_cases.known_ops()
     # convolutions at batch 8 on a CPU, where batch 32 takes seconds per layer and side
     todo = [case for op in selected for case in bench_cases.cases(
         (op,), quick=args.quick,
-        batch=args.batch or (8 if device.type == "cpu" and op.endswith("conv2d") else None))]
-    reps = args.reps or (10 if args.quick else 30)
+        batch=_given_or(args.batch, 8 if device.type == "cpu" and op.endswith("conv2d") else None))]
+    reps = _given_or(args.reps, 10 if args.quick else 30)
     calls = STREAM_CALLS if args.timing == "stream" else 1
     info = package_info()
     steady = device.type == "cpu" and profile.keep_cpu_memory_mapped()
@@ -176,14 +196,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from . import report  # late: matplotlib is only needed here
 
     out_dir = args.out
+    memory_args = _report_memory_args(args) if args.densenet_depths else None
+    if memory_args is not None:  # before the kernels: a mistake must not surface minutes in
+        _check_last_batch_norm(memory_args, "--densenet-batch", "--densenet-image-size")
     results = run_kernel_benchmarks(args)
     memory = None
-    if args.densenet_depths:
-        memory_args = argparse.Namespace(
-            depths=args.densenet_depths, growth_rate=args.densenet_growth_rate,
-            batch_size=args.densenet_batch or (16 if args.quick else 64),
-            image_size=args.densenet_image_size, impls="naive,checkpoint,shared",
-            device=args.device, dtype=args.dtype, steps=2 if args.quick else 3)
+    if memory_args is not None:
         memory = run_memory_densenet(memory_args)
         from . import memory as memory_module
 
@@ -199,33 +217,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise UsageError(f"{what} is empty")
-    return values
+def _report_memory_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The `memory densenet` arguments of the report's DenseNet section."""
+    from . import memory
+
+    return argparse.Namespace(
+        depths=args.densenet_depths, growth_rate=args.densenet_growth_rate,
+        batch_size=_given_or(args.densenet_batch, 16 if args.quick else 64),
+        image_size=args.densenet_image_size, impls=list(memory.IMPLS),
+        device=args.device, dtype=args.dtype, steps=2 if args.quick else 3)
+
+
+def _check_last_batch_norm(args: argparse.Namespace, batch_flag: str, image_flag: str) -> None:
+    """DenseNet-BC's last BatchNorm sees batch × (image // 4)² values per channel; training
+    BatchNorm needs at least 2 of them, or the worker fails deep inside torch."""
+    last_plane = (args.image_size // 4) ** 2
+    if args.batch_size * last_plane < 2:
+        raise UsageError(f"{batch_flag} {args.batch_size} with {image_flag} {args.image_size} "
+                         f"leaves one value per channel for DenseNet-BC's last BatchNorm "
+                         f"(batch × (image // 4)² must be >= 2): raise either")
 
 
 def memory_configs(args: argparse.Namespace) -> list:
+    """One configuration per depth and implementation; the flags were checked at parse time."""
     from . import memory
 
-    depths = _int_list(args.depths, "--depths")
-    for depth in depths:
-        if depth < 10 or (depth - 4) % 6 != 0:
-            raise UsageError(f"--depths: DenseNet-BC depth must be 6n + 4 (40, 100, 160, 250, ...), "
-                             f"got {depth}")
-    impls = [name.strip() for name in args.impls.split(",") if name.strip()]
-    unknown = [name for name in impls if name not in memory.IMPLS]
-    if unknown or not impls:
-        raise UsageError(f"--impls: unknown implementation {', '.join(unknown) or '(none)'}; "
-                         f"choose from {','.join(memory.IMPLS)}")
     device = _device(args.device)
     return [memory.MemoryConfig(depth, args.growth_rate, args.batch_size, impl, str(device),
                                 args.dtype, args.image_size, args.steps)
-            for depth in depths for impl in impls]
+            for depth in args.depths for impl in args.impls]
 
 
 def run_memory_densenet(args: argparse.Namespace) -> dict:
@@ -262,21 +282,16 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_model_benchmarks(models: str, args: argparse.Namespace) -> dict:
-    """Plain vs converted torchvision models (`models`: comma-separated names); prints the table
+def run_model_benchmarks(names: list[str], args: argparse.Namespace) -> dict:
+    """Plain vs converted torchvision models (`names`, checked at parse time); prints the table
     and returns the JSON-ready results."""
     from . import models_bench
     from .progress import progress
 
     device, dtype = _device(args.device), _DTYPES[args.dtype]
-    names = [n.strip() for n in models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in models_bench.MODELS]
-    if unknown or not names:
-        raise UsageError(f"--models: unknown model {', '.join(unknown) or '(none)'}; choose from "
-                         f"{','.join(models_bench.MODELS)}")
-    batch = getattr(args, "model_batch", None) or (2 if args.quick else 8)
-    image = getattr(args, "image_size", None) or (128 if args.quick else 224)
-    reps = getattr(args, "model_reps", None) or (3 if args.quick else 5)
+    batch = _given_or(getattr(args, "model_batch", None), 2 if args.quick else 8)
+    image = _given_or(getattr(args, "image_size", None), 128 if args.quick else 224)
+    reps = _given_or(getattr(args, "model_reps", None), 3 if args.quick else 5)
     if device.type == "cpu":
         profile.keep_cpu_memory_mapped()
     rows = []
@@ -316,13 +331,10 @@ def _build_model(source: str, name: str, spec: str):
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a torchvision or timm model, print the swap report, check the outputs, time both."""
     from . import models_bench
-    from .conversion import KINDS, convert
+    from .conversion import convert
 
     source, _, name = args.model.partition(":")
-    include = [k.strip() for k in args.include.split(",")] if args.include else None
-    unknown = [k for k in include or [] if k not in KINDS]
-    if unknown:
-        raise UsageError(f"--include: unknown kind {', '.join(unknown)}; choose from {','.join(KINDS)}")
+    include = args.include  # checked at parse time; None: every kind
     device, dtype = _device(args.device), _DTYPES[args.dtype]
     torch.manual_seed(0)
     plain = _build_model(source, name, args.model).to(device, dtype)
@@ -350,36 +362,150 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_memory_densenet(args: argparse.Namespace) -> int:
     from . import memory
 
+    _check_last_batch_norm(args, "--batch-size", "--image-size")
     result = run_memory_densenet(args)
     print(result["title"])
     print(memory.format_table(result["rows"]))
     _write_json(args.json, result)
     if args.plot:
+        _make_parent_folder(args.plot, "--plot")
         memory.plot(result["rows"], args.plot, result["title"])
         print(f"wrote {args.plot}")
     return 0
 
 
+# --- argument types ---------------------------------------------------------------------------
+# Each refuses a bad value while the command line is parsed, so argparse prints one line naming the
+# flag and exits with 2 before any benchmark starts, instead of a traceback (or a silently wrong
+# table) minutes in.
+
+def _integer(text: str, expected: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """Batch sizes, repetitions, steps, image sizes, growth rates: 0 or less is meaningless."""
+    value = _integer(text, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# DenseNet-BC for 32×32 inputs halves the image in each of its two transitions
+DENSENET_MIN_IMAGE = 4
+
+
+def densenet_image_size(text: str) -> int:
+    expected = f"an integer >= {DENSENET_MIN_IMAGE} (DenseNet-BC halves the image twice)"
+    value = _integer(text, expected)
+    if value < DENSENET_MIN_IMAGE:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def _comma_separated(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _may_be_empty(parse: Callable[[str], list]) -> Callable[[str], list]:
+    """`parse`, except that '' is the empty list: the report's way to skip a section."""
+    def parse_or_skip(text: str) -> list:
+        return parse(text) if _comma_separated(text) else []
+
+    return parse_or_skip
+
+
+def _is_densenet_bc_depth(depth: int) -> bool:
+    """models.densenet_bc's rule: 3 blocks of (depth - 4) / 6 layers, at least one each."""
+    return depth >= 10 and (depth - 4) % 6 == 0
+
+
+def densenet_depths(text: str) -> list[int]:
+    expected = "comma-separated DenseNet-BC depths 6n + 4 (10, 40, 100, 160, 250, ...)"
+    depths = [_integer(item, expected) for item in _comma_separated(text)]
+    wrong = [str(depth) for depth in depths if not _is_densenet_bc_depth(depth)]
+    if wrong or not depths:
+        got = ",".join(wrong) if wrong else text
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {got!r}")
+    return depths
+
+
+def _names_from(noun: str, known: Callable[[], Sequence[str]]) -> Callable[[str], list[str]]:
+    """A type for comma-separated names, each one of `known()` (a function, so that the module
+    holding the list is imported only by the command that uses it)."""
+    def parse(text: str) -> list[str]:
+        choices, names = tuple(known()), _comma_separated(text)
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {noun} {', '.join(unknown)}; choose from {','.join(choices)}")
+        if not names:
+            raise argparse.ArgumentTypeError(
+                f"expected at least one {noun} of {','.join(choices)}, got {text!r}")
+        return names
+
+    return parse
+
+
+def _memory_impls() -> Sequence[str]:
+    from .memory import IMPLS
+
+    return IMPLS
+
+
+def _model_names() -> Sequence[str]:
+    from .models_bench import MODELS
+
+    return MODELS
+
+
+def _conversion_kinds() -> Sequence[str]:
+    from .conversion import KINDS
+
+    return KINDS
+
+
+op_names = _names_from("op", bench_cases.known_ops)
+memory_impl_names = _names_from("implementation", _memory_impls)
+model_names = _names_from("model", _model_names)
+conversion_kinds = _names_from("kind", _conversion_kinds)
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's parser, with a mistake reported as one line (no usage block: `-h` has it), like
+    the errors the commands raise; the exit code stays argparse's 2. Subparsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def memory_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--depths", default="40,100,160,250",
+    parser.add_argument("--depths", type=densenet_depths, default="40,100,160,250",
                         help="comma-separated DenseNet-BC depths, each 6n + 4 (default 40,100,160,250)")
-    parser.add_argument("--growth-rate", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--impls", default="naive,checkpoint,shared",
+    parser.add_argument("--growth-rate", type=positive_int, default=12)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--image-size", type=densenet_image_size, default=32)
+    parser.add_argument("--impls", type=memory_impl_names, default="naive,checkpoint,shared",
                         help="comma-separated subset of naive,checkpoint,shared")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtype", choices=list(_DTYPES), default="float32")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps (median reported)")
+    parser.add_argument("--steps", type=positive_int, default=3,
+                        help="timed training steps (median reported)")
 
 
 def kernels_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ops", help=f"comma-separated subset of {','.join(bench_cases.known_ops())}")
+    parser.add_argument("--ops", type=op_names,
+                        help=f"comma-separated subset of {','.join(bench_cases.known_ops())}")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtype", choices=list(_DTYPES), default="float32")
-    parser.add_argument("--reps", type=int, help="timed repetitions per side (median reported)")
-    parser.add_argument("--batch", type=int, help="batch size of every case (default: the model's)")
+    parser.add_argument("--reps", type=positive_int,
+                        help="timed repetitions per side (median reported)")
+    parser.add_argument("--batch", type=positive_int,
+                        help="batch size of every case (default: the model's)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=None,
                         help="also time a copy of the input and print each of our kernels' "
@@ -393,8 +519,8 @@ def kernels_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnkernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineErrorParser(prog="cnnkernels", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="versions, what was built, device, backend")
@@ -412,14 +538,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = bench_sub.add_parser("models", help="torchvision models, plain vs converted: "
                                                  "training step and inference")
-    models.add_argument("--models", default="mobilenet_v2,mobilenet_v3_large,resnet50,densenet121",
+    models.add_argument("--models", type=model_names,
+                        default="mobilenet_v2,mobilenet_v3_large,resnet50,densenet121",
                         help="comma-separated torchvision model names")
     models.add_argument("--quick", action="store_true", help="batch 2 at 128x128, 3 steps")
     models.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     models.add_argument("--dtype", choices=list(_DTYPES), default="float32")
-    models.add_argument("--batch", type=int, help="batch size (default 8; 2 with --quick)")
-    models.add_argument("--image-size", type=int, help="input size (default 224; 128 with --quick)")
-    models.add_argument("--reps", type=int, help="timed steps per side (default 5; 3 with --quick)")
+    models.add_argument("--batch", type=positive_int, help="batch size (default 8; 2 with --quick)")
+    models.add_argument("--image-size", type=positive_int,
+                        help="input size (default 224; 128 with --quick)")
+    models.add_argument("--reps", type=positive_int,
+                        help="timed steps per side (default 5; 3 with --quick)")
     models.add_argument("--compile", action="store_true",
                         help="also time torch.compile of the plain model (compiles each model "
                              "twice, inference and training: minutes per model on a small CPU)")
@@ -430,12 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
                                           "outputs and time both")
     conv.add_argument("model", metavar="MODEL", help="torchvision:<name> or timm:<name>, e.g. "
                                                      "torchvision:mobilenet_v3_large")
-    conv.add_argument("--include", help="comma-separated kinds (default: every kind)")
+    conv.add_argument("--include", type=conversion_kinds,
+                      help="comma-separated kinds (default: every kind)")
     conv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     conv.add_argument("--dtype", choices=list(_DTYPES), default="float32")
-    conv.add_argument("--batch", type=int, default=8)
-    conv.add_argument("--image-size", type=int, default=224)
-    conv.add_argument("--reps", type=int, default=5, help="timed steps per side")
+    conv.add_argument("--batch", type=positive_int, default=8)
+    conv.add_argument("--image-size", type=positive_int, default=224)
+    conv.add_argument("--reps", type=positive_int, default=5, help="timed steps per side")
     conv.add_argument("--json", metavar="PATH", help="also write the timings as JSON")
     conv.set_defaults(run=cmd_convert)
 
@@ -453,16 +583,21 @@ def build_parser() -> argparse.ArgumentParser:
                                         "PNG plots")
     rep.add_argument("--out", default="report", metavar="DIR", help="output folder (./report)")
     kernels_options(rep)
-    rep.add_argument("--densenet-depths", default=None, metavar="LIST",
+    rep.add_argument("--densenet-depths", type=_may_be_empty(densenet_depths), default=None,
+                     metavar="LIST",
                      help="DenseNet-BC depths for the memory section (default 40,100 with --quick, "
                           "else 40,100,160,250; '' skips it)")
-    rep.add_argument("--densenet-batch", type=int, help="its batch size (16 with --quick, else 64)")
-    rep.add_argument("--densenet-growth-rate", type=int, default=12)
-    rep.add_argument("--densenet-image-size", type=int, default=32)
-    rep.add_argument("--models", default="mobilenet_v2,mobilenet_v3_large,resnet50,densenet121",
+    rep.add_argument("--densenet-batch", type=positive_int,
+                     help="its batch size (16 with --quick, else 64)")
+    rep.add_argument("--densenet-growth-rate", type=positive_int, default=12)
+    rep.add_argument("--densenet-image-size", type=densenet_image_size, default=32)
+    rep.add_argument("--models", type=_may_be_empty(model_names),
+                     default="mobilenet_v2,mobilenet_v3_large,resnet50,densenet121",
                      help="torchvision models for the plain-vs-converted section ('' skips it)")
-    rep.add_argument("--model-batch", type=int, help="their batch size (2 with --quick, else 8)")
-    rep.add_argument("--model-reps", type=int, help="timed steps per side (3 with --quick, else 5)")
+    rep.add_argument("--model-batch", type=positive_int,
+                     help="their batch size (2 with --quick, else 8)")
+    rep.add_argument("--model-reps", type=positive_int,
+                     help="timed steps per side (3 with --quick, else 5)")
     rep.add_argument("--json", metavar="PATH", help="also write every section's results to one "
                                                     "JSON file")
     rep.set_defaults(run=cmd_report, image_size=None)
@@ -476,7 +611,7 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "report" and args.densenet_depths is None:
-        args.densenet_depths = "40,100" if args.quick else "40,100,160,250"
+        args.densenet_depths = [40, 100] if args.quick else [40, 100, 160, 250]
     try:
         return args.run(args)
     except (UsageError, ValueError, BackendUnavailableError, RuntimeError) as err:

@@ -1,5 +1,6 @@
 """The command line: info, bench kernels, and one-line errors with exit code 2."""
 import json
+import re
 import subprocess
 import sys
 
@@ -86,7 +87,7 @@ def test_convert_prints_report_check_and_timings(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("bench", "kernels", "--ops", "bogus"), "unknown op(s) bogus"),
+    (("bench", "kernels", "--ops", "bogus"), "argument --ops: unknown op bogus"),
     (("convert", "resnet18"), "MODEL must be torchvision:<name>"),
     (("convert", "torchvision:nope"), "torchvision has no model 'nope'"),
     (("convert", "torchvision:resnet18", "--include", "gelu"), "--include: unknown kind gelu"),
@@ -220,3 +221,117 @@ def test_compile_fresh_compiles_every_case_of_the_same_closure():
         fn = case(rank)
         torch.testing.assert_close(compile_fresh(fn, backend=counting_backend)(), fn())
     assert len(compiled_graphs) == limit + 3
+
+
+def run_in_process(args, capsys):
+    """(exit code, stderr) of `cnnkernels ARGS` run in this process: argparse's mistakes exit
+    through SystemExit, the commands' return 2."""
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Every benchmark, memory run and model build fails the test: a bad flag must be refused
+    before any of them starts (a report used to reject --models only minutes in)."""
+    def started(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    for name in ("run_kernel_benchmarks", "run_memory_densenet", "run_model_benchmarks",
+                 "_build_model"):
+        monkeypatch.setattr(cli, name, started)
+
+
+BAD_ARGUMENTS = [
+    # (arguments, the flag the error line must name)
+    (("memory", "densenet", "--batch-size", "0"), "--batch-size"),
+    (("memory", "densenet", "--steps", "0"), "--steps"),
+    (("memory", "densenet", "--growth-rate", "0"), "--growth-rate"),
+    (("memory", "densenet", "--image-size", "0"), "--image-size"),
+    (("memory", "densenet", "--image-size", "3"), "--image-size"),  # pooled to 0x0
+    (("memory", "densenet", "--depths", "40,41"), "--depths"),
+    (("memory", "densenet", "--depths", "4"), "--depths"),  # 6n + 4 with n = 0: no layers
+    (("memory", "densenet", "--depths", "forty"), "--depths"),
+    (("memory", "densenet", "--depths", ""), "--depths"),
+    (("memory", "densenet", "--impls", "fast"), "--impls"),
+    (("memory", "densenet", "--batch-size", "1", "--image-size", "4"), "--batch-size"),
+    (("bench", "kernels", "--reps", "-3"), "--reps"),
+    (("bench", "kernels", "--reps", "0"), "--reps"),
+    (("bench", "kernels", "--batch", "0"), "--batch"),
+    (("bench", "kernels", "--batch", "-2"), "--batch"),
+    (("bench", "kernels", "--ops", ""), "--ops"),
+    (("bench", "models", "--batch", "0"), "--batch"),
+    (("bench", "models", "--batch", "-2"), "--batch"),
+    (("bench", "models", "--reps", "0"), "--reps"),
+    (("bench", "models", "--image-size", "0"), "--image-size"),
+    (("bench", "models", "--models", ""), "--models"),
+    (("convert", "torchvision:resnet18", "--batch", "0"), "--batch"),
+    (("convert", "torchvision:resnet18", "--batch", "-2"), "--batch"),
+    (("convert", "torchvision:resnet18", "--batch", "2.5"), "--batch"),
+    (("convert", "torchvision:resnet18", "--image-size", "0"), "--image-size"),
+    (("convert", "torchvision:resnet18", "--reps", "0"), "--reps"),
+    (("convert", "torchvision:resnet18", "--include", "gelu"), "--include"),
+    (("report", "--models", "bad"), "--models"),
+    (("report", "--ops", "bogus"), "--ops"),
+    (("report", "--reps", "0"), "--reps"),
+    (("report", "--batch", "0"), "--batch"),
+    (("report", "--densenet-depths", "41"), "--densenet-depths"),
+    (("report", "--densenet-batch", "0"), "--densenet-batch"),
+    (("report", "--densenet-growth-rate", "0"), "--densenet-growth-rate"),
+    (("report", "--densenet-image-size", "0"), "--densenet-image-size"),
+    (("report", "--densenet-batch", "1", "--densenet-image-size", "7"), "--densenet-batch"),
+    (("report", "--model-batch", "0"), "--model-batch"),
+    (("report", "--model-reps", "0"), "--model-reps"),
+    (("info", "--json"), "--json"),
+]
+
+
+@pytest.mark.parametrize("args, flag", BAD_ARGUMENTS, ids=" ".join)
+def test_bad_arguments_are_refused_before_any_work(args, flag, capsys, no_work):
+    code, err = run_in_process(args, capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0, err
+    assert re.search(rf"{re.escape(flag)}[: ]", err), err  # the flag itself, not --batch-size
+    assert "Traceback" not in err
+
+
+def test_explicit_values_are_kept_not_replaced_by_defaults(monkeypatch):
+    """An explicit --reps 1 or --batch 1 must reach the benchmark as given (0 used to read as
+    'unset' and silently become the default)."""
+    seen = {}
+    monkeypatch.setattr(cli, "run_model_benchmarks",
+                        lambda names, args: seen.update(vars(args)) or {})
+    assert cli.main(["bench", "models", "--models", "resnet50", "--batch", "1", "--reps", "1",
+                     "--image-size", "16"]) == 0
+    assert (seen["models"], seen["model_batch"], seen["model_reps"], seen["image_size"]) == (
+        ["resnet50"], 1, 1, 16)
+
+
+def test_info_json_into_a_missing_nested_folder(tmp_path, capsys):
+    out = tmp_path / "not" / "yet" / "info.json"
+    assert cli.main(["info", "--json", str(out)]) == 0
+    assert "cpu_ext" in json.loads(out.read_text())
+
+
+def test_json_where_a_file_blocks_the_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    code, err = run_in_process(["info", "--json", str(tmp_path / "a_file" / "info.json")], capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and "--json: cannot create" in err
+    assert "Traceback" not in err
+
+
+def test_memory_json_and_plot_into_missing_folders(tmp_path, capsys, monkeypatch):
+    """The files are written after minutes of measurements: a missing folder must not lose them.
+    (The measurements are replaced by a canned result here.)"""
+    row = {"depth": 10, "impl": "naive", "params": 1, "peak_mib": 1.0, "saved_mib": 0.5,
+           "step_s": 0.1, "peak_vs_naive": 1.0, "time_vs_naive": 1.0}
+    monkeypatch.setattr(cli, "run_memory_densenet",
+                        lambda args: {"title": "canned", "rows": [row]})
+    json_path, plot_path = tmp_path / "j" / "k" / "memory.json", tmp_path / "p" / "memory.png"
+    assert cli.main(["memory", "densenet", "--depths", "10", "--json", str(json_path),
+                     "--plot", str(plot_path)]) == 0
+    assert json.loads(json_path.read_text())["rows"] == [row]
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
