@@ -38,10 +38,10 @@ TORCHVISION_MODELS = [
 TORCHVISION_SLOW = ["resnet34", "densenet169", "wide_resnet50_2", "vgg11_bn", "regnet_y_800mf",
                     "mnasnet1_0", "shufflenet_v2_x1_0", "efficientnet_b2"]
 TIMM_MODELS = [
-    "densenet121", "mobilenetv2_100", "mobilenetv3_small_100", "mobilenetv3_large_100",
-    "efficientnet_b0", "efficientnet_lite0", "resnet18", "resnet26", "mnasnet_100",
-    "spnasnet_100", "tinynet_e", "fbnetc_100", "lcnet_050", "semnasnet_050",
+    "densenet121", "mobilenetv2_100", "mobilenetv3_small_100", "efficientnet_b0",
+    "efficientnet_lite0", "resnet18", "resnet26", "tinynet_e", "lcnet_050", "semnasnet_050",
 ]
+TIMM_SLOW = ["mobilenetv3_large_100", "mnasnet_100", "spnasnet_100", "fbnetc_100"]
 RATIO_LIMIT = 3.0
 FLOOR = 1e-6  # outputs that are exactly equal on every side
 
@@ -176,7 +176,8 @@ def _changed_by_convert(model: nn.Module) -> bool:
 
 TRAINING_CASES = [("torchvision", n) for n in TORCHVISION_MODELS] + \
     [pytest.param("torchvision", n, marks=pytest.mark.slow) for n in TORCHVISION_SLOW] + \
-    [("timm", n) for n in TIMM_MODELS]
+    [("timm", n) for n in TIMM_MODELS] + \
+    [pytest.param("timm", n, marks=pytest.mark.slow) for n in TIMM_SLOW]
 
 
 @pytest.mark.parametrize("source, name", TRAINING_CASES)
