@@ -713,3 +713,47 @@ def test_zero_channels():
     y = empty(x)
     y.sum().backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
+
+
+# --- the layer under hostile arguments ---------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"eps": 0.0}, "eps must be a positive number"), ({"eps": -1e-5}, "eps must be a positive"),
+    ({"momentum": 1.5}, r"momentum must be in \[0, 1\] or None"),
+    ({"momentum": -0.1}, r"momentum must be in \[0, 1\] or None")])
+def test_layer_refuses_bad_eps_and_momentum(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BatchNormAct2d(4, **kwargs)
+
+
+def test_layer_with_momentum_none_keeps_a_cumulative_average():
+    torch.manual_seed(0)
+    ours = BatchNormAct2d(4, momentum=None, activation="relu")
+    reference = nn.BatchNorm2d(4, momentum=None)
+    for _ in range(3):
+        x = torch.randn(2, 4, 5, 5)
+        torch.testing.assert_close(ours(x), torch.relu(reference(x)))
+    torch.testing.assert_close(ours.running_mean, reference.running_mean)
+    torch.testing.assert_close(ours.running_var, reference.running_var)
+
+
+def test_layer_resets_like_batchnorm_after_deferred_initialisation():
+    """Built on meta, then to_empty + reset_parameters: nn.BatchNorm2d's fresh state, and finite
+    outputs in eval."""
+    with torch.device("meta"):
+        ours = BatchNormAct2d(6, activation="relu6")
+    ours = ours.to_empty(device="cpu")
+    ours.reset_parameters()
+    fresh = nn.BatchNorm2d(6)
+    for name, value in fresh.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], value)
+    y = ours.eval()(torch.randn(2, 6, 3, 3))
+    assert torch.isfinite(y).all()
+
+
+def test_layer_runs_on_meta_tensors():
+    with torch.device("meta"):
+        ours = BatchNormAct2d(6, activation="hardswish")
+    for training in (True, False):
+        y = ours.train(training)(torch.empty(2, 6, 3, 3, device="meta"))
+        assert y.device.type == "meta" and y.shape == (2, 6, 3, 3)

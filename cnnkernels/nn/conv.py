@@ -7,9 +7,8 @@ import math
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import _pair
-
 from .. import _extension, backend, ops
+from ..ops._args import as_int, as_int_pair
 from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS, matmul_applies
 
 
@@ -46,6 +45,13 @@ def is_plain_1x1(conv: nn.Conv2d) -> bool:
         conv.stride[0] == conv.stride[1]
 
 
+def _positive_pair(value, name: str) -> tuple[int, int]:
+    pair = tuple(as_int_pair(value, "DepthwiseConv2d", name))
+    if min(pair) < 1:
+        raise ValueError(f"DepthwiseConv2d: {name} must be >= 1, got {value!r}")
+    return pair
+
+
 class DepthwiseConv2d(nn.Module):
     """Depthwise convolution with our kernels. Parameters `weight` [C*m, 1, kh, kw] and `bias`
     [C*m] carry the same names, shapes and initialisation as nn.Conv2d(C, C*m, k, groups=C), so
@@ -57,6 +63,8 @@ class DepthwiseConv2d(nn.Module):
     def __init__(self, in_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True, channel_multiplier: int = 1, device=None, dtype=None) -> None:
         super().__init__()
+        in_channels = as_int(in_channels, "DepthwiseConv2d", "in_channels")
+        channel_multiplier = as_int(channel_multiplier, "DepthwiseConv2d", "channel_multiplier")
         if in_channels <= 0 or channel_multiplier <= 0:
             raise ValueError(f"DepthwiseConv2d: in_channels and channel_multiplier must be "
                              f"positive, got {in_channels} and {channel_multiplier}")
@@ -64,10 +72,16 @@ class DepthwiseConv2d(nn.Module):
         self.in_channels = in_channels
         self.channel_multiplier = channel_multiplier
         self.out_channels = in_channels * channel_multiplier
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.dilation = _pair(dilation)
+        self.kernel_size = _positive_pair(kernel_size, "kernel_size")
+        self.stride = _positive_pair(stride, "stride")
+        if isinstance(padding, str) and padding not in ("same", "valid"):
+            raise ValueError("DepthwiseConv2d: expected argument 'padding' to be an int, a pair "
+                             f"of ints, 'same' or 'valid', got {padding!r}")
+        self.padding = padding if isinstance(padding, str) else \
+            tuple(as_int_pair(padding, "DepthwiseConv2d", "padding"))
+        if isinstance(self.padding, tuple) and min(self.padding) < 0:
+            raise ValueError(f"DepthwiseConv2d: padding must be >= 0, got {padding!r}")
+        self.dilation = _positive_pair(dilation, "dilation")
         self.weight = nn.Parameter(torch.empty(self.out_channels, 1, *self.kernel_size, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))

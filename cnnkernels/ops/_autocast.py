@@ -8,7 +8,10 @@ import torch
 
 def cast_for_autocast(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
     """(x, *tensors) in the autocast dtype of x's device when autocast is on there, else as given."""
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+    # meta (and other devices autocast has no dispatch key for) ask first: is_autocast_enabled
+    # raises for them
+    if not isinstance(x, torch.Tensor) or not torch.amp.is_autocast_available(x.device.type) or \
+            not torch.is_autocast_enabled(x.device.type):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t

@@ -10,7 +10,9 @@ normalised tensor or the activation output: one pass for the per-channel sums Σ
 with dz = act'(pre)·grad recomputed (`batch_norm_act_backward_reduce`), then one pass writing
 dx (and dresidual = dz) (`batch_norm_act_backward_elemt`). With `process_group` (SyncBN) the
 forward's statistics and the backward's sums are combined across ranks between the passes, so
-the result equals BatchNorm over the concatenated batch.
+the result equals BatchNorm over the concatenated batch. Under create_graph=True (double
+backward) the gradients come from autograd through the op in torch ops instead of these kernels,
+so that they can be differentiated again (not with SyncBN over several ranks: refused).
 
 Kernels: C++ (csrc/cpu/batch_norm_act_kernel.cpp), CUDA (csrc/cuda/batch_norm_act_kernel.cu),
 Triton (cnnkernels/triton/batch_norm_act.py); on CUDA without compiled CUDA kernels the Triton
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from .. import _extension, activations, backend
 from ..reference import affine_act as affine_reference
 from ..reference import batch_norm_act as reference
+from . import _args, _autograd
 from .affine_act import _compute_dtype
 
 _OP = "batch_norm_act"
@@ -90,9 +93,17 @@ def _kernels(x: torch.Tensor) -> _Kernels:
         return _Kernels(_triton.stats, _triton.fold, _triton.backward_reduce,
                         _triton.backward_coefs, _triton.backward_elemt,
                         torch.ops.cnnkernels.affine_act_triton)
-    return _Kernels(reference.stats, reference.fold, reference.backward_reduce,
+    return _Kernels(_reference_stats, reference.fold, reference.backward_reduce,
                     reference.backward_coefs, reference.backward_elemt,
                     affine_reference.affine_act)
+
+
+def _reference_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's (mean, biased var), the mean as ATen's batch norm takes it (sum / count):
+    torch.var_mean's running (Welford) mean turns a channel holding an inf into NaN, where
+    F.batch_norm's running_mean becomes inf."""
+    _, var = reference.stats(x)
+    return x.to(var.dtype).mean([d for d in range(x.dim()) if d != 1]), var
 
 
 # --- SyncBN: combining per-rank statistics and sums ----------------------------------------------
@@ -161,13 +172,17 @@ class _BatchNormAct(torch.autograd.Function):
         y = k.affine(x, scale, shift, code, negative_slope, residual)
         ctx.config = (training, count, code, negative_slope, process_group,
                       None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        ctx.save_for_backward(x, residual, mean, invstd, scale, shift)
+        ctx.eps = eps
+        # weight and bias (the arguments, no copies) only for create_graph=True
+        ctx.save_for_backward(x, residual, mean, invstd, scale, shift, weight, bias)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         training, count, code, negative_slope, process_group, weight_dtype, bias_dtype = ctx.config
-        x, residual, mean, invstd, scale, shift = ctx.saved_tensors
+        x, residual, mean, invstd, scale, shift, weight, bias = ctx.saved_tensors
+        if _autograd.creating_graph():
+            return _differentiable_gradients(ctx, grad, x, weight, bias, residual, mean, invstd)
         k = _kernels(x)
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         sum_dz = dz_xhat = k_xmu = k_1 = None
@@ -192,6 +207,39 @@ class _BatchNormAct(torch.autograd.Function):
             grad_x = grad_x if need_x else None
             grad_r = grad_r if need_r else None
         return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None, None, None
+
+
+def _differentiable_gradients(ctx, grad, x, weight, bias, residual, mean, invstd) -> tuple:
+    """The backward for create_graph=True, by autograd through the op in torch ops (our backward
+    kernels have no autograd of their own): training normalises with x's own statistics,
+    evaluation with the saved running ones (constants, as in F.batch_norm)."""
+    training, count, code, negative_slope, process_group = ctx.config[:5]
+    if training and process_group is not None and _world_size(process_group) > 1:
+        raise RuntimeError(f"cnnkernels.ops.{_OP}: double backward (create_graph=True) is not "
+                           "supported with a process_group (SyncBN) over several ranks; use "
+                           "nn.SyncBatchNorm for that")
+    compute = mean.dtype
+    view = [1, -1] + [1] * (x.dim() - 2)
+    eps = ctx.eps
+
+    def forward(x, weight, bias, residual):
+        xc = x.to(compute)
+        if training:
+            var, batch_mean = torch.var_mean(xc, [d for d in range(x.dim()) if d != 1],
+                                             correction=0)
+            normalised = (xc - batch_mean.view(view)) * torch.rsqrt(var + eps).view(view)
+        else:
+            normalised = (xc - mean.view(view)) * invstd.view(view)
+        pre = normalised if weight is None else normalised * weight.to(compute).view(view)
+        if bias is not None:
+            pre = pre + bias.to(compute).view(view)
+        if residual is not None:
+            pre = pre + residual.to(compute)
+        return _autograd.activation_for_recompute(pre, code, negative_slope).to(x.dtype)
+
+    grads = _autograd.gradients_by_recompute(forward, (x, weight, bias, residual),
+                                             ctx.needs_input_grad[:4], grad)
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def _strided_rows(x) -> bool:
@@ -237,6 +285,42 @@ def _check(x, weight, bias, residual, running_mean, running_var, training):
         raise ValueError(f"{_OP}: evaluation (training=False) needs running_mean and running_var")
 
 
+def _check_eps(eps) -> float:
+    value = _args.as_real(eps, _OP, "eps")
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{_OP}: expected argument 'eps' to be a finite number > 0 (eps = 0 "
+                         f"divides by zero on a constant channel), got {eps!r}")
+    return value
+
+
+def _momentum_factor(momentum, num_batches_tracked, updates_running: bool) -> float:
+    """The running statistics' update weight: momentum, or with momentum None 1 / the count of
+    batches (num_batches_tracked, incremented here), nn.BatchNorm2d's cumulative average."""
+    if momentum is not None:
+        value = _args.as_real(momentum, _OP, "momentum")
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{_OP}: expected argument 'momentum' to be in [0, 1] or None, got "
+                             f"{momentum!r}")
+    if num_batches_tracked is not None:
+        _args.check_tensor(num_batches_tracked, _OP, "num_batches_tracked")
+        if num_batches_tracked.numel() != 1 or num_batches_tracked.is_floating_point() or \
+                num_batches_tracked.dtype == torch.bool:
+            raise ValueError(f"{_OP}: expected argument 'num_batches_tracked' to be a one-element "
+                             f"integer tensor (nn.BatchNorm2d's buffer), got "
+                             f"{tuple(num_batches_tracked.shape)} {num_batches_tracked.dtype}")
+    if not updates_running:
+        return 0.0 if momentum is None else value
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError(f"{_OP}: momentum=None (a cumulative average of the batch statistics) "
+                         "needs the count of batches seen: pass num_batches_tracked (a one-element "
+                         "integer tensor, as nn.BatchNorm2d's buffer), or a momentum in [0, 1]")
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            return 1.0 / float(num_batches_tracked)
+    return value
+
+
 def _check_batch_stats(x, batch_stats) -> None:
     compute = _compute_dtype(x.dtype)
     if not isinstance(batch_stats, (tuple, list)) or len(batch_stats) != 2:
@@ -256,16 +340,25 @@ def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
                    training: bool, momentum: float = 0.1, eps: float = 1e-5,
                    activation: str = "relu", negative_slope: float = 0.01, *,
                    residual: torch.Tensor | None = None, process_group=None,
-                   batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   num_batches_tracked: torch.Tensor | None = None) -> torch.Tensor:
     """act(batch_norm(x, ...) + residual) with F.batch_norm's arguments: training uses the batch
     statistics and updates running_mean / running_var in place with `momentum` (unbiased variance),
     evaluation uses them. `residual` (x's shape) is added before the activation. `process_group`
     (a torch.distributed group, or WORLD for the default one) makes it SyncBN: statistics and
     gradient sums over all its ranks, when torch.distributed is initialised. `batch_stats`:
     (mean, biased var) of x per channel in the compute type, when already known (from
-    pointwise_conv2d_stats): training then skips its statistics pass; ignored in evaluation."""
+    pointwise_conv2d_stats): training then skips its statistics pass; ignored in evaluation.
+
+    `eps` > 0. `momentum` in [0, 1], or None for nn.BatchNorm2d's cumulative average, which needs
+    `num_batches_tracked` (a one-element integer tensor, nn.BatchNorm2d's buffer of that name):
+    when training updates the running statistics, the op adds 1 to it in place, as
+    nn.BatchNorm2d.forward does, and momentum None then weighs this batch 1 / num_batches_tracked."""
     code = activations.activation_code(activation)
     _check(x, weight, bias, residual, running_mean, running_var, training)
+    eps = _check_eps(eps)
+    momentum = _momentum_factor(momentum, num_batches_tracked,
+                                training and running_mean is not None)
     if batch_stats is not None:
         _check_batch_stats(x, batch_stats)
     needs_grad = torch.is_grad_enabled() and any(

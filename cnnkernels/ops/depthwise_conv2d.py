@@ -7,6 +7,8 @@ equals F.conv2d(x, weight, bias, stride, padding, dilation, groups=C) for weight
 (channel multiplier m >= 1), followed, when asked, by the inference epilogue
 act(scale * conv + shift) per output channel (a folded BatchNorm and an activation in the same
 pass). Gradients for x, weight and bias; the epilogue is for inference (no autograd through it).
+Under create_graph=True (double backward) the gradients come from F.conv2d's autograd instead of
+our gradient kernels, so that they can be differentiated again.
 Output in the input's memory format (channels_last in, channels_last out).
 Kernels: csrc/cpu/depthwise_conv2d_kernel.cpp, csrc/cuda/depthwise_conv2d_kernel.cu (not yet
 run on a GPU; see AUTO_KERNELS), cnnkernels/triton/depthwise_conv2d.py.
@@ -20,7 +22,7 @@ import torch
 from .. import _extension, activations, backend
 from ._autocast import cast_for_autocast
 from ..reference import depthwise_conv2d as reference
-from . import _autograd
+from . import _args, _autograd
 
 IntPair = Union[int, Sequence[int]]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -34,12 +36,7 @@ _OP = "depthwise_conv2d"
 
 
 def _pair(value: IntPair, name: str) -> list[int]:
-    if isinstance(value, int):
-        return [value, value]
-    values = list(value)
-    if len(values) != 2 or not all(isinstance(v, int) for v in values):
-        raise ValueError(f"{_OP}: '{name}' must be an int or a pair of ints, got {value!r}")
-    return values
+    return _args.as_int_pair(value, _OP, name)
 
 
 def _same_padding(kernel: list[int], stride: list[int], dilation: list[int]) -> list[int]:
@@ -52,10 +49,17 @@ def _same_padding(kernel: list[int], stride: list[int], dilation: list[int]) -> 
     return [t // 2 for t in total]
 
 
+def _check_types(x, weight, bias, scale, shift) -> None:
+    _args.check_tensor(x, _OP, "x")
+    _args.check_tensor(weight, _OP, "weight")
+    for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
+        _args.check_optional_tensor(t, _OP, name)
+
+
 def _check_tensors(x, weight, bias, scale, shift) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+    if x.dim() != 4:
         raise ValueError(f"{_OP}: expected 'x' to be a 4-D tensor [N, C, H, W], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+                         f"{tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{_OP}: expected 'x' to be a float32, float16, bfloat16 or float64 "
                         f"tensor, got {x.dtype}")
@@ -96,9 +100,13 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      stride: IntPair = 1, padding: IntPair | str = 0, dilation: IntPair = 1, *,
                      scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
                      activation: str = "identity", negative_slope: float = 0.01) -> torch.Tensor:
+    _check_types(x, weight, bias, scale, shift)
     x, weight, bias = cast_for_autocast(x, weight, bias)
     _check_tensors(x, weight, bias, scale, shift)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if isinstance(padding, str) and padding not in ("same", "valid"):
+        raise ValueError(f"{_OP}: expected argument 'padding' to be an int, a pair of ints, "
+                         f"'same' or 'valid', got {padding!r}")
     if padding == "same":
         padding = _same_padding(list(weight.shape[2:]), stride, dilation)
     elif padding == "valid":
@@ -154,6 +162,8 @@ def _register(forward: str, backward_input: str, backward_weight: str,
             raise RuntimeError(f"{_OP}: no gradient through the fused inference epilogue")
         x, weight = ctx.saved_tensors
         stride, padding, dilation = ctx.geometry
+        if _autograd.creating_graph():
+            return _differentiable_gradients(ctx, grad_output, x, weight)
         # grad_x comes out in grad_output's memory format: make that x's, as F.conv2d's does.
         grad_output = grad_output.contiguous(memory_format=_output_format(x))
         grad_x = grad_w = grad_b = None
@@ -170,6 +180,20 @@ def _register(forward: str, backward_input: str, backward_weight: str,
     if with_fakes:
         _register_fakes(forward, backward_input, backward_weight)
     return formula
+
+
+def _differentiable_gradients(ctx, grad_output, x, weight) -> tuple:
+    """The backward as F.conv2d's, for create_graph=True (our gradient kernels have no autograd of
+    their own)."""
+    stride, padding, dilation = ctx.geometry
+
+    def forward(x, weight):
+        return reference.depthwise_conv2d(x, weight, None, stride, padding, dilation)
+
+    grad_x, grad_w = _autograd.gradients_by_recompute(forward, (x, weight),
+                                                      ctx.needs_input_grad[:2], grad_output)
+    grad_b = grad_output.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _register_fakes(forward: str, backward_input: str, backward_weight: str) -> None:

@@ -20,7 +20,10 @@ def copy_to_channels_last_(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`out.copy_(x)` for an NCHW-contiguous x and an out whose pixels are rows of channels (a
     channels_last tensor, or a channel slice of one): on the CPU by register transposes, 2-3x
     ATen's copy in that direction on the dev VM. Returns out."""
-    if out.device.type == "cpu" and _extension.cpu_ext and out.dim() == 4 and x.dim() == 4:
+    # a meta (or any non-CPU) x goes to copy_, which refuses what it must ("Cannot copy out of
+    # meta tensor") instead of the kernel reading no data
+    if out.device.type == "cpu" and x.device.type == "cpu" and _extension.cpu_ext and \
+            out.dim() == 4 and x.dim() == 4:
         torch.ops.cnnkernels.copy_to_channels_last_(out, x)
     else:
         out.copy_(x)

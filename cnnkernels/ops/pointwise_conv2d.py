@@ -22,6 +22,9 @@ backward (grad_W's loads recompute it, grad_x's store applies its derivative); o
 backends one elementwise pass (our affine_act kernel) before the GEMM, inside an autograd
 Function that saves x, not the normalised tensor, and recomputes it in backward.
 
+Under create_graph=True (double backward) every backend's gradients come from autograd through
+the op in torch ops (F.conv2d and the epilogue), so that they can be differentiated again.
+
 pointwise_conv2d_stats also returns the mean and biased variance of each output channel, for a
 following training-mode BatchNorm: the Triton GEMM computes them from its output tiles in
 registers; the other backends read the output once more.
@@ -33,7 +36,8 @@ import torch.nn.functional as F
 
 from .. import _extension, activations, backend
 from ..reference import pointwise_conv2d as reference
-from ..reference.activation import activation_backward
+from ..reference.activation import activation_backward, apply_activation
+from . import _args, _autograd
 from ._autocast import cast_for_autocast
 from .affine_act import _compute_dtype, affine_act
 
@@ -154,11 +158,15 @@ def _pointwise_conv2d(x, weight, bias, stride, groups, scale, shift, activation,
     """(y, mean, var), mean and var None unless `stats` and the Triton kernel computed them."""
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         weight = weight[:, :, None, None]
+    stride, groups = _args.as_int(stride, _OP, "stride"), _args.as_int(groups, _OP, "groups")
     x, weight, residual = cast_for_autocast(x, weight, residual)
     _check(x, weight, bias, stride, groups, scale, shift, residual)
     _check_prologue(x, input_scale, input_shift)
     code = activations.activation_code(activation)
     input_code = activations.activation_code(input_activation)
+    if x.shape[1] == 0:
+        return _no_input_channels(x, weight, bias, stride, scale, shift, residual, code,
+                                  float(negative_slope)), None, None
     has_prologue = input_scale is not None or input_shift is not None or \
         input_code != activations.IDENTITY
     if has_prologue and _triton_gemm(x):
@@ -180,6 +188,23 @@ def _pointwise_conv2d(x, weight, bias, stride, groups, scale, shift, activation,
                                    shift, residual, code, float(negative_slope)), None, None
     return _conv(x, weight, bias, stride, groups, scale, shift, residual, code,
                  float(negative_slope), stats)
+
+
+def _no_input_channels(x, weight, bias, stride, scale, shift, residual, code, negative_slope):
+    """The op with C_in = 0: the convolution is zeros (F.conv2d returns no output channels
+    there, oneDNN has no primitive for it), then the epilogue; gradients for every tensor
+    (zeros for x and weight, which are empty)."""
+    size = (x.shape[0], weight.shape[0], (x.shape[2] - 1) // stride + 1,
+            (x.shape[3] - 1) // stride + 1)
+    s, t = reference.epilogue_vectors(x, weight.shape[0], bias, scale, shift)
+    # x and weight are empty: their sums are exactly 0, and tie them into the graph
+    empty_sum = (x.sum() + weight.sum()).to(s.dtype)
+    z = torch.zeros(size, dtype=s.dtype, device=x.device) + empty_sum
+    pre = z * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1)
+    if residual is not None:
+        pre = pre + residual.to(s.dtype)
+    y = apply_activation(pre, code, negative_slope).to(x.dtype)
+    return y.contiguous(memory_format=_layout(x))
 
 
 def _conv(x, weight, bias, stride, groups, scale, shift, residual, code, negative_slope,
@@ -206,6 +231,7 @@ def _conv(x, weight, bias, stride, groups, scale, shift, residual, code, negativ
         z = F.conv2d(x, weight, None, stride, 0, 1, groups)
         s, t = reference.epilogue_vectors(x, weight.shape[0], bias, scale, shift)
         return affine_act(z, s, t, activation, negative_slope, residual=residual, out=z), None, None
+    x, stride = stride_one_input(x, stride)
     return reference.pointwise_conv2d(x, weight, bias, stride, groups, scale, shift, residual, code,
                                       float(negative_slope)), None, None
 
@@ -263,7 +289,9 @@ class _TritonConv(torch.autograd.Function):
         ctx.config = (stride, groups, code, negative_slope)
         ctx.prologue = None if prologue is None else prologue[2:]  # activation code, slope
         in_scale, in_shift = (None, None) if prologue is None else prologue[:2]
-        ctx.save_for_backward(x, weight, bias, scale, shift, residual, y, in_scale, in_shift)
+        # the prologue's arguments themselves too: create_graph=True differentiates from them
+        ctx.save_for_backward(x, weight, bias, scale, shift, residual, y, in_scale, in_shift,
+                              input_scale, input_shift)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -276,13 +304,21 @@ def _triton_gradients(ctx, grad):
     """_TritonConv's gradients, in the order of its forward's arguments."""
     from ..triton import pointwise_conv2d as _triton  # noqa: F401  (registers the op)
 
-    x, weight, bias, scale, shift, residual, y, in_scale, in_shift = ctx.saved_tensors
+    x, weight, bias, scale, shift, residual, y, in_scale, in_shift, input_scale, input_shift = \
+        ctx.saved_tensors
     stride, groups, code, negative_slope = ctx.config
     needs = ctx.needs_input_grad
     need_x, need_w, need_b, need_s, need_t, need_r = (needs[i] for i in (0, 1, 2, 5, 6, 7))
     need_in_scale, need_in_shift = needs[11], needs[12]
     prologue = ctx.prologue
     in_code, in_slope = prologue if prologue is not None else (activations.IDENTITY, 0.01)
+    if _autograd.creating_graph():
+        g = _differentiable_gradients(
+            grad, (x, weight, bias, scale, shift, residual, input_scale, input_shift),
+            (need_x, need_w, need_b, need_s, need_t, need_r, need_in_scale, need_in_shift),
+            ctx.config, (in_code, in_slope))
+        return (g[0], g[1], g[2], None, None, g[3], g[4], g[5], None, None, None, g[6], g[7],
+                None, None)
     grad_scale = grad_residual = None
     act = code
     if need_s or need_r or code not in (activations.IDENTITY, activations.RELU):
@@ -336,6 +372,13 @@ class _PrologueConv(torch.autograd.Function):
         input_activation, input_slope = ctx.prologue
         stride, groups, code, negative_slope = ctx.config
         needs = ctx.needs_input_grad
+        if _autograd.creating_graph():
+            g = _differentiable_gradients(
+                grad, (x, weight, bias, scale, shift, residual, input_scale, input_shift),
+                tuple(needs[i] for i in (0, 5, 6, 9, 10, 11, 1, 2)), ctx.config,
+                (activations.activation_code(input_activation), input_slope))
+            return (g[0], g[6], g[7], None, None, g[1], g[2], None, None, g[3], g[4], g[5], None,
+                    None)
         need_prologue = needs[0] or needs[1] or needs[2]
         u = _prologue(x, input_scale, input_shift, input_activation, input_slope)
         grad_u, grad_w, grad_b, grad_s, grad_t, grad_r = _gradients(
@@ -361,6 +404,34 @@ class _PrologueConv(torch.autograd.Function):
                 grad_s, grad_t, grad_r, None, None)
 
 
+# --- create_graph=True: gradients autograd can differentiate again ------------------------------
+
+def _differentiable_gradients(grad, inputs, needs, config, prologue=(activations.IDENTITY, 0.01)):
+    """Gradients for inputs (x, weight, bias, scale, shift, residual, input_scale, input_shift)
+    by autograd through the op in torch ops (our GEMM and prologue kernels have no autograd of
+    their own), for create_graph=True."""
+    stride, groups, code, negative_slope = config
+    in_code, in_slope = prologue
+
+    def forward(x, weight, bias, scale, shift, residual, input_scale, input_shift):
+        u = x
+        if input_scale is not None or input_shift is not None or in_code != activations.IDENTITY:
+            view = (1, -1, 1, 1)
+            pre = x.to(_compute_dtype(x.dtype))
+            pre = pre if input_scale is None else pre * input_scale.view(view)
+            pre = pre if input_shift is None else pre + input_shift.view(view)
+            u = _autograd.activation_for_recompute(pre, in_code, in_slope).to(x.dtype)
+        u, sampled_stride = stride_one_input(u, stride)
+        z = F.conv2d(u, weight, None, sampled_stride, 0, 1, groups)
+        s, t = reference.epilogue_vectors(x, weight.shape[0], bias, scale, shift)
+        pre = z.to(s.dtype) * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1)
+        if residual is not None:
+            pre = pre + residual.to(s.dtype)
+        return _autograd.activation_for_recompute(pre, code, negative_slope).to(x.dtype)
+
+    return _autograd.gradients_by_recompute(forward, inputs, needs, grad)
+
+
 # --- autograd of the C++ op ---------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
@@ -380,6 +451,13 @@ def _backward_with_config(ctx, grad):
     # (a call with bias=None and nothing after it has two inputs here): pad with 'not needed'
     needs = tuple(ctx.needs_input_grad) + (False,) * 8
     need_x, need_w, need_b, _, _, need_s, need_t, need_r = needs[:8]
+    if _autograd.creating_graph():
+        grads = _differentiable_gradients(
+            grad, (x, weight, bias, scale, shift, residual, None, None),
+            (need_x, need_w, need_b, need_s, need_t, need_r), ctx.config)
+        grad_x, grad_w, grad_bias, grad_scale, grad_shift, grad_residual = grads[:6]
+        return grad_x, grad_w, grad_bias, None, None, grad_scale, grad_shift, grad_residual, \
+            None, None
     grad_x, grad_w, grad_bias, grad_scale, grad_shift, grad_residual = _gradients(
         grad, x, weight, bias, scale, shift, residual, y, stride, groups, code, negative_slope,
         (need_x, need_w, need_b, need_s, need_t, need_r))
@@ -405,10 +483,41 @@ def _gradients(grad, x, weight, bias, scale, shift, residual, y, stride, groups,
         if matmul_applies(x, stride, groups):
             grad_x, grad_w = _matmul_gradients(dz, x, weight, need_x, need_w)
         else:
-            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                dz, x, weight, None, [stride, stride], [0, 0], [1, 1], False, [0, 0], groups,
-                [need_x, need_w, False])
+            grad_x, grad_w = _convolution_backward(dz, x, weight, stride, groups, need_x, need_w)
     return grad_x, grad_w, grad_bias, grad_scale, grad_shift, grad_residual
+
+
+def stride_one_input(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, int]:
+    """(x[:, :, ::stride, ::stride] dense in x's layout, 1) for a CPU x with stride > 1, else
+    (x, stride): a 1x1 convolution of either is the same. On the CPU, torch's (oneDNN's) weight
+    gradient of a channels_last 1x1 stride-2 convolution corrupts memory (seen with torch 2.14.1,
+    oneDNN 3.12, 1 and 2 threads: crashes, hangs or wrong weight gradients from 48x48 inputs up,
+    tests/test_pointwise_conv2d.py::test_strided_channels_last_weight_gradient_avoids_torch_bug);
+    at stride 1 it is right."""
+    if stride == 1 or x.device.type != "cpu" or x.dim() != 4:
+        return x, stride
+    sampled = x[:, :, ::stride, ::stride]
+    return sampled.contiguous(memory_format=_layout(x)), 1
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _convolution_backward(dz, x, weight, stride, groups, need_x, need_w):
+    """(grad_x, grad_w) of the 1x1 convolution, at stride 1 on the sampled input where
+    stride_one_input says so (grad_x scattered back into x's shape, zeros between samples)."""
+    sampled, sampled_stride = stride_one_input(x, stride)
+    grad_sampled, grad_w, _ = torch.ops.aten.convolution_backward(
+        dz, sampled, weight, None, [sampled_stride] * 2, [0, 0], [1, 1], False, [0, 0], groups,
+        [need_x, need_w, False])
+    if grad_sampled is None or sampled is x:
+        return grad_sampled, grad_w
+    grad_x = torch.zeros_like(x, memory_format=_layout(x))
+    grad_x[:, :, ::stride, ::stride] = grad_sampled
+    return grad_x, grad_w
 
 
 def matmul_applies(x, stride, groups) -> bool:
@@ -463,8 +572,10 @@ def _output_side(grad, x, weight, bias, scale, shift, residual, y, stride, group
     z = None
     if code == activations.CODES["identity"]:
         dpre = grad.to(compute)
-    elif code == activations.CODES["relu"]:  # relu'(pre) = [pre > 0] = [y > 0]
-        dpre = torch.where(y > 0, grad, torch.zeros_like(grad)).to(compute)
+    elif code == activations.CODES["relu"]:
+        # relu'(pre) from y = relu(pre) as threshold_backward takes it: 0 where y <= 0, else 1,
+        # NaN included (torch passes the gradient through a NaN)
+        dpre = torch.ops.aten.threshold_backward(grad, y, 0).to(compute)
     else:  # recompute the activation's input: one more GEMM
         z = F.conv2d(x, weight, None, stride, 0, 1, groups).to(compute)
         s, t = reference.epilogue_vectors(x, weight.shape[0], bias, scale, shift)

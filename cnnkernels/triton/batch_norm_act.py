@@ -110,9 +110,11 @@ def _pair_sums(mode, x, grad, residual, scale, shift, center, activation, negati
 
 
 def _anchor(x: torch.Tensor) -> torch.Tensor:
-    """K: each channel's first value (index 0 of every other dim)."""
+    """K: each channel's first value (index 0 of every other dim), 0 where that is not finite:
+    an infinite K would make x − K NaN and the mean NaN where torch's is ±inf."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.select(0, 0).reshape(x.shape[1], -1)[:, 0].to(compute).contiguous()
+    first = x.select(0, 0).reshape(x.shape[1], -1)[:, 0].to(compute)
+    return torch.where(torch.isfinite(first), first, torch.zeros_like(first)).contiguous()
 
 
 @torch.library.triton_op("cnnkernels::batch_norm_act_stats_triton", mutates_args=())

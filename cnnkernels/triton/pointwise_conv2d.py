@@ -185,8 +185,8 @@ def pointwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.
 # to the convolution's backward) and u the prologue of x:
 #     grad_u[m, k] = Σ_n dz[m, n] · W[n, k]            (_grad_input_kernel, over output channels)
 #     grad_W[n, k] = Σ_m dz[m, n] · u[m, k]            (_grad_weight_kernel, over output pixels)
-# act'(pre) is taken in the loads of grad: for identity it is 1, for ReLU [y > 0] (y = relu(pre),
-# so the saved output is enough). Other activations need pre, which only a recomputed GEMM gives:
+# act'(pre) is taken in the loads of grad: for identity it is 1, for ReLU 0 where y <= 0, else 1
+# (y = relu(pre), so the saved output is enough; NaN included, as torch). Other activations need pre, which only a recomputed GEMM gives:
 # the caller hands these kernels grad · act'(pre) instead, with ACT = identity. The prologue is
 # applied in _grad_weight_kernel's loads of x (u is never stored), and its derivative in
 # _grad_input_kernel's store: grad_x = in_act'(in_scale·x + in_shift) · in_scale · grad_u, with
@@ -203,7 +203,7 @@ def _output_grad_tile(g_ptr, y_ptr, scale_ptr, g_row, y_row, channel, mask_m, ma
     dpre = g.to(tl.float32)
     if ACT == RELU:
         y = tl.load(y_ptr + y_row[:, None] + channel[None, :] * sy_c, mask=mask, other=0.0)
-        dpre = tl.where(y > 0, dpre, 0.0)
+        dpre = tl.where(y <= 0, 0.0, dpre)  # NaN passes the gradient, as torch's threshold_backward
     dz = dpre
     if HAS_SCALE:
         s = tl.load(scale_ptr + channel, mask=mask_n, other=0.0)

@@ -353,10 +353,13 @@ void moments(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var)
     var.fill_(std::numeric_limits<double>::quiet_NaN());
     return;
   }
-  // K: the channel's first value (first row in channels_last, first plane's first value in NCHW)
+  // K: the channel's first value (first row in channels_last, first plane's first value in NCHW),
+  // 0 where that is not finite: an infinite K would make x − K NaN, and the mean NaN where
+  // torch's is ±inf
   std::vector<F> anchor(w.channels);
   for (int64_t c = 0; c < w.channels; ++c) {
-    anchor[c] = static_cast<F>(xp[w.rows ? c : c * w.plane]);
+    const F first = static_cast<F>(xp[w.rows ? c : c * w.plane]);
+    anchor[c] = std::isfinite(first) ? first : F(0);
   }
   std::vector<double> s1, s2;
   const Inputs<T> in{xp, nullptr, nullptr};

@@ -180,29 +180,53 @@ const std::optional<c10::OperatorHandle>& onednn_op(bool binary) {
   return binary ? with_add : unary;
 }
 
-// The post-op name and scalars of our activation; nullopt where oneDNN's post-op would differ from
-// our functor or the .binary overload cannot follow the add with it (only relu there).
+// Whether oneDNN's post-op computes our activation exactly, NaN included. Its ReLU (alpha 0), clip
+// (hardtanh, our ReLU6) and hardsigmoid are max/min instructions that return 0 for a NaN input
+// (seen with oneDNN 3.12 in torch 2.14.1, NCHW and channels_last, and for the .binary overload's
+// add + ReLU), where torch.relu(nan) is nan: those run as our own pass over the output instead.
+// Leaky ReLU selects x·slope by a comparison, and hardswish multiplies by x: NaN stays NaN.
+bool onednn_post_op_exact(int64_t activation) {
+  switch (activation_from_int(activation)) {
+    case Activation::Identity:
+    case Activation::LeakyReLU:
+    case Activation::HardSwish: return true;
+    default: return false;
+  }
+}
+
+// The post-op name and scalars oneDNN applies ("none" where our pass applies the activation
+// after it); nullopt where the .binary overload cannot follow the add with it.
 std::optional<std::pair<std::string, c10::List<std::optional<at::Scalar>>>> onednn_post_op(
     int64_t activation, double negative_slope, bool residual) {
   c10::List<std::optional<at::Scalar>> scalars;
+  if (!onednn_post_op_exact(activation)) return std::make_pair(std::string("none"), scalars);
   switch (activation_from_int(activation)) {
     case Activation::Identity: return std::make_pair(std::string("none"), scalars);
-    case Activation::ReLU: return std::make_pair(std::string("relu"), scalars);
     default: break;
   }
   if (residual) return std::nullopt;
   switch (activation_from_int(activation)) {
-    case Activation::ReLU6:
-      scalars.push_back(at::Scalar(0.0));
-      scalars.push_back(at::Scalar(6.0));
-      return std::make_pair(std::string("hardtanh"), scalars);
     case Activation::LeakyReLU:
       scalars.push_back(at::Scalar(negative_slope));
       return std::make_pair(std::string("leaky_relu"), scalars);
     case Activation::HardSwish: return std::make_pair(std::string("hardswish"), scalars);
-    case Activation::HardSigmoid: return std::make_pair(std::string("hardsigmoid"), scalars);
     default: return std::nullopt;
   }
+}
+
+// act(y) in place over a dense output, with our functors (NaN propagated as in torch).
+void activation_in_place(at::Tensor& y, int64_t activation, double negative_slope) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "cnnkernels_pointwise_conv2d_activation", [&] {
+    using F = at::opmath_type<scalar_t>;
+    scalar_t* p = y.mutable_data_ptr<scalar_t>();
+    dispatch_activation(activation, negative_slope, [&](auto act) {
+      at::parallel_for(0, y.numel(), 16384, [&](int64_t begin, int64_t end) {
+        cpu::map1(p + begin, p + begin, end - begin, [act](F v) { return act.forward(v); },
+                  false);
+      });
+    });
+  });
 }
 
 // float32 always; bfloat16 where the CPU has native bfloat16 dot products (oneDNN's own test,
@@ -252,7 +276,9 @@ at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, int64_t st
     stack.insert(stack.end(), {attr, scalars, c10::IValue()});
   }
   onednn_op(has_residual)->callBoxed(stack);
-  return stack.at(0).toTensor().contiguous(format);
+  at::Tensor y = stack.at(0).toTensor().contiguous(format);
+  if (!onednn_post_op_exact(activation)) activation_in_place(y, activation, negative_slope);
+  return y;
 }
 
 // --- choosing the GEMM ------------------------------------------------------------------------
@@ -303,6 +329,9 @@ at::Tensor matmul_conv(const at::Tensor& x, const at::Tensor& weight) {
 // where it applies.
 Gemm choose_gemm(const at::Tensor& x, const std::vector<int64_t>& out_size, int64_t reduction,
                  int64_t activation, bool residual, bool matmul) {
+  // no input channels: the GEMM is zeros, which the tiles' BLAS calls give in the output's shape
+  // (ATen's conv2d returns no output channels there, and oneDNN has no primitive for it)
+  if (reduction == 0) return Gemm::kTiles;
   const bool onednn = onednn_usable(x, activation, residual);
   if (const char* mode = std::getenv("CNNKERNELS_POINTWISE_GEMM")) {
     const std::string forced(mode);

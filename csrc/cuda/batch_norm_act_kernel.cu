@@ -188,11 +188,13 @@ std::pair<at::Tensor, at::Tensor> sum_pairs(const Op& op, const Geometry& g, con
   return {part_a.to(at::kDouble).sum(0), part_b.to(at::kDouble).sum(0)};
 }
 
-// K: each channel's first value, x[0, c, 0, ...].
+// K: each channel's first value, x[0, c, 0, ...], 0 where that is not finite (an infinite K would
+// make x − K NaN, and the mean NaN where torch's is ±inf).
 at::Tensor anchors(const at::Tensor& x) {
   at::Tensor t = x.select(0, 0);
   while (t.dim() > 1) t = t.select(1, 0);
-  return t.to(at::toOpMathType(x.scalar_type())).contiguous();
+  t = t.to(at::toOpMathType(x.scalar_type()));
+  return at::where(at::isfinite(t), t, at::zeros_like(t)).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_act_stats_cuda(const at::Tensor& x_in) {
