@@ -7,6 +7,8 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_globals  # the global hook registries
+
 from .. import _extension, backend, ops
 from ..ops._args import as_int, as_int_pair
 from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS, matmul_applies
@@ -33,10 +35,9 @@ def pointwise_matmul_runs(x: torch.Tensor, weight: torch.Tensor, stride: int, gr
 def _has_forward_hooks(module: nn.Module) -> bool:
     """Hooks that calling the module would run (pruning and weight_norm recompute the weight in
     a pre-hook; user hooks tap features): then the module itself must be called."""
-    from torch.nn.modules import module as module_globals
-
     return bool(module._forward_pre_hooks or module._forward_hooks or
-                module_globals._global_forward_pre_hooks or module_globals._global_forward_hooks)
+                _module_globals._global_forward_pre_hooks or
+                _module_globals._global_forward_hooks)
 
 
 def is_plain_1x1(conv: nn.Conv2d) -> bool:

@@ -23,6 +23,8 @@ from .conv import _has_forward_hooks, is_plain_1x1, run_conv
 from .batchnorm import (_TORCH_ACTIVATIONS, FoldCache, activation_of, bn_act,
                         check_eps_and_momentum)
 
+_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
 
 class ConvBNAct2d(nn.Sequential):
     """nn.Sequential(Conv2d, BatchNorm2d[, activation]) whose call runs the three fused.
@@ -99,12 +101,17 @@ class ConvBNAct2d(nn.Sequential):
     # --- forward --------------------------------------------------------------------------------
 
     def fusable(self) -> bool:
-        """Whether the children are still what the fused path computes."""
-        return len(self) in (2, 3) and type(self.conv) is nn.Conv2d and \
-            unsupported_conv(self.conv) is None and \
-            type(self.bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and \
-            (self.act is None or activation_of(self.act) is not None) and \
-            not any(_has_forward_hooks(m) for m in self.children())
+        """Whether the children are still what the fused path computes (checked on every call,
+        so written for speed: attribute reads only)."""
+        modules = self._modules
+        conv, bn, act = modules.get("0"), modules.get("1"), modules.get("2")
+        if len(modules) > 3 or type(conv) is not nn.Conv2d or type(bn) not in _NORMS or \
+                (act is not None and type(act) not in _TORCH_ACTIVATIONS):
+            return False
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            return False
+        return not (_has_forward_hooks(conv) or bn._forward_hooks or bn._forward_pre_hooks or
+                    (act is not None and (act._forward_hooks or act._forward_pre_hooks)))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """act(BN(conv(x)) (+ residual))."""

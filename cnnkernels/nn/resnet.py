@@ -134,10 +134,13 @@ class ResidualBlock(nn.Module):
         return block
 
     def _fusable(self) -> bool:
-        """Whether the children are still what the fused path computes."""
-        norms = [getattr(self, f"bn{i}") for i in range(1, self.depth + 1)]
-        return all(type(n) in _NORMS for n in norms) and type(self.relu) is nn.ReLU and \
-            not any(_has_forward_hooks(m) for m in self.modules())
+        """Whether the children are still what the fused path computes (the downsample is called
+        as a module either way, so its hooks fire)."""
+        modules = self._modules
+        parts = [modules.get(f"{kind}{i}") for kind in ("conv", "bn") for i in range(1, self.depth + 1)]
+        norms = parts[self.depth:]
+        return all(type(n) in _NORMS for n in norms) and type(modules.get("relu")) is nn.ReLU \
+            and not any(_has_forward_hooks(m) for m in (*parts, modules["relu"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable():
