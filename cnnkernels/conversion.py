@@ -62,7 +62,7 @@ from torch import nn
 
 from .nn.activation import HardSigmoid, HardSwish
 from .nn.batchnorm import _TORCH_ACTIVATIONS, BatchNormAct2d
-from .nn.conv import DepthwiseConv2d
+from .nn.conv import DepthwiseConv2d, has_hooks
 from .nn.batchnorm import FoldCache
 from .nn.conv_bn_act import ConvBNAct2d, conv_bn_act_parts, runs_as_sequential, unsupported_conv
 from .nn.sequential import BNActSequential, bn_act_pairs
@@ -313,11 +313,6 @@ _OURS = (BatchNormAct2d, ConvBNAct2d, BNActSequential, HardSwish, HardSigmoid, D
 _HOLDS_CHILDREN = ("conv_bn_act",)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks or
-                getattr(module, "_backward_pre_hooks", None))
-
-
 def _has_state(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False)) or \
         any(True for _ in module.buffers(recurse=False))
@@ -337,10 +332,8 @@ def _absorbed_problem(module: nn.Module, shared: set[int]) -> str | None:
     split in two, and a forward set on the instance would be lost."""
     for name, sub in module.named_modules():
         where = f"its {name}" if name else "it"
-        if _has_hooks(sub):
-            return f"{where} has hooks (they would no longer fire)"
-        if "forward" in vars(sub):
-            return f"{where} has a forward of its own"
+        if has_hooks(sub):
+            return f"{where} has hooks or a forward of its own (they would be lost)"
         if sub is not module and id(sub) in shared and _has_state(sub):
             return f"{where} is shared with another parent (it would be split in two)"
     return None

@@ -8,6 +8,8 @@ from .. import activations
 from ..ops.affine_act import _compute_dtype, affine_act
 from ..ops.batch_norm_act import WORLD, _eval_invstd, batch_norm_act, fold_statistics
 
+NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # the BatchNorms the fused paths compute
+
 _TORCH_ACTIVATIONS = {nn.Identity: "identity", nn.ReLU: "relu", nn.ReLU6: "relu6",
                       nn.LeakyReLU: "leaky_relu", nn.Hardswish: "hardswish",
                       nn.Hardsigmoid: "hardsigmoid"}

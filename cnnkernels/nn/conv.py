@@ -40,6 +40,13 @@ def _has_forward_hooks(module: nn.Module) -> bool:
                 _module_globals._global_forward_hooks)
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Any hook of the module's own (forward, pre-forward, backward) or a forward set on the
+    instance: a layer built from copies of such a module would lose them."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks or
+                getattr(module, "_backward_pre_hooks", None) or "forward" in vars(module))
+
+
 def is_plain_1x1(conv: nn.Conv2d) -> bool:
     """A 1x1 kernel without padding and the same stride both ways (what pointwise_conv2d runs)."""
     return type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.padding == (0, 0) and \

@@ -20,10 +20,8 @@ from .. import activations, backend, ops
 from ..ops.affine_act import _compute_dtype
 from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS
 from .conv import _has_forward_hooks, is_plain_1x1, run_conv
-from .batchnorm import (_TORCH_ACTIVATIONS, FoldCache, activation_of, bn_act,
+from .batchnorm import (_TORCH_ACTIVATIONS, NORMS, FoldCache, activation_of, bn_act,
                         check_eps_and_momentum)
-
-_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 class ConvBNAct2d(nn.Sequential):
@@ -105,7 +103,7 @@ class ConvBNAct2d(nn.Sequential):
         so written for speed: attribute reads only)."""
         modules = self._modules
         conv, bn, act = modules.get("0"), modules.get("1"), modules.get("2")
-        if len(modules) > 3 or type(conv) is not nn.Conv2d or type(bn) not in _NORMS or \
+        if len(modules) > 3 or type(conv) is not nn.Conv2d or type(bn) not in NORMS or \
                 (act is not None and type(act) not in _TORCH_ACTIVATIONS):
             return False
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):

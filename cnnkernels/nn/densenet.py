@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import _extension, activations
 from .batchnorm import BatchNormAct2d
 from ..ops.layout import contiguous_from_channels_last, copy_to_channels_last_, to_channels_last
+from .conv import has_hooks
 from .pool import pools_faster_in_channels_last
 
 MEMORY_MODES = ("naive", "checkpoint", "shared")
@@ -644,7 +645,7 @@ class DenseBlock(nn.Module):
         """Whether every layer is still what the shared path computes, in the block's mode (a
         BatchNorm frozen after convert, a swapped activation, a hook: the layers then run one by
         one, as they are)."""
-        if any(_hooked(m) for m in self.modules() if m is not self):
+        if any(has_hooks(m) for m in self.modules() if m is not self):
             return False
         if any(m.training != self.training for m in self.modules()):
             return False
@@ -753,14 +754,9 @@ def dense_block_layers_problem(block: nn.Module) -> str | None:
                                        bn_size, drop_rate)
         if problem:
             return f"denselayer{index + 1}: {problem}"
-        if any(_hooked(m) for m in layer.modules()):
+        if any(has_hooks(m) for m in layer.modules()):
             return f"denselayer{index + 1} has hooks"
     return None
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks or
-                getattr(module, "_backward_pre_hooks", None) or "forward" in vars(module))
 
 
 def timm_dense_block_problem(block: nn.Module) -> str | None:

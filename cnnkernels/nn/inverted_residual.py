@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .batchnorm import BatchNormAct2d, FoldCache
+from .batchnorm import NORMS, BatchNormAct2d, FoldCache
 from .conv import _has_forward_hooks, is_plain_1x1
 from .conv_bn_act import ConvBNAct2d, conv_bn_act
 
-_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, BatchNormAct2d)
+_NORMS = (*NORMS, BatchNormAct2d)
 
 
 def _torchvision_blocks() -> dict[type, str]:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .batchnorm import BatchNormAct2d, FoldCache, bn_act
+from .batchnorm import NORMS, BatchNormAct2d, FoldCache, bn_act
 from .conv import _has_forward_hooks, run_conv
-
-_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def _torchvision_blocks() -> tuple[type, ...]:
@@ -40,7 +38,7 @@ def is_timm_resnet_block(module: nn.Module) -> bool:
 def torchvision_block_problem(block: nn.Module) -> str | None:
     """Why a torchvision BasicBlock / Bottleneck does not compute what ResidualBlock does."""
     depth = 3 if hasattr(block, "conv3") else 2
-    if not all(type(getattr(block, f"bn{i}", None)) in _NORMS for i in range(1, depth + 1)):
+    if not all(type(getattr(block, f"bn{i}", None)) in NORMS for i in range(1, depth + 1)):
         return "its norm layers are not BatchNorm2d"
     if type(getattr(block, "relu", None)) is not nn.ReLU:
         return f"its relu is {type(getattr(block, 'relu', None)).__name__}, not nn.ReLU"
@@ -139,7 +137,7 @@ class ResidualBlock(nn.Module):
         modules = self._modules
         parts = [modules.get(f"{kind}{i}") for kind in ("conv", "bn") for i in range(1, self.depth + 1)]
         norms = parts[self.depth:]
-        return all(type(n) in _NORMS for n in norms) and type(modules.get("relu")) is nn.ReLU \
+        return all(type(n) in NORMS for n in norms) and type(modules.get("relu")) is nn.ReLU \
             and not any(_has_forward_hooks(m) for m in (*parts, modules["relu"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,15 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .batchnorm import FoldCache, activation_of, bn_act
+from .batchnorm import NORMS, FoldCache, activation_of, bn_act
 from .conv import _has_forward_hooks
-
-_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def fusable_pair(norm: nn.Module, act: nn.Module | None) -> bool:
     """A BatchNorm followed by one of our activations (not the identity), neither with hooks."""
-    return type(norm) in _NORMS and act is not None and type(act) is not nn.Identity and \
+    return type(norm) in NORMS and act is not None and type(act) is not nn.Identity and \
         activation_of(act) is not None and not _has_forward_hooks(norm) and \
         not _has_forward_hooks(act)
 
