@@ -327,8 +327,14 @@ at::Tensor matmul_conv(const at::Tensor& x, const at::Tensor& weight) {
 // GEMM (matmul_applies), plus our epilogue pass when the output fits in the cache.
 // CNNKERNELS_POINTWISE_GEMM=onednn|tiles|conv forces a path (tests, benchmarks); onednn only
 // where it applies.
+// oneDNN's fused convolution costs 60-100 us per call more than ATen's conv2d, from a 2x8x4x4 input
+// to batch-1 MobileNet layers (the op is meant for prepacked weights; given plain ones it builds its
+// primitive and weight layout per call), so it pays only on outputs large enough for its fused
+// post-ops to save that much memory traffic.
+constexpr int64_t kOneDnnMinOutputBytes = 256 * 1024;
+
 Gemm choose_gemm(const at::Tensor& x, const std::vector<int64_t>& out_size, int64_t reduction,
-                 int64_t activation, bool residual, bool matmul) {
+                 int64_t activation, bool residual, bool matmul, int64_t output_bytes) {
   // no input channels: the GEMM is zeros, which the tiles' BLAS calls give in the output's shape
   // (ATen's conv2d returns no output channels there, and oneDNN has no primitive for it)
   if (reduction == 0) return Gemm::kTiles;
@@ -340,7 +346,7 @@ Gemm choose_gemm(const at::Tensor& x, const std::vector<int64_t>& out_size, int6
     if (forced == "onednn" && onednn) return Gemm::kOneDnn;
   }
   if (matmul) return Gemm::kMatmul;
-  if (onednn) return Gemm::kOneDnn;
+  if (onednn && output_bytes >= kOneDnnMinOutputBytes) return Gemm::kOneDnn;
   return out_size[2] * out_size[3] >= 2048 && reduction <= 256 ? Gemm::kTiles : Gemm::kConv;
 }
 
@@ -381,7 +387,7 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight
       c10::multiply_integers(out_size) * static_cast<int64_t>(x_in.element_size());
   const Gemm gemm = choose_gemm(
       x_in, out_size, weight.size(1), activation, has_residual,
-      matmul_applies(x_in, stride, groups, trivial_epilogue, output_bytes));
+      matmul_applies(x_in, stride, groups, trivial_epilogue, output_bytes), output_bytes);
   const bool tiles = gemm == Gemm::kTiles;
   Problem p{{}, {}, {}, has_residual ? residual->contiguous(format) : at::Tensor(), groups};
   if (tiles) {  // the tiles read the strided-sampled input densely and write into y
