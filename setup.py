@@ -103,7 +103,8 @@ def make_extension():
     arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     write_build_info(with_cuda, arch_list)
 
-    sources = sorted(glob.glob(f"{CSRC}/*.cpp")) + sorted(glob.glob(f"{CSRC}/cpu/*.cpp"))
+    sources = (sorted(glob.glob(f"{CSRC}/*.cpp")) + sorted(glob.glob(f"{CSRC}/cpu/*.cpp"))
+               + sorted(glob.glob(f"{CSRC}/autograd/*.cpp")))
     include_dirs = [os.path.join(ROOT, CSRC, "include")]
     debug = env_flag("CNNKERNELS_DEBUG")
     # -g0: Python's CFLAGS add -g, which doubles compile time and the size of _C for nothing.

@@ -191,6 +191,12 @@ void check_coefs_args(const at::Tensor& sum_dz, const at::Tensor& sum_dz_xmu,
 }  // namespace cnnkernels
 
 TORCH_LIBRARY_FRAGMENT(cnnkernels, m) {
+  // the whole op (autograd: autograd/batch_norm_act.cpp); batch_mean/batch_var: the training
+  // batch's statistics when the caller already has them (the stats pass is then skipped)
+  m.def("batch_norm_act(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
+        "float eps, int activation, float negative_slope, Tensor? batch_mean=None, "
+        "Tensor? batch_var=None) -> Tensor");
   m.def("batch_norm_act_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def("batch_norm_act_backward_reduce(Tensor grad, Tensor x, Tensor scale, Tensor shift, "
         "Tensor mean, Tensor? residual=None, int activation=0, float negative_slope=0.01) "

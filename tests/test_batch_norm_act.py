@@ -1,4 +1,6 @@
 """BatchNormAct2d / batch_norm_act against nn.BatchNorm2d followed by the activation."""
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -757,3 +759,62 @@ def test_layer_runs_on_meta_tensors():
     for training in (True, False):
         y = ours.train(training)(torch.empty(2, 6, 3, 3, device="meta"))
         assert y.device.type == "meta" and y.shape == (2, 6, 3, 3)
+
+
+def _composite_args(layout, training, residual, affine):
+    x, _, r, (scale, shift, _) = kernel_inputs(layout, "cpu")
+    x = x.clone().requires_grad_()
+    weight, bias = (scale.clone().requires_grad_(), shift.clone().requires_grad_()) if affine \
+        else (None, None)
+    running = (torch.randn(6), torch.rand(6) + 0.5)
+    return (x, weight, bias, r.clone().requires_grad_() if residual else None, *running, training,
+            0.1, 1e-5, activations.activation_code("relu6"), 0.01)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_opcheck_of_the_whole_op(layout, training, residual, affine):
+    """cnnkernels::batch_norm_act: schema (the running statistics mutated as declared), fake kernel,
+    the C++ autograd registration and torch.compile (AOT) against the kernels."""
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    torch.library.opcheck(torch.ops.cnnkernels.batch_norm_act.default,
+                          _composite_args(layout, training, residual, affine))
+
+
+def test_eager_calls_record_the_cpp_autograd_node():
+    """The eager front hands the whole op to C++: its graph node is the C++ Function, not Python's
+    (no Python frame per call, forward or backward)."""
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    x = torch.randn(2, 6, 3, 3, requires_grad=True)
+    y = cnnkernels.ops.batch_norm_act(x, None, None, torch.zeros(6), torch.ones(6), True)
+    assert "BatchNormActFunction" in y.grad_fn.name()
+    layer = BatchNormAct2d(6)
+    assert "BatchNormActFunction" in layer(x).grad_fn.name()
+
+
+def test_whole_op_matches_the_python_autograd_bit_for_bit():
+    """The C++ autograd and the Python one (still used under torch.compile and for SyncBN) run the
+    same kernels: identical outputs, gradients and running statistics."""
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    module = importlib.import_module("cnnkernels.ops.batch_norm_act")
+
+    for training in (True, False):
+        args = _composite_args("channels_last", training, True, True)
+        clone = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                 else a for a in args]
+        x, w, b, r, rm, rv, _, m, eps, code, slope = args
+        grad = torch.randn_like(x)
+        y = torch.ops.cnnkernels.batch_norm_act.default(*args)
+        y.backward(grad)
+        x2, w2, b2, r2, rm2, rv2 = clone[:6]
+        y2 = module._BatchNormAct.apply(x2, w2, b2, r2, rm2, rv2, training, m, eps, code, slope,
+                                        None, None)
+        y2.backward(grad)
+        for a, e in ((y, y2), (x.grad, x2.grad), (w.grad, w2.grad), (b.grad, b2.grad),
+                     (r.grad, r2.grad), (rm, rm2), (rv, rv2)):
+            assert torch.equal(a, e)

@@ -289,3 +289,13 @@ def test_cpu_instruction_set_copies_agree(tmp_path):
         assert any(not torch.equal(a, b) for case, want in best["results"].items()
                    for a, b in zip(want, portable["results"][case])), \
             "the capped process ran the same kernels (ATEN_CPU_CAPABILITY ignored?)"
+
+
+def test_eager_calls_record_the_cpp_autograd_node():
+    """The compiled op's autograd is C++ (csrc/autograd/depthwise_conv2d.cpp): no Python frame per
+    call, forward or backward."""
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    y = cnnkernels.ops.depthwise_conv2d(x, torch.randn(3, 1, 3, 3), None, 1, 1)
+    assert "DepthwiseFunction" in y.grad_fn.name()

@@ -289,3 +289,16 @@ def test_cpu_streaming_stores_past_the_cache_threshold(op, dtype):
     (dx_ref,) = torch.autograd.grad(y_ref, x_ref, grad)
     assert_same(y, y_ref)
     assert_same(dx, dx_ref)
+
+
+@pytest.mark.parametrize("name", ["hardswish", "hardsigmoid"])
+def test_eager_calls_record_the_cpp_autograd_node(name):
+    """The compiled ops' autograd is C++ (csrc/autograd/hardswish.cpp): no Python frame per call,
+    forward or backward, and the backward's node is C++ too (double backward)."""
+    if not cnnkernels.info()["cpu_ext"]:
+        pytest.skip("the C++ extension is not built")
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    y = getattr(cnnkernels.ops, name)(x)
+    assert "ActivationFunction" in y.grad_fn.name()
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert "ActivationBackward" in g.grad_fn.name()

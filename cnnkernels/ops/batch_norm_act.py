@@ -335,6 +335,16 @@ def _check_batch_stats(x, batch_stats) -> None:
                 f"{(tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else t!r}")
 
 
+def _runs_in_cpp(x: torch.Tensor, process_group) -> bool:
+    """Whether the whole op, autograd included, is the C++ op (csrc/autograd/batch_norm_act.cpp):
+    our compiled kernels serve x, no SyncBN collective sits between them, and torch.compile is not
+    tracing (it traces _BatchNormAct's kernels one by one, with their running-statistics update)."""
+    kind = backend.select(x.device, KERNELS, _OP)
+    compiled = (kind == "cpu" and _extension.cpu_ext) or (kind == "cuda" and _extension.cuda_ext)
+    return compiled and not torch.compiler.is_compiling() and (
+        process_group is None or _world_size(process_group) == 1)
+
+
 def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                    training: bool, momentum: float = 0.1, eps: float = 1e-5,
@@ -361,6 +371,11 @@ def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
                                 training and running_mean is not None)
     if batch_stats is not None:
         _check_batch_stats(x, batch_stats)
+    if _runs_in_cpp(x, process_group):
+        batch_mean, batch_var = (None, None) if batch_stats is None else batch_stats
+        return torch.ops.cnnkernels.batch_norm_act.default(
+            x, weight, bias, residual, running_mean, running_var, training, momentum, eps, code,
+            float(negative_slope), batch_mean, batch_var)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     if not training and not needs_grad:  # one fused pass with the running statistics
@@ -378,6 +393,12 @@ if _extension.cpu_ext:
     def _per_channel_like(x):
         compute = _compute_dtype(x.dtype)
         return x.new_empty(x.shape[1], dtype=compute)
+
+    @torch.library.register_fake("cnnkernels::batch_norm_act")
+    def _batch_norm_act_fake(x, weight, bias, residual, running_mean, running_var, training,
+                             momentum, eps, activation, negative_slope, batch_mean=None,
+                             batch_var=None):
+        return torch.empty_like(x)  # as affine_act's, which writes it
 
     @torch.library.register_fake("cnnkernels::batch_norm_act_stats")
     def _stats_fake(x):

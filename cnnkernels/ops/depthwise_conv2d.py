@@ -11,7 +11,8 @@ Under create_graph=True (double backward) the gradients come from F.conv2d's aut
 our gradient kernels, so that they can be differentiated again.
 Output in the input's memory format (channels_last in, channels_last out).
 Kernels: csrc/cpu/depthwise_conv2d_kernel.cpp, csrc/cuda/depthwise_conv2d_kernel.cu (not yet
-run on a GPU; see AUTO_KERNELS), cnnkernels/triton/depthwise_conv2d.py.
+run on a GPU; see AUTO_KERNELS), cnnkernels/triton/depthwise_conv2d.py. Autograd:
+csrc/autograd/depthwise_conv2d.cpp for the C++ ops, _register_triton_autograd for the Triton one.
 """
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return reference.depthwise_conv2d(*args)
     if kind == "triton":
         _load_triton_ops()
-    return _autograd.call(_formulas[kind], *args)
+        return _autograd.call(_triton_formula[0], *args)
+    return torch.ops.cnnkernels.depthwise_conv2d.default(*args)  # autograd in C++
 
 
 # --- autograd and fake kernels ---------------------------------------------------------------
@@ -144,8 +146,9 @@ def _out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _register(forward: str, backward_input: str, backward_weight: str,
-              with_fakes: bool) -> _autograd.Formula:
+def _register_triton_autograd(forward: str, backward_input: str,
+                              backward_weight: str) -> _autograd.Formula:
+    """The Triton ops' autograd; the C++ ops have theirs in csrc/autograd/depthwise_conv2d.cpp."""
     ops = torch.ops.cnnkernels
     grad_input_op = getattr(ops, backward_input).default
     grad_weight_op = getattr(ops, backward_weight).default
@@ -175,11 +178,8 @@ def _register(forward: str, backward_input: str, backward_weight: str,
             grad_b = grad_output.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
-    formula = _autograd.Formula(getattr(ops, forward).default, setup_context, backward).register(
+    return _autograd.Formula(getattr(ops, forward).default, setup_context, backward).register(
         f"cnnkernels::{forward}")
-    if with_fakes:
-        _register_fakes(forward, backward_input, backward_weight)
-    return formula
 
 
 def _differentiable_gradients(ctx, grad_output, x, weight) -> tuple:
@@ -216,23 +216,21 @@ def _register_fakes(forward: str, backward_input: str, backward_weight: str) -> 
         return x.new_empty(weight_size)
 
 
-#: the op and its autograd, per implementation ("cpu"; "triton" once loaded)
-_formulas: dict[str, _autograd.Formula] = {}
+#: the Triton op and its autograd, once loaded
+_triton_formula: list[_autograd.Formula] = []
 
 
 def _load_triton_ops() -> None:
     """Import the Triton kernels on first use (importing triton is lazy, see ops/hardswish.py)."""
-    if "triton" in _formulas:
+    if _triton_formula:
         return
     from ..triton import depthwise_conv2d as _kernels  # noqa: F401  (registers the ops)
 
-    _formulas["triton"] = _register(
+    _triton_formula.append(_register_triton_autograd(
         "depthwise_conv2d_triton", "depthwise_conv2d_backward_input_triton",
-        "depthwise_conv2d_backward_weight_triton", with_fakes=False)
+        "depthwise_conv2d_backward_weight_triton"))
 
 
-if _extension.cpu_ext:
-    _formulas["cpu"] = _register("depthwise_conv2d", "depthwise_conv2d_backward_input",
-                                 "depthwise_conv2d_backward_weight", with_fakes=True)
-    if _extension.cuda_ext:  # the same ops, dispatched to csrc/cuda for CUDA tensors
-        _formulas["cuda"] = _formulas["cpu"]
+if _extension.cpu_ext:  # the same ops serve CUDA tensors (csrc/cuda) when built with CUDA
+    _register_fakes("depthwise_conv2d", "depthwise_conv2d_backward_input",
+                    "depthwise_conv2d_backward_weight")

@@ -6,7 +6,8 @@
 Forward and backward equal torch.nn.functional.hardswish / hardsigmoid bit for bit (same values at
 the kinks, NaN propagated), for float32/float16/bfloat16/float64, any shape and strides, with the
 output in the input's memory format. Autograd saves only the input. Kernels: csrc/cpu and
-csrc/cuda/hardswish_kernel.*, cnnkernels/triton/hardswish.py; reference: cnnkernels/reference.
+csrc/cuda/hardswish_kernel.*, cnnkernels/triton/hardswish.py. Autograd: csrc/autograd/hardswish.cpp
+for the C++ ops, _register_autograd below for the Triton ones. Reference: cnnkernels/reference.
 """
 from __future__ import annotations
 
@@ -149,10 +150,11 @@ def _register_python_kernels(name: str) -> None:
         return torch.empty_like(x)
 
 
-def _compiled_impl(name: str, formula: _autograd.Formula) -> _Impl:
+def _compiled_impl(name: str) -> _Impl:
+    """The C++ ops, whose autograd is C++ too (csrc/autograd/hardswish.cpp): called directly."""
     ops = torch.ops.cnnkernels
     return _Impl(getattr(ops, name).default, getattr(ops, f"{name}_").default,
-                 getattr(ops, f"{name}_backward").default, formula)
+                 getattr(ops, f"{name}_backward").default)
 
 
 _triton_formulas: dict[str, _autograd.Formula] = {}
@@ -185,9 +187,7 @@ def _make(name: str) -> _Activation:
     }
     if _extension.cpu_ext:
         _register_python_kernels(name)
-        formula = _register_autograd(name, f"{name}_backward",
-                                     getattr(reference, f"{name}_second_derivative"))
-        impls["cpu"] = impls["cuda"] = _compiled_impl(name, formula)
+        impls["cpu"] = impls["cuda"] = _compiled_impl(name)
     return _Activation(name, impls)
 
 

@@ -213,10 +213,14 @@ def _conv(x, weight, bias, stride, groups, scale, shift, residual, code, negativ
     needed); mean and var only from the Triton kernel with `stats`, else None."""
     activation = activations.NAMES[code]
     kind = backend.select(x.device, KERNELS, _OP)
-    if kind == "cpu" and _extension.cpu_ext:
-        return torch.ops.cnnkernels.pointwise_conv2d(x, weight, bias, stride, groups, scale, shift,
-                                                     residual, code, float(negative_slope)), None, None
     needs_grad = _needs_grad((x, weight, bias, scale, shift, residual))
+    if kind == "cpu" and _extension.cpu_ext:
+        args = (x, weight, bias, stride, groups, scale, shift, residual, code, float(negative_slope))
+        if needs_grad or torch.compiler.is_compiling():
+            return torch.ops.cnnkernels.pointwise_conv2d.default(*args), None, None
+        # nothing to record: straight to the kernel, past the autograd kernel
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.cnnkernels.pointwise_conv2d.default(*args), None, None
     if kind == "triton" and x.dtype != torch.float64:
         if not needs_grad:
             y, mean, var = _triton_forward(x, weight, bias, stride, groups, scale, shift, residual,
@@ -432,38 +436,6 @@ def _differentiable_gradients(grad, inputs, needs, config, prologue=(activations
     return _autograd.gradients_by_recompute(forward, inputs, needs, grad)
 
 
-# --- autograd of the C++ op ---------------------------------------------------------------------
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, groups, scale, shift, residual, code, negative_slope = inputs
-    ctx.config = (stride, groups, code, negative_slope)
-    ctx.save_for_backward(x, weight, bias, scale, shift, residual, output)
-
-
-def _backward(ctx, grad):
-    return _backward_with_config(ctx, grad)
-
-
-def _backward_with_config(ctx, grad):
-    stride, groups, code, negative_slope = ctx.config
-    x, weight, bias, scale, shift, residual, y = ctx.saved_tensors
-    # torch.library passes the op's arguments without the trailing ones left at their defaults
-    # (a call with bias=None and nothing after it has two inputs here): pad with 'not needed'
-    needs = tuple(ctx.needs_input_grad) + (False,) * 8
-    need_x, need_w, need_b, _, _, need_s, need_t, need_r = needs[:8]
-    if _autograd.creating_graph():
-        grads = _differentiable_gradients(
-            grad, (x, weight, bias, scale, shift, residual, None, None),
-            (need_x, need_w, need_b, need_s, need_t, need_r), ctx.config)
-        grad_x, grad_w, grad_bias, grad_scale, grad_shift, grad_residual = grads[:6]
-        return grad_x, grad_w, grad_bias, None, None, grad_scale, grad_shift, grad_residual, \
-            None, None
-    grad_x, grad_w, grad_bias, grad_scale, grad_shift, grad_residual = _gradients(
-        grad, x, weight, bias, scale, shift, residual, y, stride, groups, code, negative_slope,
-        (need_x, need_w, need_b, need_s, need_t, need_r))
-    return grad_x, grad_w, grad_bias, None, None, grad_scale, grad_shift, grad_residual, None, None
-
-
 def _gradients(grad, x, weight, bias, scale, shift, residual, y, stride, groups, code,
                negative_slope, needs):
     """Gradients of act(scale·conv1x1(x) + shift + bias (+ residual)) = y for x, weight, bias,
@@ -591,9 +563,7 @@ def _output_side(grad, x, weight, bias, scale, shift, residual, y, stride, group
     return dpre, grad_scale
 
 
-if _extension.cpu_ext:
-    torch.library.register_autograd("cnnkernels::pointwise_conv2d", _backward,
-                                    setup_context=_setup_context)
+if _extension.cpu_ext:  # the op's autograd is C++: csrc/autograd/pointwise_conv2d.cpp
 
     @torch.library.register_fake("cnnkernels::pointwise_conv2d")
     def _pointwise_conv2d_fake(x, weight, bias=None, stride=1, groups=1, scale=None, shift=None,
