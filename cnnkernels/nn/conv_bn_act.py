@@ -182,11 +182,17 @@ def _fused_inference(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor,
     residual input)."""
     return not bn.training and bn.running_mean is not None and \
         not torch.compiler.is_compiling() and \
-        not (torch.is_grad_enabled() and (
-            x.requires_grad or (residual is not None and residual.requires_grad) or
-            any(p.requires_grad for p in conv.parameters()) or
-            any(p.requires_grad for p in bn.parameters()))) and \
+        not (torch.is_grad_enabled() and _any_requires_grad(
+            (x, residual, conv.weight, conv.bias, bn.weight, bn.bias))) and \
         (is_plain_1x1(conv) or (_is_depthwise(conv) and residual is None))
+
+
+def _any_requires_grad(tensors) -> bool:
+    """Attribute reads only (a module's parameters() generator costs microseconds per call)."""
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _statistics_in_epilogue(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor) -> bool:
