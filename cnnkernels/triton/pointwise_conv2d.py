@@ -35,6 +35,18 @@ def _output_pixels(m, out_h, out_w):
 
 
 @triton.jit
+def _epilogue_rows(BLOCK_M: tl.constexpr, out_h, out_w, s_n, s_h, s_w):
+    """Offsets of this program's output rows in a tensor of strides (s_n, ·, s_h, s_w), computed
+    after the reduction loop and in int32 (the launcher checks that rows fit): the same values
+    kept alive across the loop would be one int64 per row per thread in the store layout, which
+    made the GEMMs spill (hundreds of registers at 128-row tiles). Being int32, these operations
+    also differ from the int64 ones before the loop, so the compiler cannot merge and hoist them."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    image, oh, ow = _output_pixels(m, out_h, out_w)
+    return image.to(tl.int64) * s_n + oh.to(tl.int64) * s_h + ow.to(tl.int64) * s_w
+
+
+@triton.jit
 def _pointwise_conv2d_kernel(
         x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, residual_ptr, in_scale_ptr, in_shift_ptr,
         partials_ptr,
@@ -62,31 +74,36 @@ def _pointwise_conv2d_kernel(
         kk = k0 + tl.arange(0, BLOCK_K)
         mask_k = kk < k_per_group
         in_channel = group * k_per_group + kk
-        a_mask = mask_m[:, None] & mask_k[None, :]
-        a = tl.load(x_ptr + x_row[:, None] + in_channel[None, :] * sx_c, mask=a_mask, other=0.0)
+        # x is read as a [K, M] tile: the pixels run along the threads, so each thread keeps
+        # a few row offsets instead of one per row of the tile
+        a_mask = mask_k[:, None] & mask_m[None, :]
+        a = tl.load(x_ptr + x_row[None, :] + in_channel[:, None] * sx_c, mask=a_mask, other=0.0)
         if HAS_PROLOGUE:
             s_in = tl.load(in_scale_ptr + in_channel, mask=mask_k, other=0.0)
             t_in = tl.load(in_shift_ptr + in_channel, mask=mask_k, other=0.0)
-            u = activation_forward(tl.fma(a.to(tl.float32), s_in[None, :], t_in[None, :]), IN_ACT,
+            u = activation_forward(tl.fma(a.to(tl.float32), s_in[:, None], t_in[:, None]), IN_ACT,
                                    in_negative_slope, CPU_MATH)
             # padding lanes must stay 0 whatever act(shift) is; u is rounded to x's dtype, as
             # the unfused prologue stores it
             a = tl.where(a_mask, u, 0.0).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + channel[None, :] * sw_n + kk[:, None] * sw_k,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc += tl.dot(a, b, input_precision="ieee")
+        acc += tl.dot(tl.trans(a), b, input_precision="ieee")
 
     scale = tl.load(scale_ptr + channel, mask=mask_n, other=0.0)
     shift = tl.load(shift_ptr + channel, mask=mask_n, other=0.0)
     pre = tl.fma(acc, scale[None, :], shift[None, :])
     out_mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
-        r_row = image * sr_n + oh * sr_h + ow * sr_w
-        pre += tl.load(residual_ptr + r_row[:, None] + channel[None, :] * sr_c, mask=out_mask,
-                       other=0.0).to(tl.float32)
+        r_row = _epilogue_rows(BLOCK_M, out_h, out_w, sr_n, sr_h, sr_w)
+        residual = tl.load(residual_ptr + r_row[None, :] + channel[:, None] * sr_c,
+                           mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+        pre += tl.trans(residual).to(tl.float32)
     y = activation_forward(pre, ACT, negative_slope, CPU_MATH).to(y_ptr.dtype.element_ty)
-    y_row = image * sy_n + oh * sy_h + ow * sy_w
-    tl.store(y_ptr + y_row[:, None] + channel[None, :] * sy_c, y, mask=out_mask)
+    y_row = _epilogue_rows(BLOCK_M, out_h, out_w, sy_n, sy_h, sy_w)
+    # stored as a [N, M] tile, pixels along the threads, for the reason the loads of x are
+    tl.store(y_ptr + y_row[None, :] + channel[:, None] * sy_c, tl.trans(y),
+             mask=mask_n[:, None] & mask_m[None, :])
 
     if STATS:
         # count, mean and centred sum of squares of this tile's stored values, per channel
@@ -115,6 +132,26 @@ def _blocks(rows: int, k_per_group: int, n_per_group: int, on_gpu: bool) -> tupl
                 _pow2_between(k_per_group, 16, 32))
     return (_pow2_between(rows, 16, 256), _pow2_between(n_per_group, 16, 256),
             _pow2_between(k_per_group, 16, 256))
+
+
+# GPU tile limits below which every variant compiles for sm_90 without spilling (the audit,
+# `cnnkernels kernels --target sm_90`, checks each tile the launchers pick)
+FUSED_GPU_MAX_CHANNELS = 64  # forward with a prologue, residual or statistics; grad_W
+BACKWARD_GPU_MAX_PIXELS = 64
+GRAD_WEIGHT_GPU_MAX_PIXELS = 32
+
+
+def _num_warps(block_m: int, block_n: int) -> int:
+    """8 warps from [128 pixels, 64 channels] tiles up (the forward's accumulator, the backward's
+    output-gradient tile): at 4 such a tile alone takes 64+ float32 registers per thread and the
+    fused variants spill (checked with `cnnkernels kernels --target sm_90`)."""
+    return 8 if block_m * block_n >= 128 * 64 else 4
+
+
+def _grad_weight_num_warps(block_n: int, block_k: int) -> int:
+    """8 warps from [64 channels, 32 input channels] grad_W tiles up: with 4, the accumulator,
+    the output-gradient tile and the input tile (with its prologue) spill."""
+    return 8 if block_n * block_k >= 64 * 32 else 4
 
 
 def combine_partials(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +190,8 @@ def pointwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.
     rows = n * out_h * out_w
     k_per_group, n_per_group = weight.shape[1], out_channels // groups
     block_m, block_n, block_k = _blocks(rows, k_per_group, n_per_group, x.is_cuda)
+    if x.is_cuda and (stats or residual is not None or input_scale is not None):
+        block_n = min(block_n, FUSED_GPU_MAX_CHANNELS)  # the fused parts' registers
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n_per_group, block_n), groups)
     partials = torch.empty((3, grid[0], out_channels) if stats else (0,), dtype=torch.float32,
                            device=x.device)
@@ -168,7 +207,8 @@ def pointwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.
             negative_slope, input_negative_slope,
             ACT=activation, IN_ACT=input_activation, HAS_RESIDUAL=residual is not None,
             HAS_PROLOGUE=has_prologue, STATS=stats, CPU_MATH=not x.is_cuda,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=_num_warps(block_m, block_n))
     if not stats:
         empty = x.new_empty(0, dtype=torch.float32)
         return y, empty, empty.clone()
@@ -196,18 +236,18 @@ def pointwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.
 @triton.jit
 def _output_grad_tile(g_ptr, y_ptr, scale_ptr, g_row, y_row, channel, mask_m, mask_n, sg_c, sy_c,
                       ACT: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """(dpre, dz) of one [rows, channels] tile in float32, 0 outside the masks:
-    dpre = act'(pre)·grad, dz = scale·dpre."""
-    mask = mask_m[:, None] & mask_n[None, :]
-    g = tl.load(g_ptr + g_row[:, None] + channel[None, :] * sg_c, mask=mask, other=0.0)
+    """(dpre, dz) of one [channels, rows] tile in float32, 0 outside the masks:
+    dpre = act'(pre)·grad, dz = scale·dpre. Pixels run along the threads (see the forward)."""
+    mask = mask_n[:, None] & mask_m[None, :]
+    g = tl.load(g_ptr + g_row[None, :] + channel[:, None] * sg_c, mask=mask, other=0.0)
     dpre = g.to(tl.float32)
     if ACT == RELU:
-        y = tl.load(y_ptr + y_row[:, None] + channel[None, :] * sy_c, mask=mask, other=0.0)
+        y = tl.load(y_ptr + y_row[None, :] + channel[:, None] * sy_c, mask=mask, other=0.0)
         dpre = tl.where(y <= 0, 0.0, dpre)  # NaN passes the gradient, as torch's threshold_backward
     dz = dpre
     if HAS_SCALE:
         s = tl.load(scale_ptr + channel, mask=mask_n, other=0.0)
-        dz = dpre * s[None, :]
+        dz = dpre * s[:, None]
     return dpre, dz
 
 
@@ -242,29 +282,30 @@ def _grad_input_kernel(
         dz = dz.to(x_ptr.dtype.element_ty)
         w = tl.load(w_ptr + channel[:, None] * sw_n + kk[None, :] * sw_k,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc += tl.dot(dz, w, input_precision="ieee")
+        acc += tl.dot(tl.trans(dz), w, input_precision="ieee")
 
-    out_mask = mask_m[:, None] & mask_k[None, :]
+    # the epilogue works on [K, M] tiles, pixels along the threads (see the forward)
+    out_mask = mask_k[:, None] & mask_m[None, :]
     # grad_u as the unfused backward stores it (x's dtype) before the prologue's derivative
-    grad = acc.to(x_ptr.dtype.element_ty)
+    grad = tl.trans(acc.to(x_ptr.dtype.element_ty))
     if HAS_PROLOGUE:
-        x_row = image * sx_n + oh * sx_h + ow * sx_w
-        x = tl.load(x_ptr + x_row[:, None] + in_channel[None, :] * sx_c, mask=out_mask,
+        x_row = _epilogue_rows(BLOCK_M, out_h, out_w, sx_n, sx_h, sx_w)
+        x = tl.load(x_ptr + x_row[None, :] + in_channel[:, None] * sx_c, mask=out_mask,
                     other=0.0).to(tl.float32)
         s_in = tl.load(in_scale_ptr + in_channel, mask=mask_k, other=0.0)
         t_in = tl.load(in_shift_ptr + in_channel, mask=mask_k, other=0.0)
-        d = activation_backward(grad.to(tl.float32), tl.fma(x, s_in[None, :], t_in[None, :]),
+        d = activation_backward(grad.to(tl.float32), tl.fma(x, s_in[:, None], t_in[:, None]),
                                 IN_ACT, in_negative_slope)
         d = tl.where(out_mask, d, 0.0)
-        grad = (d * s_in[None, :]).to(x_ptr.dtype.element_ty)
+        grad = (d * s_in[:, None]).to(x_ptr.dtype.element_ty)
         if PROLOGUE_SUMS:  # Σ over this tile's pixels of d·x (in_scale) and d (in_shift)
             channels = k_per_group * tl.num_programs(2)
             slot = pid_m * channels + in_channel
             plane = tl.num_programs(0).to(tl.int64) * channels
-            tl.store(partials_ptr + slot, tl.sum(d * x, axis=0), mask=mask_k)
-            tl.store(partials_ptr + plane + slot, tl.sum(d, axis=0), mask=mask_k)
-    gx_row = image * sgx_n + oh * sgx_h + ow * sgx_w
-    tl.store(gx_ptr + gx_row[:, None] + in_channel[None, :] * sgx_c, grad, mask=out_mask)
+            tl.store(partials_ptr + slot, tl.sum(d * x, axis=1), mask=mask_k)
+            tl.store(partials_ptr + plane + slot, tl.sum(d, axis=1), mask=mask_k)
+    gx_row = _epilogue_rows(BLOCK_M, out_h, out_w, sgx_n, sgx_h, sgx_w)
+    tl.store(gx_ptr + gx_row[None, :] + in_channel[:, None] * sgx_c, grad, mask=out_mask)
 
 
 @triton.jit
@@ -304,15 +345,16 @@ def _grad_weight_kernel(
                                      image * sy_n + oh * sy_h + ow * sy_w, channel, mask_m,
                                      mask_n, sg_c, sy_c, ACT, HAS_SCALE)
         if BIAS_SUMS:
-            bias_sum += tl.sum(dpre, axis=0)
-        a_mask = mask_m[:, None] & mask_k[None, :]
-        u = tl.load(x_ptr + (image * sx_n + oh * sx_h + ow * sx_w)[:, None] + in_channel[None, :] * sx_c,
+            bias_sum += tl.sum(dpre, axis=1)
+        # u read as a [K, M] tile, pixels along the threads (see the forward)
+        a_mask = mask_k[:, None] & mask_m[None, :]
+        u = tl.load(x_ptr + (image * sx_n + oh * sx_h + ow * sx_w)[None, :] + in_channel[:, None] * sx_c,
                     mask=a_mask, other=0.0)
         if HAS_PROLOGUE:  # u recomputed as the forward computed it, rounded to x's dtype
-            u = activation_forward(tl.fma(u.to(tl.float32), s_in[None, :], t_in[None, :]), IN_ACT,
+            u = activation_forward(tl.fma(u.to(tl.float32), s_in[:, None], t_in[:, None]), IN_ACT,
                                    in_negative_slope, CPU_MATH)
             u = tl.where(a_mask, u, 0.0).to(x_ptr.dtype.element_ty)
-        acc += tl.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), u, input_precision="ieee")
+        acc += tl.dot(dz.to(x_ptr.dtype.element_ty), tl.trans(u), input_precision="ieee")
 
     out_channels = n_per_group * (tl.num_programs(2) // splits)
     gw = gw_ptr + split.to(tl.int64) * out_channels * k_per_group
@@ -358,6 +400,8 @@ def pointwise_conv2d_triton_backward(
     has_scale = scale is not None
     on_gpu = x.is_cuda
     block_m, block_n, block_k = _blocks(rows, k_per_group, n_per_group, on_gpu)
+    if on_gpu:  # the backward keeps more tiles live than the forward: 128-pixel tiles spill
+        block_m = min(block_m, BACKWARD_GPU_MAX_PIXELS)
     in_scale = input_scale if has_prologue else empty()
     in_shift = input_shift if has_prologue else empty()
     sc = scale if has_scale else empty()
@@ -383,11 +427,15 @@ def pointwise_conv2d_triton_backward(
                 grad_x.stride(3) * stride, input_negative_slope,
                 ACT=activation, IN_ACT=input_activation, HAS_SCALE=has_scale,
                 HAS_PROLOGUE=has_prologue, PROLOGUE_SUMS=prologue_sums,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=_num_warps(block_m, block_n))
 
     grad_w = empty(weight.dtype)
     bias_sums = x.new_zeros((0, out_channels), dtype=compute)
     if need_weight or need_bias_sums:
+        if on_gpu:  # pixels are grad_W's reduction: short steps keep its tiles in registers
+            block_m = min(block_m, GRAD_WEIGHT_GPU_MAX_PIXELS)
+            block_n = min(block_n, FUSED_GPU_MAX_CHANNELS)
         tiles = triton.cdiv(n_per_group, block_n) * triton.cdiv(k_per_group, block_k) * groups
         splits = _weight_splits(rows, block_m, tiles, on_gpu)
         rows_per_split = triton.cdiv(triton.cdiv(max(rows, 1), splits), block_m) * block_m
@@ -402,7 +450,8 @@ def pointwise_conv2d_triton_backward(
                 *grad.stride(), *y.stride(), *xs, input_negative_slope,
                 ACT=activation, IN_ACT=input_activation, HAS_SCALE=has_scale,
                 HAS_PROLOGUE=has_prologue, BIAS_SUMS=need_bias_sums, CPU_MATH=not on_gpu,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=_grad_weight_num_warps(block_n, block_k))
         if need_weight:
             grad_w = partial_w.sum(0).to(weight.dtype).view(weight.shape)
     sums = bias_sums.sum(0) if need_bias_sums else empty()
