@@ -6,6 +6,7 @@
     cnnkernels convert torchvision:NAME|timm:NAME  swap our layers in, show the report, check, time both
     cnnkernels memory densenet           DenseNet-BC memory and step time per memory mode
     cnnkernels report [--quick]          the kernels, written to report/report.md with JSON and plots
+    cnnkernels kernels --target sm_90    every Triton and CUDA kernel compiled: registers, spills, occupancy
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 
 from . import cases as bench_cases
 from . import info as package_info
-from . import profile, use_backend
+from . import profile, roofline, use_backend
 from .backend import BackendUnavailableError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -147,9 +148,10 @@ def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
           + ("1 synchronised call" if calls == 1 else f"{calls} back-to-back calls")
           + (" | CPU heap kept mapped (no page faults in timings)" if steady else ""))
     rows = []
-    header = f"{'op':<17} {'shape':<22} {'pass':<8} {'torch ms':>9}"
+    peaks = roofline.device_peaks(device)  # None on a CPU or an unknown GPU: no roofline column
+    header = f"{'op':<17} {'shape':<22} {'pass':<8} {'torch ms':>9}" + roofline.header(peaks)
     sides = (["torch.compile"] if args.compile else []) + [f"cnnkernels[{b}]" for b in backends]
-    header += "".join(f" {s + ' ms':>20} {'speed-up':>9}" for s in sides)
+    header += "".join(f" {s + ' ms':>20}{roofline.header(peaks)} {'speed-up':>9}" for s in sides)
     bandwidth = args.bandwidth if args.bandwidth is not None else device.type == "cuda"
     ours = [s for s in sides if s.startswith("cnnkernels[")]
     header += "".join(f" {s.split('[')[1][:-1] + ' %copy':>11}" for s in ours) if bandwidth else ""
@@ -162,16 +164,21 @@ def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
             medians = _bench_case(case, device, dtype, backends, direction, reps, args.compile,
                                   with_copy=bandwidth, calls_per_rep=calls,
                                   channels_last=args.channels_last)
-            line = f"{case.op:<17} {case.label:<22} {direction:<8} {medians['torch'] * 1e3:>9.3f}"
+            roof = roofline.row(case, direction, dtype, peaks, medians) if peaks else None
+            line = (f"{case.op:<17} {case.label:<22} {direction:<8} {medians['torch'] * 1e3:>9.3f}"
+                    + roofline.cell(roof, "torch"))
             for side in sides:
-                line += (f" {medians[side] * 1e3:>20.3f} {medians['torch'] / medians[side]:>8.2f}x"
-                         if side in medians else f" {'-':>20} {'-':>9}")
+                line += (f" {medians[side] * 1e3:>20.3f}{roofline.cell(roof, side)}"
+                         f" {medians['torch'] / medians[side]:>8.2f}x"
+                         if side in medians else f" {'-':>20}{roofline.cell(roof, side)} {'-':>9}")
             row = {"op": case.op, "shape": case.shape, "label": case.label,
                    "source": case.source, "kernel": case.kernel, "stride": case.stride,
                    "direction": direction, "dtype": args.dtype, "layout": layout,
                    "median_s": medians,
                    "speedup_vs_torch": {s: medians["torch"] / medians[s] for s in sides
                                         if s in medians}}
+            if roof:
+                row["roofline"] = roof
             if bandwidth:
                 present = [s for s in ours if s in medians]
                 row.update(_bandwidth(case, direction, element_size, medians, present))
@@ -183,8 +190,11 @@ def run_kernel_benchmarks(args: argparse.Namespace) -> dict:
     if bandwidth:
         print("%copy = (minimum bytes the op moves / our time) / (bytes of a copy of the input / "
               "its time), the copy timed in the same rounds")
+    if peaks:
+        print(roofline.legend(peaks))
     return {"info": info, "cpu_heap_kept": steady, "reps": reps, "timing": args.timing,
-            "calls_per_rep": calls, "sides": sides, "results": rows}
+            "calls_per_rep": calls, "sides": sides, "results": rows,
+            "roofline_peaks": vars(peaks) if peaks else None}
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
@@ -208,9 +218,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(memory["title"])
         print(memory_module.format_table(memory["rows"]))
     models = run_model_benchmarks(args.models, args) if args.models else None
-    paths = report.write(results, out_dir, memory, models)
+    overhead = None
+    if args.overhead:
+        overhead = run_overhead(argparse.Namespace(device=args.device, threads=None,
+                                                   quick=args.quick, reps=None))
+    paths = report.write(results, out_dir, memory, models, overhead)
     if args.json:  # everything in one file, besides the per-section ones in out_dir
-        _write_json(args.json, {"kernels": results, "densenet_memory": memory, "models": models})
+        _write_json(args.json, {"kernels": results, "densenet_memory": memory, "models": models,
+                                "overhead": overhead})
         paths.append(args.json)
     for path in paths:
         print(f"wrote {path}")
@@ -279,6 +294,26 @@ def run_memory_densenet(args: argparse.Namespace) -> dict:
 def cmd_bench_models(args: argparse.Namespace) -> int:
     args.model_batch, args.model_reps = args.batch, args.reps
     _write_json(args.json, run_model_benchmarks(args.models, args))
+    return 0
+
+
+def run_overhead(args: argparse.Namespace) -> dict:
+    """Host overhead per call, ours vs eager, op by op and layer by layer; prints the table."""
+    from . import overhead
+
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = _given_or(args.reps, 5 if args.quick else 15)
+    calls = 50 if args.quick else 200
+    result = overhead.run(device, reps=reps, calls_per_rep=calls)
+    print(overhead.title(result))
+    print(overhead.format_table(result))
+    return result
+
+
+def cmd_bench_overhead(args: argparse.Namespace) -> int:
+    _write_json(args.json, run_overhead(args))
     return 0
 
 
@@ -555,6 +590,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     models.set_defaults(run=cmd_bench_models)
 
+    over = bench_sub.add_parser("overhead", help="host cost per call of every op and layer "
+                                                 "kind, ours vs eager, on tiny tensors")
+    over.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    over.add_argument("--threads", type=positive_int,
+                      help="torch.set_num_threads first (default: torch's own)")
+    over.add_argument("--quick", action="store_true", help="5 repetitions of 50 calls per side")
+    over.add_argument("--reps", type=positive_int,
+                      help="timed repetitions per side (default 15; 5 with --quick)")
+    over.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    over.set_defaults(run=cmd_bench_overhead)
+
     conv = sub.add_parser("convert", help="convert a model, print what was swapped, check the "
                                           "outputs and time both")
     conv.add_argument("model", metavar="MODEL", help="torchvision:<name> or timm:<name>, e.g. "
@@ -598,10 +644,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="their batch size (2 with --quick, else 8)")
     rep.add_argument("--model-reps", type=positive_int,
                      help="timed steps per side (3 with --quick, else 5)")
+    rep.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
+                     help="the host-overhead section: every op and layer kind on tiny tensors "
+                          "(as `cnnkernels bench overhead`)")
     rep.add_argument("--json", metavar="PATH", help="also write every section's results to one "
                                                     "JSON file")
     rep.set_defaults(run=cmd_report, image_size=None)
+
+    add_kernels_audit_parser(sub)
     return parser
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from . import kernels_audit
+    return kernels_audit.command(args.target, args.json, quick=args.quick, cuda=not args.no_cuda,
+                                 workers=args.workers)
+
+
+def add_kernels_audit_parser(sub) -> None:
+    audit = sub.add_parser("kernels", help="compile every Triton kernel for a GPU without one; "
+                                           "registers, spills, shared memory, occupancy of every "
+                                           "Triton and CUDA kernel")
+    audit.add_argument("--target", default="sm_90", choices=("sm_90", "sm_100"))
+    audit.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
+    audit.add_argument("--quick", action="store_true",
+                       help="fewer shapes and layouts (every kernel, every dtype, largest tiles)")
+    audit.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernels of _C")
+    audit.add_argument("--workers", type=positive_int, default=None,
+                       help="compiler processes (default: one per CPU)")
+    audit.set_defaults(run=cmd_kernels)
 
 
 class UsageError(Exception):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-MODELS = ("mobilenet_v2", "mobilenet_v3_large", "resnet50", "densenet121")
+MODELS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "resnet50", "densenet121")
 
 
 def build(name: str, device: torch.device, dtype: torch.dtype):

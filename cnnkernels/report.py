@@ -19,6 +19,8 @@ def markdown_table(results: dict) -> str:
     sides = results["sides"]
     header = ["op", "shape", "pass", "torch ms"] + [f"{s} ms" for s in sides] + [
         f"{s} speed-up" for s in sides]
+    roofline = any("roofline" in row for row in results["results"])  # a GPU of known peaks
+    header += [f"{s} % of roofline" for s in ["torch", *sides]] if roofline else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results["results"]:
         medians = row["median_s"]
@@ -26,6 +28,10 @@ def markdown_table(results: dict) -> str:
         # a side missing from a row has no kernel for that op (e.g. no CUDA C++ depthwise yet)
         cells += [f"{medians[s] * 1e3:.3f}" if s in medians else "-" for s in sides]
         cells += [f"{row['speedup_vs_torch'][s]:.2f}x" if s in medians else "-" for s in sides]
+        if roofline:
+            fractions = row.get("roofline", {}).get("fraction", {})
+            cells += [f"{fractions[s] * 100:.1f}%" if s in fractions else "-"
+                      for s in ["torch", *sides]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -102,8 +108,19 @@ def write_models(models: dict, out_dir: str) -> tuple[list[str], list[str]]:
     return [path], lines
 
 
+def write_overhead(overhead: dict, out_dir: str) -> tuple[list[str], list[str]]:
+    from . import overhead as overhead_module
+
+    path = os.path.join(out_dir, "overhead.json")
+    with open(path, "w") as f:
+        json.dump(overhead, f, indent=2)
+    lines = ["", "## Host overhead per call", "", overhead_module.title(overhead), "",
+             overhead_module.format_table(overhead)]
+    return [path], lines
+
+
 def write(results: dict, out_dir: str, memory: dict | None = None,
-          models: dict | None = None) -> list[str]:
+          models: dict | None = None, overhead: dict | None = None) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     info = results["info"]
     paths = []
@@ -133,6 +150,10 @@ def write(results: dict, out_dir: str, memory: dict | None = None,
         model_paths, model_lines = write_models(models, out_dir)
         paths += model_paths
         lines += model_lines
+    if overhead is not None:
+        overhead_paths, overhead_lines = write_overhead(overhead, out_dir)
+        paths += overhead_paths
+        lines += overhead_lines
     md_path = os.path.join(out_dir, "report.md")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")

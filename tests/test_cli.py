@@ -100,6 +100,29 @@ def test_errors_are_one_line_with_exit_code_2(args, message):
     assert "Traceback" not in result.stderr
 
 
+def test_bench_overhead_times_every_op_and_layer_kind_in_both_modes(tmp_path, capsys):
+    """Every op and converted layer kind, eval and training, ours and eager side by side; the
+    layers were checked against the eager modules they replace before timing."""
+    out = tmp_path / "overhead.json"
+    assert cli.main(["bench", "overhead", "--quick", "--reps", "1", "--device", "cpu",
+                     "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["kind"], r["name"], r["mode"]): r for r in result["rows"]}
+    ops = {"hardswish", "hardsigmoid", "depthwise_conv2d", "pointwise_conv2d", "batch_norm_act",
+           "squeeze_excite"}
+    layers = {"HardSwish", "BatchNormAct2d", "BNActSequential", "ConvBNAct2d", "DepthwiseConv2d", "SqueezeExcite",
+              "ResidualBlock", "InvertedResidual"}
+    for mode in ("eval", "train"):
+        assert {n for k, n, m in rows if k == "op" and m == mode} >= ops
+        assert {n for k, n, m in rows if k == "layer" and m == mode} == layers
+    assert ("op", "affine_act", "eval") in rows
+    for r in result["rows"]:
+        assert r["ours_us"] > 0 and r["eager_us"] > 0
+        assert r["ratio"] == pytest.approx(r["ours_us"] / r["eager_us"])
+    printed = capsys.readouterr().out
+    assert "| layer | ConvBNAct2d | eval |" in printed
+
+
 def test_report_quick_writes_markdown_json_and_plots(tmp_path):
     """`report --quick` on tiny shapes: every file exists and the tables parse."""
     out = tmp_path / "report"
@@ -110,12 +133,15 @@ def test_report_quick_writes_markdown_json_and_plots(tmp_path):
                      "--model-batch", "1", "--model-reps", "1",
                      "--json", str(tmp_path / "all.json")]) == 0
     combined = json.loads((tmp_path / "all.json").read_text())
-    assert set(combined) == {"kernels", "densenet_memory", "models"}
+    assert set(combined) == {"kernels", "densenet_memory", "models", "overhead"}
     results = json.loads((out / "kernels.json").read_text())
     assert {row["op"] for row in results["results"]} == {"hardswish", "depthwise_conv2d"}
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     text = (out / "report.md").read_text()
+    text, overhead_text = text.split("## Host overhead per call")
+    overhead_rows = [line for line in overhead_text.splitlines() if line.startswith("| op ")]
+    assert len(overhead_rows) == len([r for r in combined["overhead"]["rows"] if r["kind"] == "op"])
     text, models_text = text.split("## Models: plain vs `cnnkernels.convert`")
     model_rows = [line for line in models_text.splitlines() if line.startswith("| mobilenet_v3_large")]
     assert [row.split("|")[2].strip() for row in model_rows] == ["inference", "training"]

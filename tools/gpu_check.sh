@@ -1,131 +1,257 @@
 #!/usr/bin/env bash
-# GPU verification for a machine with a CUDA GPU and torch already installed (no network needed):
-# builds cnnkernels in place with that machine's torch, runs the tests on the GPU, runs the
-# benchmarks, and leaves everything in OUTDIR:
-#   env.txt build.log tests_gpu.log tests_all.log bench.log bench.json bench.md kernels.json
-#   kernels_stream.json kernels_bf16_cl.json
-#   models.json densenet_memory.{json,png,log} _C.so.gz (the build, to reuse with SKIP_BUILD=1)
+# The GPU check, sized for a lent GPU: one command of at most 10 minutes that builds cnnkernels in
+# place with the machine's own torch (no network), runs the CUDA and Triton-on-GPU tests, the
+# kernel benchmarks (latency and throughput, with % of roofline), the models at batch 64, the
+# DenseNet memory profile and the host-overhead table.
 #
-# Usage: tools/gpu_check.sh OUTDIR [PHASE ...]
-#   phases: build gpu-tests all-tests kernels kernels-stream kernels-bf16-cl models memory
-#           pytest-bench
-#           (default: all of them, in that order)
-#   PYTHON=...        the interpreter (default python3)
-#   SKIP_BUILD=1      reuse the cnnkernels/_C*.so already in place (built on this kind of machine)
-#   PHASE_TIMEOUT=S   seconds each test or benchmark phase may run (default 900)
-#   KERNELS_ARGS=...  arguments of `bench kernels` (default --compile; e.g. "--compile --quick")
-#   DEPTHS=...        DenseNet depths of `memory densenet` (default 40,100,160,250)
+# Usage: tools/gpu_check.sh [--dry-run] OUTDIR [PHASE ...]
+#   --dry-run        print the plan (phases, time budgets, exact commands) and run nothing
+#   PHASE ...        a subset of the phases (default: all, in the plan's order)
+#   PYTHON=...       the interpreter (default python3: on the lent machine, the one with torch)
+#   SKIP_BUILD=1     reuse the cnnkernels/_C*.so in place, e.g. the _C.so.gz of an earlier run,
+#                    unpacked and carried along: frees the build's budget for the last phase
+#   GPU_CHECK_SECONDS=S  the whole run's deadline (default 570: the device tool's 600 s, less
+#                    a margin for its own start and the transfers)
+#
+# Every phase runs under `timeout` with min(its budget, the time left before the deadline less
+# the packing reserve), and packs its results into OUTDIR as soon as it ends, so a run cut off
+# still returns what it finished. OUTDIR then holds at most 4 files, none in a subfolder:
+#   summary.md     the phase table (budget, time taken, status) and every result as markdown
+#   results.json   every phase's JSON, by name
+#   logs.tar.gz    every phase's log, the pytest JUnit XML, the JSON files, the memory plot
+#   _C.so.gz       the build, to carry into a later run with SKIP_BUILD=1 (left out over 16 MiB)
+#
+# On the lent machine: device run with command `bash tools/gpu_check.sh "$OUT"`, timeout_s 600.
 set -uo pipefail
-OUT=${1:?usage: tools/gpu_check.sh OUTDIR [PHASE ...]}
-shift
-PHASES=${*:-build gpu-tests all-tests kernels kernels-stream kernels-bf16-cl models memory pytest-bench}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+
+DRY=0
+PHASE_RC=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
+ALL_PHASES=(env build gpu-tests kernels-call kernels-stream models-fp32 models-bf16 memory overhead
+            models-compile)
+# Seconds per phase; they add up to the deadline less the packing reserve, and models-compile,
+# the most expensive and least certain, runs last with whatever is left.
+# The build's budget: 197 s were measured with 16 jobs when csrc/ had 15 sources (26 now).
+declare -A BUDGET=([env]=10 [build]=260 [gpu-tests]=80 [kernels-call]=40 [kernels-stream]=35
+                   [models-fp32]=35 [models-bf16]=30 [memory]=40 [overhead]=20 [models-compile]=0)
+TOTAL=${GPU_CHECK_SECONDS:-570}
+PACK_RESERVE=10   # seconds kept for the last packing
+MIN_PHASE=10      # a phase with less time left than this is skipped, not started
+
+is_phase() { [[ " ${ALL_PHASES[*]} " == *" $1 "* ]]; }
+OUTDIR=${1:-}
+if [[ -z "$OUTDIR" || "$OUTDIR" == -* ]] || is_phase "$OUTDIR"; then
+  if (( DRY )); then OUTDIR=OUTDIR; else echo "usage: tools/gpu_check.sh [--dry-run] OUTDIR [PHASE ...]" >&2; exit 2; fi
+else
+  shift
+fi
+for phase in "$@"; do
+  is_phase "$phase" || { echo "unknown phase '$phase'; known: ${ALL_PHASES[*]}" >&2; exit 2; }
+done
+if (( $# )); then PHASES=("$@"); else PHASES=("${ALL_PHASES[@]}"); fi
+if (( ! DRY )); then  # an absolute OUTDIR before moving to the repository's root
+  mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || exit 2
+fi
+
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-LIMIT=${PHASE_TIMEOUT:-900}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
-status=0
-want() { [[ " $PHASES " == *" $1 "* ]]; }
-stamp() { echo "== $1 ($(date -u +%H:%M:%S))"; }
+WORK=${GPU_CHECK_WORK:-/tmp/cnnkernels_gpu_check}   # logs and JSON, packed into OUTDIR
+ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}                   # H100 and H200
+JOBS=${MAX_JOBS:-16}
+# /usr/bin/g++ first: the lent machines set CXX=/opt/gcc/bin/g++, which built an _C whose
+# errors segfault, and each failing probe costs ~15 s of the build's budget
+COMPILERS=(/usr/bin/g++ "${CXX:-}" g++)
 
-{
-  date -u; nvidia-smi; nvcc --version
-  $PY -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__)"
-  echo "CC=${CC:-} CXX=${CXX:-}"; ${CXX:-g++} --version | head -1
-  $PY -m pip list 2>/dev/null | grep -i -E "^(pytest|pytest-benchmark|pytest-xdist|timm|numpy) "
-} > "$OUT/env.txt" 2>&1
-
-# A C++ compiler other than torch's can build an extension in which every TORCH_CHECK failure
-# segfaults instead of raising (seen on the lent H100 with CXX=/opt/gcc/bin/g++). Probe each
-# candidate with a one-op extension and build with the first whose errors reach Python.
-pick_compiler() {
-  local candidates=("${CXX:-g++}" g++ /usr/bin/g++ /usr/bin/g++-14 /usr/bin/g++-13 /usr/bin/g++-12)
-  local cxx seen=" "
-  for cxx in "${candidates[@]}"; do
-    cxx=$(command -v "$cxx") || continue
-    [[ "$seen" == *" $cxx "* ]] && continue; seen+="$cxx "
-    if $PY tools/probe_cxx.py "$cxx" 2>/dev/null | tee -a "$OUT/env.txt" | grep -q ": ok:"; then
-      export CXX=$cxx CC=$(command -v "${cxx/g++/gcc}" || echo "${CC:-gcc}")
-      echo "   C++ compiler: $CXX (C: $CC)"; return 0
+# A command line as it would be typed: words with spaces or quotes are single-quoted.
+show() {
+  local word out=()
+  for word in "$@"; do
+    if [[ "$word" =~ [[:space:]\"\'\(\)\;\&\|\<\>\*\$] || -z "$word" ]]; then
+      out+=("'${word//\'/\'\\\'\'}'")
+    else
+      out+=("$word")
     fi
   done
-  echo "   WARNING: no candidate compiler passed tools/probe_cxx.py; building with the default"
+  echo "${out[*]}"
 }
 
-if want build && [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-  stamp build
-  pick_compiler
-  start=$(date +%s)
-  if ! FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-    tail -n 40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+# Run one command of the current phase under the phase's time limit, appending to its log; in a
+# dry run, print it instead. A failure is remembered in PHASE_RC (a time-out, 124, over others),
+# so the phase fails when any of its commands did.
+run() {
+  if (( DRY )); then echo "    $(show "$@")"; return 0; fi
+  local rc left=$(( PHASE_END - $(date +%s) ))
+  if (( left < 1 )); then
+    echo "(no time left for: $(show "$@"))" >> "$LOG"; rc=124
+  else
+    echo "\$ $(show "$@")   # timeout ${left} s" >> "$LOG"
+    timeout --signal=INT --kill-after=10 "$left" "$@" >> "$LOG" 2>&1; rc=$?
   fi
-  echo "   built in $(( $(date +%s) - start )) s"
-  gzip -c cnnkernels/_C*.so > "$OUT/_C.so.gz"
-fi
-$PY -m cnnkernels info --json "$OUT/info.json" || exit 1
-# An op's argument check must come back as a RuntimeError, not kill the process.
-$PY -c "
-import torch, cnnkernels
-try:
-    torch.ops.cnnkernels.affine_act(torch.zeros(1, 2, 3, 3), torch.ones(2), torch.ones(2), 9, 0.0)
-except RuntimeError as e:
-    print('   errors from _C raise RuntimeError: ok')
-" || { echo "ERRORS FROM _C CRASH THE PROCESS"; exit 1; }
+  (( rc == 0 || PHASE_RC == 124 )) || PHASE_RC=$rc
+  return $rc
+}
 
-if want gpu-tests; then
-  stamp "tests on the GPU (-m 'cuda or triton')"
-  timeout "$LIMIT" $PY -m pytest tests -q -rf -m "cuda or triton" -n "${XDIST:-16}" -p no:cacheprovider \
-    --junitxml="$OUT/tests_gpu.xml" --durations=15 > "$OUT/tests_gpu.log" 2>&1 || status=1
-  tail -n 25 "$OUT/tests_gpu.log"
-fi
+# --- the phases: each a list of `run` commands; a phase fails when one of them fails ---------------
 
-if want all-tests; then
-  stamp "the rest of the test suite (-m 'not cuda and not triton')"
-  timeout "$LIMIT" $PY -m pytest tests -q -rf -m "not cuda and not triton" -n "${XDIST:-16}" \
-    -p no:cacheprovider > "$OUT/tests_all.log" 2>&1 || status=1
-  tail -n 8 "$OUT/tests_all.log"
-fi
+phase_env() {
+  run nvidia-smi
+  run nvcc --version
+  run "$PY" -c 'import sys, torch, triton; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name())'
+  run "$PY" -m pip list --disable-pip-version-check
+}
 
+pick_compiler() {  # the first candidate whose extensions raise errors into Python (tools/probe_cxx.py)
+  local cxx seen=" " rc_before=$PHASE_RC
+  for cxx in "${COMPILERS[@]}"; do
+    [[ -n "$cxx" ]] || continue
+    if (( DRY )); then run "$PY" tools/probe_cxx.py "$cxx"; CXX_PICKED=$cxx
+      echo "    (the first of: $(show ${COMPILERS[@]}) that passes)"; return 0; fi
+    cxx=$(command -v "$cxx") || continue
+    [[ "$seen" == *" $cxx "* ]] && continue; seen+="$cxx "
+    if run "$PY" tools/probe_cxx.py "$cxx"; then
+      (( PHASE_RC == 124 )) || PHASE_RC=$rc_before  # a candidate refused is no failure of the phase
+      CXX_PICKED=$cxx; return 0
+    fi
+  done
+  CXX_PICKED=${CXX:-g++}
+  echo "WARNING: no candidate compiler passed tools/probe_cxx.py; building with $CXX_PICKED" >> "$LOG"
+}
 
-if want kernels; then
-  stamp "cnnkernels bench kernels --compile"
-  timeout "$LIMIT" $PY -m cnnkernels bench kernels ${KERNELS_ARGS:---compile} --json "$OUT/kernels.json" || status=1
-fi
+phase_build() {
+  if [[ "${SKIP_BUILD:-0}" == 1 ]]; then
+    echo "    (SKIP_BUILD=1: the cnnkernels/_C*.so in place is used)"
+    [[ $DRY == 1 ]] || ls cnnkernels/_C*.so >> "$LOG" 2>&1 || return 1
+  else
+    pick_compiler
+    run env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$JOBS" CXX="$CXX_PICKED" \
+      CC="${CXX_PICKED/g++/gcc}" "$PY" setup.py build_ext --inplace || return 1
+  fi
+  run "$PY" -m cnnkernels info --device cuda --json "$WORK/info.json" || return 1
+  # an argument check in _C must come back as a RuntimeError, not kill the process
+  run "$PY" -c 'import pytest, torch, cnnkernels; pytest.raises(RuntimeError, torch.ops.cnnkernels.affine_act, torch.zeros(1, 2, 3, 3), torch.ones(2), torch.ones(2), 9, 0.0); print("errors from _C raise RuntimeError: ok")'
+}
 
-if want kernels-stream; then
-  # back-to-back calls: the host queues work while the GPU runs, so this approaches kernel time
-  stamp "cnnkernels bench kernels --timing stream"
-  timeout "$LIMIT" $PY -m cnnkernels bench kernels ${KERNELS_ARGS:---compile} --timing stream \
-    --json "$OUT/kernels_stream.json" || status=1
-fi
+phase_gpu-tests() {
+  run "$PY" -m pytest tests -q -rf -m "(cuda or triton) and not slow" -n "$JOBS" -p no:cacheprovider \
+    --benchmark-disable --durations=15 --junitxml="$WORK/tests_gpu.xml"
+}
 
-if want kernels-bf16-cl; then
-  # issue 3's and 5's GPU targets: bf16, channels_last, batch 128 (every backend we have,
-  # including backends `auto` does not pick yet, such as depthwise's CUDA C++ kernels)
-  stamp "cnnkernels bench kernels --dtype bfloat16 --channels-last --batch 128"
-  timeout "$LIMIT" $PY -m cnnkernels bench kernels --ops depthwise_conv2d,batch_norm_act,pointwise_conv2d,squeeze_excite \
-    --dtype bfloat16 --channels-last --batch 128 --compile --bandwidth --json "$OUT/kernels_bf16_cl.json" || status=1
-fi
+phase_kernels-call() {
+  run "$PY" -m cnnkernels bench kernels --device cuda --timing call --json "$WORK/kernels_call.json"
+}
 
-if want models; then
-  stamp "cnnkernels bench models (plain vs convert()-ed torchvision models)"
-  timeout "$LIMIT" $PY -m cnnkernels bench models --device cuda --batch 64 --json "$OUT/models.json" || status=1
-fi
+phase_kernels-stream() {
+  run "$PY" -m cnnkernels bench kernels --device cuda --timing stream --reps 10 \
+    --json "$WORK/kernels_stream.json"
+}
 
-if want memory; then
-  stamp "cnnkernels memory densenet (DenseNet-BC k=12, batch 64: naive / checkpoint / shared)"
-  timeout "$LIMIT" $PY -m cnnkernels memory densenet --device cuda --depths ${DEPTHS:-40,100,160,250} \
-    --json "$OUT/densenet_memory.json" --plot "$OUT/densenet_memory.png" 2> "$OUT/densenet_memory.log" || status=1
-fi
-if want pytest-bench; then
-  stamp "benchmarks (pytest-benchmark)"
-  timeout "$LIMIT" $PY -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" \
-    > "$OUT/bench.log" 2>&1 || status=1
-  $PY bench/compare.py "$OUT/bench.json" > "$OUT/bench.md" 2>&1 || status=1
-  tail -n 5 "$OUT/bench.log"
-fi
+phase_models-fp32() {
+  run "$PY" -m cnnkernels bench models --device cuda --batch 64 --dtype float32 \
+    --json "$WORK/models_fp32.json"
+}
 
-stamp done
+phase_models-bf16() {  # the CLI casts model and input to bfloat16 (no autocast mode yet)
+  run "$PY" -m cnnkernels bench models --device cuda --batch 64 --dtype bfloat16 \
+    --json "$WORK/models_bf16.json"
+}
+
+phase_memory() {
+  run "$PY" -m cnnkernels memory densenet --device cuda --depths 40,100 \
+    --json "$WORK/densenet_memory.json" --plot "$WORK/densenet_memory.png"
+}
+
+phase_overhead() {
+  run "$PY" -m cnnkernels bench overhead --device cuda --json "$WORK/overhead.json"
+}
+
+phase_models-compile() {  # one model per command, so each finished model is kept
+  local model
+  for model in mobilenet_v2 resnet50; do
+    run "$PY" -m cnnkernels bench models --device cuda --batch 64 --dtype float32 --compile \
+      --models "$model" --json "$WORK/models_compile_$model.json"
+  done
+}
+
+# --- packing ---------------------------------------------------------------------------------------
+
+# Refresh OUTDIR from WORK: summary.md and results.json (tools/gpu_check_summary.py), the logs
+# tarball and the build; each written under a temporary name, then renamed.
+publish() {
+  timeout 30 "$PY" tools/gpu_check_summary.py "$WORK" "$OUTDIR" 2>> "$WORK/packing.log"
+  tar -czf "$OUTDIR/logs.tar.gz.tmp" -C "$WORK" . 2>> "$WORK/packing.log" \
+    && mv "$OUTDIR/logs.tar.gz.tmp" "$OUTDIR/logs.tar.gz"
+  local so
+  so=$(ls cnnkernels/_C*.so 2>/dev/null | head -n 1)
+  if [[ -n "$so" && ! -e "$OUTDIR/_C.so.gz" && "${SKIP_BUILD:-0}" != 1 ]]; then
+    gzip -c "$so" > "$OUTDIR/_C.so.gz.tmp" && mv "$OUTDIR/_C.so.gz.tmp" "$OUTDIR/_C.so.gz"
+    if (( $(stat -c %s "$OUTDIR/_C.so.gz") > 16 * 1024 * 1024 )); then
+      rm -f "$OUTDIR/_C.so.gz"; echo "_C.so.gz left out: over 16 MiB" >> "$WORK/packing.log"
+    fi
+  fi
+}
+
+record() {  # phase, budget, status, seconds, note: one line of phases.tsv
+  printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$WORK/phases.tsv"
+}
+
+# --- the plan --------------------------------------------------------------------------------------
+
+print_plan() {
+  local phase fixed=0
+  for phase in "${PHASES[@]}"; do fixed=$(( fixed + BUDGET[$phase] )); done
+  echo "tools/gpu_check.sh plan: ${#PHASES[@]} phases, deadline ${TOTAL} s after the start"
+  echo "  each phase's timeout = min(its budget, seconds left before the deadline - ${PACK_RESERVE} s for packing);"
+  echo "  a phase with under ${MIN_PHASE} s left is skipped; the budgets add up to ${fixed} s + models-compile"
+  echo "  output: $OUTDIR/{summary.md,results.json,logs.tar.gz,_C.so.gz}, refreshed after every phase"
+  echo "  python: $PY; logs: $WORK; TORCH_CUDA_ARCH_LIST=$ARCH; MAX_JOBS=$JOBS"
+  DRY=1
+  for phase in "${PHASES[@]}"; do
+    if [[ "$phase" == models-compile ]]; then
+      echo "== $phase: the rest (at least $(( TOTAL - PACK_RESERVE - fixed )) s when every phase uses its whole budget)"
+    else
+      echo "== $phase: ${BUDGET[$phase]} s"
+    fi
+    "phase_$phase"
+  done
+}
+
+if (( DRY )); then print_plan; exit 0; fi
+
+START=$(date +%s)
+DEADLINE=$(( START + TOTAL - PACK_RESERVE ))
+rm -rf -- "$WORK" && mkdir -p "$WORK" || exit 2
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+print_plan > "$WORK/plan.txt"; DRY=0
+trap 'publish; exit 130' INT TERM
+status=0
+for phase in "${PHASES[@]}"; do
+  now=$(date +%s)
+  budget=${BUDGET[$phase]}
+  [[ "$phase" == models-compile ]] && budget=$(( DEADLINE - now ))
+  PHASE_END=$(( now + budget < DEADLINE ? now + budget : DEADLINE ))
+  LOG="$WORK/$phase.log"
+  if (( PHASE_END - now < MIN_PHASE )); then
+    record "$phase" "$budget" skipped 0 "$(( DEADLINE - now )) s left before the deadline"
+    echo "== $phase: skipped, $(( DEADLINE - now )) s left"
+    continue
+  fi
+  echo "== $phase ($(( PHASE_END - now )) s, at $(( now - START )) s)"
+  PHASE_RC=0
+  "phase_$phase"; rc=$?
+  (( rc == 0 || PHASE_RC != 0 )) || PHASE_RC=$rc
+  rc=$PHASE_RC
+  took=$(( $(date +%s) - now ))
+  case $rc in
+    0) result=ok ;;
+    124) result="timed out"; status=1 ;;
+    *) result="failed (exit $rc)"; status=1 ;;
+  esac
+  record "$phase" "$budget" "$result" "$took" "$(grep -E '[0-9]+ (passed|failed)' "$LOG" 2>/dev/null | tail -n 1)"
+  tail -n 3 "$LOG" 2>/dev/null | cut -c1-200 | sed 's/^/   /'
+  echo "   -> $result in $took s"
+  publish
+done
+publish  # the skipped phases too
+echo "== done in $(( $(date +%s) - START )) s"
+awk -F'\t' '{printf "%-15s %6s s budget %5s s  %-18s %s\n", $1, $2, $4, $3, $5}' "$WORK/phases.tsv"
 exit $status
