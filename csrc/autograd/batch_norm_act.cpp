@@ -17,7 +17,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "cnnkernels/activation.h"
+#include "cnnkernels/autograd.h"
 
 namespace cnnkernels {
 namespace {
@@ -125,20 +125,6 @@ Forward run_forward(const at::Tensor& x, const OptTensor& weight, const OptTenso
   }
   f.y = k.affine.call(x, f.scale, f.shift, activation, negative_slope, residual);
   return f;
-}
-
-// The activation in ATen ops that autograd can differentiate twice (h-sigmoid as relu6(x + 3) / 6:
-// ATen has no derivative for hardsigmoid_backward).
-at::Tensor differentiable_activation(const at::Tensor& pre, int64_t code, double negative_slope) {
-  switch (activation_from_int(code)) {
-    case Activation::Identity: return pre;
-    case Activation::ReLU: return at::relu(pre);
-    case Activation::ReLU6: return at::hardtanh(pre, 0.0, 6.0);
-    case Activation::LeakyReLU: return at::leaky_relu(pre, negative_slope);
-    case Activation::HardSwish: return at::hardswish(pre);
-    case Activation::HardSigmoid: return at::hardtanh(pre + 3.0, 0.0, 6.0) / 6.0;
-  }
-  TORCH_CHECK(false, "batch_norm_act: unknown activation code ", code);
 }
 
 // Whether autograd records this call.
@@ -268,11 +254,8 @@ struct BatchNormActFunction : torch::autograd::Function<BatchNormActFunction> {
       }
     }
     if (sources.empty()) return;
-    const variable_list got = torch::autograd::grad({out}, sources, {grad}, /*retain_graph=*/true,
-                                                    /*create_graph=*/true, /*allow_unused=*/true);
-    for (size_t j = 0; j < wanted.size(); ++j) {
-      result[wanted[j]] = got[j].defined() ? got[j] : at::zeros_like(sources[j]);
-    }
+    const variable_list got = differentiable_gradients_of(out, sources, grad);
+    for (size_t j = 0; j < wanted.size(); ++j) result[wanted[j]] = got[j];
   }
 };
 

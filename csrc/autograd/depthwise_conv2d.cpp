@@ -8,6 +8,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "cnnkernels/autograd.h"
+
 namespace cnnkernels {
 namespace {
 
@@ -53,14 +55,6 @@ const GradOp& grad_weight_op() {
 
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-// channels_last exactly when the kernels produce it (csrc/cpu: wants_channels_last), so that the
-// input gradient comes out in x's memory format, as F.conv2d's does
-at::MemoryFormat format_of(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
-
 struct DepthwiseFunction : torch::autograd::Function<DepthwiseFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const OptTensor& bias, c10::IntArrayRef stride,
@@ -93,7 +87,8 @@ struct DepthwiseFunction : torch::autograd::Function<DepthwiseFunction> {
       differentiable_gradients(ctx, grads[0], x, weight, stride, padding, dilation, result);
       return result;
     }
-    const at::Tensor grad = grads[0].contiguous(format_of(x));
+    // in x's layout, so that the input gradient comes out in it, as F.conv2d's does
+    const at::Tensor grad = grads[0].contiguous(kernel_layout_of(x));
     if (ctx->needs_input_grad(0)) {
       result[0] = grad_input_op().call(grad, weight, x.sizes(), stride, padding, dilation);
     }
@@ -121,11 +116,8 @@ struct DepthwiseFunction : torch::autograd::Function<DepthwiseFunction> {
     if (sources.empty()) return;
     const at::Tensor out =
         at::conv2d(x, weight, std::optional<at::Tensor>(), stride, padding, dilation, x.size(1));
-    const variable_list got = torch::autograd::grad({out}, sources, {grad}, /*retain_graph=*/true,
-                                                    /*create_graph=*/true, /*allow_unused=*/true);
-    for (size_t j = 0; j < wanted.size(); ++j) {
-      result[wanted[j]] = got[j].defined() ? got[j] : at::zeros_like(sources[j]);
-    }
+    const variable_list got = differentiable_gradients_of(out, sources, grad);
+    for (size_t j = 0; j < wanted.size(); ++j) result[wanted[j]] = got[j];
   }
 };
 

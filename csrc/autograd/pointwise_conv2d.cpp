@@ -14,7 +14,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "cnnkernels/activation.h"
+#include "cnnkernels/autograd.h"
 
 namespace cnnkernels {
 namespace {
@@ -44,12 +44,6 @@ const ForwardOp& forward_op() {
 
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-at::MemoryFormat layout_of(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
-
 // x[:, :, ::stride, ::stride], dense in x's layout, and stride 1, for a CPU x with stride > 1:
 // torch's oneDNN weight gradient of a channels_last 1x1 stride-2 convolution corrupts memory
 // (torch 2.14.1; tests/test_pointwise_conv2d.py::test_strided_channels_last_weight_gradient_...);
@@ -58,7 +52,7 @@ std::pair<at::Tensor, int64_t> stride_one_input(const at::Tensor& x, int64_t str
   if (stride == 1 || !x.device().is_cpu() || x.dim() != 4) return {x, stride};
   const at::Tensor sampled =
       x.slice(2, 0, std::nullopt, stride).slice(3, 0, std::nullopt, stride);
-  return {sampled.contiguous(layout_of(x)), 1};
+  return {sampled.contiguous(kernel_layout_of(x)), 1};
 }
 
 bool matmul_applies(const at::Tensor& x, int64_t stride, int64_t groups) {
@@ -92,18 +86,6 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre, in
     case Activation::LeakyReLU: return at::leaky_relu_backward(grad, pre, negative_slope, false);
     case Activation::HardSwish: return at::hardswish_backward(grad, pre);
     case Activation::HardSigmoid: return at::hardsigmoid_backward(grad, pre);
-  }
-  TORCH_CHECK(false, "pointwise_conv2d: unknown activation code ", code);
-}
-
-at::Tensor differentiable_activation(const at::Tensor& pre, int64_t code, double negative_slope) {
-  switch (activation_from_int(code)) {
-    case Activation::Identity: return pre;
-    case Activation::ReLU: return at::relu(pre);
-    case Activation::ReLU6: return at::hardtanh(pre, 0.0, 6.0);
-    case Activation::LeakyReLU: return at::leaky_relu(pre, negative_slope);
-    case Activation::HardSwish: return at::hardswish(pre);
-    case Activation::HardSigmoid: return at::hardtanh(pre + 3.0, 0.0, 6.0) / 6.0;
   }
   TORCH_CHECK(false, "pointwise_conv2d: unknown activation code ", code);
 }
@@ -145,7 +127,7 @@ std::pair<at::Tensor, at::Tensor> convolution_gradients(const at::Tensor& dz, co
       dz, sampled, s.weight, std::nullopt, {sampled_stride, sampled_stride}, {0, 0}, {1, 1}, false,
       {0, 0}, s.groups, {need_x, need_w, false});
   if (!grad_sampled.defined() || sampled.is_same(s.x)) return {grad_sampled, grad_w};
-  at::Tensor grad_x = at::zeros_like(s.x, layout_of(s.x));
+  at::Tensor grad_x = at::zeros_like(s.x, kernel_layout_of(s.x));
   grad_x.slice(2, 0, std::nullopt, s.stride).slice(3, 0, std::nullopt, s.stride).copy_(grad_sampled);
   return {grad_x, grad_w};
 }
@@ -260,11 +242,8 @@ struct PointwiseFunction : torch::autograd::Function<PointwiseFunction> {
     if (s.residual.defined()) pre = pre + s.residual.to(sv.scalar_type());
     const at::Tensor out =
         differentiable_activation(pre, s.activation, s.negative_slope).to(s.x.scalar_type());
-    const variable_list got = torch::autograd::grad({out}, sources, {grad}, /*retain_graph=*/true,
-                                                    /*create_graph=*/true, /*allow_unused=*/true);
-    for (size_t j = 0; j < wanted.size(); ++j) {
-      result[wanted[j]] = got[j].defined() ? got[j] : at::zeros_like(sources[j]);
-    }
+    const variable_list got = differentiable_gradients_of(out, sources, grad);
+    for (size_t j = 0; j < wanted.size(); ++j) result[wanted[j]] = got[j];
     return result;
   }
 };
