@@ -5,6 +5,7 @@
     cnnkernels bench models [--quick]    torchvision models, plain vs cnnkernels.convert-ed
     cnnkernels convert torchvision:NAME|timm:NAME  swap our layers in, show the report, check, time both
     cnnkernels memory densenet           DenseNet-BC memory and step time per memory mode
+    cnnkernels memory models             activation and peak memory of models, plain vs converted
     cnnkernels report [--quick]          the kernels, written to report/report.md with JSON and plots
     cnnkernels kernels --target sm_90    every Triton and CUDA kernel compiled: registers, spills, occupancy
 """
@@ -394,6 +395,39 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_memory_models(args: argparse.Namespace) -> dict:
+    """Every (model, variant) in a fresh process; rows of plain vs converted."""
+    from . import memory_models
+    from .progress import progress
+
+    device = _device(args.device)
+    configs = [memory_models.ModelMemoryConfig(model, variant, args.batch_size, args.image_size,
+                                               str(device), args.dtype)
+               for model in args.models for variant in memory_models.VARIANTS]
+    results = [memory_models.run_in_subprocess(config)
+               for config in progress(configs, len(configs), "memory models",
+                                      label=lambda c: f"{c.model} {c.variant}")]
+    title = (f"saved activations and peak memory of a training step, batch {args.batch_size}, "
+             f"{args.image_size}x{args.image_size}, {device} {args.dtype}")
+    return {"title": title, "device": str(device), "torch": torch.__version__,
+            "cnnkernels": package_info()["version"], "budget_bytes": args.budget,
+            "rows": memory_models.rows(results, args.budget)}
+
+
+def cmd_memory_models(args: argparse.Namespace) -> int:
+    from . import memory_models
+
+    result = run_memory_models(args)
+    print(result["title"])
+    print(memory_models.format_table(result["rows"], args.budget))
+    _write_json(args.json, result)
+    if args.plot:
+        _make_parent_folder(args.plot, "--plot")
+        memory_models.plot(result["rows"], args.plot, result["title"])
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def cmd_memory_densenet(args: argparse.Namespace) -> int:
     from . import memory
 
@@ -517,6 +551,17 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def memory_budget(text: str) -> int:
+    from .memory_models import parse_bytes
+    try:
+        value = parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a budget above zero, got {text!r}")
+    return value
+
+
 def memory_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", type=densenet_depths, default="40,100,160,250",
                         help="comma-separated DenseNet-BC depths, each 6n + 4 (default 40,100,160,250)")
@@ -624,6 +669,22 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--plot", metavar="PATH", default="densenet_memory.png",
                        help="PNG of peak memory vs depth (default densenet_memory.png; '' for none)")
     dense.set_defaults(run=cmd_memory_densenet)
+    models = mem_sub.add_parser("models", help="saved activations and peak training-step memory "
+                                               "of torchvision models, plain vs converted")
+    models.add_argument("--models", type=_comma_separated,
+                        default="resnet50,mobilenet_v2,mobilenet_v3_large,densenet121",
+                        help="comma-separated torchvision model names (default resnet50,"
+                             "mobilenet_v2,mobilenet_v3_large,densenet121)")
+    models.add_argument("--batch-size", type=positive_int, default=8)
+    models.add_argument("--image-size", type=positive_int, default=224)
+    models.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    models.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    models.add_argument("--budget", type=memory_budget, default="16GiB",
+                        help="memory for the largest-batch estimate (default 16GiB)")
+    models.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    models.add_argument("--plot", metavar="PATH", default="models_memory.png",
+                        help="PNG of saved MiB per sample (default models_memory.png; '' for none)")
+    models.set_defaults(run=cmd_memory_models)
 
     rep = sub.add_parser("report", help="benchmark every kernel and write report.md, JSON and "
                                         "PNG plots")

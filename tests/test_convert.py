@@ -14,6 +14,21 @@ from cnnkernels.nn.conv import is_plain_1x1
 torchvision = pytest.importorskip("torchvision")
 
 
+def _assert_train_output_as_close_as_the_originals(original, x, y, y_ref):
+    """Train mode: batch statistics of small maps (2x2 at batch 2) amplify any different rounding
+    (another BN kernel, a matmul for a conv) beyond a fixed float32 tolerance, for PyTorch's own
+    layers too; so the converted output's error against a float64 run of the original must be at
+    most 3x the original float32 output's (the criterion of test_convert_fidelity)."""
+    reference = copy.deepcopy(original).double()
+    torch.manual_seed(0)
+    y64 = reference(x.double())
+
+    def error(value):
+        return ((value.double() - y64).norm() / y64.norm().clamp_min(1e-300)).item()
+
+    assert error(y) <= 3 * max(error(y_ref), 1e-7), (error(y), error(y_ref))
+
+
 def check_same_model(original, converted, x, tol=1e-4, gradients=True):
     """Eval outputs, train outputs and (`gradients`) every parameter gradient agree; keys load both
     ways."""
@@ -26,8 +41,10 @@ def check_same_model(original, converted, x, tol=1e-4, gradients=True):
         y_ref = original(x)
         torch.manual_seed(0)
         y = converted(x)
-        # (train mode: batch statistics amplify the depthwise kernels' different rounding)
-        torch.testing.assert_close(y, y_ref, rtol=1e-4 if mode else 1e-5, atol=1e-4 if mode else 1e-5)
+        if mode:
+            _assert_train_output_as_close_as_the_originals(original, x, y, y_ref)
+        else:
+            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
         if mode and gradients:
             y.square().sum().backward()
             y_ref.square().sum().backward()

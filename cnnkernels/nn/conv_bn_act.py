@@ -22,6 +22,7 @@ from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS
 from .conv import _has_forward_hooks, is_plain_1x1, run_conv
 from .batchnorm import (_TORCH_ACTIVATIONS, NORMS, FoldCache, activation_of, bn_act,
                         check_eps_and_momentum)
+from .recompute import Recipe, bn_act_recipe, kept_as_recipe
 
 
 class ConvBNAct2d(nn.Sequential):
@@ -118,6 +119,18 @@ class ConvBNAct2d(nn.Sequential):
         activation, slope = activation_of(self.act)
         return conv_bn_act(self.conv, self.bn, x, residual, activation, slope, self._fold_cache)
 
+    def forward_recipe(self, x: torch.Tensor, x_recipe: Recipe | None,
+                       residual: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, Recipe | None]:
+        """The call inside a block: x kept as `x_recipe`, and the output's Recipe returned (see
+        recompute.py). The caller checks fusable() and the module's own hooks first."""
+        activation, slope = activation_of(self.act)
+        if _fused_inference(self.conv, self.bn, x, residual):
+            return conv_bn_act(self.conv, self.bn, x, residual, activation, slope,
+                               self._fold_cache), None
+        return conv_bn_act_recipe(self.conv, self.bn, x, x_recipe, residual, activation, slope,
+                                  self._fold_cache)
+
 
 def _activation_module(name: str, negative_slope: float) -> nn.Module | None:
     """torch's activation module for one of our names (None for the identity)."""
@@ -158,17 +171,32 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor,
         return ops.pointwise_conv2d(x, conv.weight, stride=conv.stride[0], groups=conv.groups,
                                     scale=scale, shift=shift, residual=residual,
                                     activation=activation, negative_slope=negative_slope)
+    z, stats = _conv_and_statistics(conv, bn, x)
+    return bn_act(bn, z, activation, negative_slope, residual, stats, fold_cache)
+
+
+def conv_bn_act_recipe(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, x_recipe: Recipe | None,
+                       residual: torch.Tensor | None = None, activation: str = "identity",
+                       negative_slope: float = 0.01, fold_cache: FoldCache | None = None
+                       ) -> tuple[torch.Tensor, Recipe | None]:
+    """conv_bn_act's unfused path, where x is kept as `x_recipe` (an earlier BN+act's output in
+    the same block; None: x itself), and the output's Recipe (see recompute.py) for the next conv."""
+    with kept_as_recipe(x, x_recipe):
+        z, stats = _conv_and_statistics(conv, bn, x)
+    return bn_act_recipe(bn, z, activation, negative_slope, residual, stats, fold_cache)
+
+
+def _conv_and_statistics(conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor):
+    """conv(x), and its batch statistics where the conv's kernel computes them (else None)."""
     if _is_depthwise(conv):
-        z = ops.depthwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
-                                 conv.dilation)
-    elif _statistics_in_epilogue(conv, bn, x):
+        return ops.depthwise_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                    conv.dilation), None
+    if _statistics_in_epilogue(conv, bn, x):
         # the Triton GEMM computes BN's batch statistics from its output tiles in registers
         z, mean, var = ops.pointwise_conv2d_stats(x, conv.weight, conv.bias,
                                                   stride=conv.stride[0], groups=conv.groups)
-        return bn_act(bn, z, activation, negative_slope, residual, (mean, var), fold_cache)
-    else:
-        z = run_conv(conv, x)  # 1x1 NCHW on the CPU: our pointwise op's BLAS matmuls
-    return bn_act(bn, z, activation, negative_slope, residual, None, fold_cache)
+        return z, (mean, var)
+    return run_conv(conv, x), None  # 1x1 NCHW on the CPU: our pointwise op's BLAS matmuls
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:

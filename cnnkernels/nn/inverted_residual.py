@@ -22,6 +22,7 @@ from torch import nn
 from .batchnorm import NORMS, BatchNormAct2d, FoldCache
 from .conv import _has_forward_hooks, is_plain_1x1
 from .conv_bn_act import ConvBNAct2d, conv_bn_act
+from .recompute import kept_as_recipe
 
 _NORMS = (*NORMS, BatchNormAct2d)
 
@@ -124,14 +125,26 @@ class InvertedResidual(nn.Module):
             # V2 adds out of place (x + out: autocast's output promoted to x's dtype), V3 in
             # place (result += input: the result keeps the layers' dtype)
             return residual + out if v2 else (out + residual).to(out.dtype)
-        head = children[:-2] if v2 else children[:-1]
-        h = x
-        for layer in head:
-            h = layer(h)
-        if v2:
-            return conv_bn_act(children[-2], children[-1], h, residual,
-                               fold_cache=self._fold_cache)
-        return children[-1](h, residual)
+        h, recipe = self._head(children[:-2] if v2 else children[:-1], x)
+        with kept_as_recipe(h, recipe):
+            if v2:
+                return conv_bn_act(children[-2], children[-1], h, residual,
+                                   fold_cache=self._fold_cache)
+            return children[-1](h, residual)
+
+    @staticmethod
+    def _head(layers: list[nn.Module], x: torch.Tensor):
+        """The layers before the projection; each ConvBNAct2d's output is kept by the next layer
+        as its recipe (recompute.py), and the last one's recipe is returned with the output."""
+        h, recipe = x, None
+        for layer in layers:
+            if type(layer) is ConvBNAct2d and layer.fusable() and not _has_forward_hooks(layer):
+                h, recipe = layer.forward_recipe(h, recipe)
+                continue
+            with kept_as_recipe(h, recipe):
+                h = layer(h)
+            recipe = None
+        return h, recipe
 
     def _fusable(self, x: torch.Tensor, layers: nn.Sequential, projection: list[nn.Module]) -> bool:
         """Whether the residual can be added inside the projection: not where hooks on the

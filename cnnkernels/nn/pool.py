@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.layout import contiguous_from_channels_last, to_channels_last
+from .recompute import ChannelsLastCopy, kept_as_recipe, rebuilding_applies
 
 
 def pools_faster_in_channels_last(x: torch.Tensor) -> bool:
@@ -38,6 +39,11 @@ class MaxPool2d(nn.MaxPool2d):
         if self.return_indices or not pools_faster_in_channels_last(x) or \
                 torch.compiler.is_compiling():
             return super().forward(x)
-        y = F.max_pool2d(to_channels_last(x), self.kernel_size, self.stride, self.padding,
-                         self.dilation, ceil_mode=self.ceil_mode)
+        pooled_input = to_channels_last(x)
+        # autograd keeps x (its producer's output: a ReLU keeps it) and makes the copy again in
+        # backward, instead of keeping a second, channels_last, copy of the stem's largest map
+        copy = ChannelsLastCopy(x) if rebuilding_applies(x) else None
+        with kept_as_recipe(pooled_input, copy):
+            y = F.max_pool2d(pooled_input, self.kernel_size, self.stride, self.padding,
+                             self.dilation, ceil_mode=self.ceil_mode)
         return contiguous_from_channels_last(y)

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from .batchnorm import NORMS, BatchNormAct2d, FoldCache, bn_act
-from .conv import _has_forward_hooks, run_conv
+from .conv import _has_forward_hooks, has_hooks, run_conv
+from .conv_bn_act import ConvBNAct2d, conv_bn_act_parts, unsupported_conv
+from .recompute import bn_act_recipe, kept_as_recipe
 
 
 def _torchvision_blocks() -> tuple[type, ...]:
@@ -143,18 +145,37 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable():
             return self._forward_one_by_one(x)
-        out = x
-        # run_conv: the 1x1 convolutions of NCHW CPU input as our pointwise op's BLAS matmuls
+        # run_conv: the 1x1 convolutions of NCHW CPU input as our pointwise op's BLAS matmuls.
+        # Each relu(bn(z)) is kept by the next conv as its recipe (recompute.py), not a tensor.
+        out, recipe = x, None
         for i in range(1, self.depth):
-            z = run_conv(getattr(self, f"conv{i}"), out)
-            out = bn_act(getattr(self, f"bn{i}"), z, "relu", fold_cache=self._fold_caches[i - 1])
-        identity = x if self.downsample is None else self.downsample(x)
+            with kept_as_recipe(out, recipe):
+                z = run_conv(getattr(self, f"conv{i}"), out)
+            out, recipe = bn_act_recipe(getattr(self, f"bn{i}"), z, "relu",
+                                        fold_cache=self._fold_caches[i - 1])
+        identity, identity_recipe = self._identity(x)
         last = self.depth
-        z = run_conv(getattr(self, f"conv{last}"), out)
+        with kept_as_recipe(out, recipe):
+            z = run_conv(getattr(self, f"conv{last}"), out)
         # torchvision adds in place, `out += identity`, so under autocast a float32 identity
         # lands in the convolution's dtype
-        return bn_act(getattr(self, f"bn{last}"), z, "relu", residual=identity.to(z.dtype),
-                      fold_cache=self._fold_caches[last - 1])
+        with kept_as_recipe(identity, identity_recipe):
+            return bn_act(getattr(self, f"bn{last}"), z, "relu", residual=identity.to(z.dtype),
+                          fold_cache=self._fold_caches[last - 1])
+
+    def _identity(self, x: torch.Tensor):
+        """The residual, and its Recipe where the downsample is a ConvBNAct2d run here."""
+        downsample = self.downsample
+        if downsample is None:
+            return x, None
+        if type(downsample) is ConvBNAct2d and downsample.fusable() and \
+                not _has_forward_hooks(downsample):
+            return downsample.forward_recipe(x, None)
+        parts = conv_bn_act_parts(downsample)  # torchvision's Sequential(conv1x1, BatchNorm2d)
+        if parts is not None and parts[2] is None and unsupported_conv(parts[0]) is None and \
+                not any(has_hooks(m) for m in (downsample, *parts[:2])):
+            return bn_act_recipe(parts[1], parts[0](x), "identity")
+        return downsample(x), None
 
     def _forward_one_by_one(self, x: torch.Tensor) -> torch.Tensor:
         """torchvision's forward over the children as they are now."""
