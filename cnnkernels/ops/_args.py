@@ -31,6 +31,8 @@ def _integer_like(value: object) -> bool:
 def as_int(value: object, op: str, name: str) -> int:
     """`value` as a Python int: accepts what indexes a sequence (int, np.int64, torch.tensor(2)),
     refuses floats (2.0 is not a stride), bools and anything else, by name."""
+    if type(value) is int:  # the usual case, answered first: this runs on every op call
+        return value
     if not _integer_like(value):
         raise TypeError(f"{op}: expected argument '{name}' to be an int, got "
                         f"{type(value).__name__} {value!r}")

@@ -402,6 +402,7 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight
     return tiles ? p.y : at::empty(out_size, x_in.options().memory_format(format));
   }
   if (gemm == Gemm::kMatmul && trivial_epilogue) return matmul_conv(x_in, weight);
+  if (gemm == Gemm::kConv && trivial_epilogue) return plain_conv(x_in, weight, stride, groups, format);
   const auto [s, t] = epilogue_vectors(x_in, weight.size(0), bias, scale, shift);
   if (gemm == Gemm::kOneDnn) {
     return onednn_conv(x_in, weight, stride, groups, format, p.residual, s, t, activation,
