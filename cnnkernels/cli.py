@@ -223,10 +223,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.overhead:
         overhead = run_overhead(argparse.Namespace(device=args.device, threads=None,
                                                    quick=args.quick, reps=None))
-    paths = report.write(results, out_dir, memory, models, overhead)
+    memory_models = None
+    if args.memory_models and args.models:
+        memory_models = run_memory_models(argparse.Namespace(
+            models=args.models, device=args.device, dtype=args.dtype, budget=args.memory_budget,
+            batch_size=2 if args.quick else 8, image_size=128 if args.quick else 224))
+    paths = report.write(results, out_dir, memory, models, overhead, memory_models)
     if args.json:  # everything in one file, besides the per-section ones in out_dir
         _write_json(args.json, {"kernels": results, "densenet_memory": memory, "models": models,
-                                "overhead": overhead})
+                                "overhead": overhead, "models_memory": memory_models})
         paths.append(args.json)
     for path in paths:
         print(f"wrote {path}")
@@ -708,6 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
                      help="the host-overhead section: every op and layer kind on tiny tensors "
                           "(as `cnnkernels bench overhead`)")
+    rep.add_argument("--memory-models", action=argparse.BooleanOptionalAction, default=True,
+                     help="the activation-memory section for the --models (as `cnnkernels memory "
+                          "models`; batch 2 at 128x128 with --quick, else batch 8 at 224x224)")
+    rep.add_argument("--memory-budget", type=memory_budget, default="16GiB",
+                     help="its memory budget for the largest-batch estimate (default 16GiB)")
     rep.add_argument("--json", metavar="PATH", help="also write every section's results to one "
                                                     "JSON file")
     rep.set_defaults(run=cmd_report, image_size=None)

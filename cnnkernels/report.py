@@ -119,8 +119,36 @@ def write_overhead(overhead: dict, out_dir: str) -> tuple[list[str], list[str]]:
     return [path], lines
 
 
+def write_memory_models(memory_models: dict, out_dir: str) -> tuple[list[str], list[str]]:
+    """models_memory.json, its bar chart, and report.md's lines for them."""
+    from .memory_models import plot
+
+    path = os.path.join(out_dir, "models_memory.json")
+    with open(path, "w") as f:
+        json.dump(memory_models, f, indent=2)
+    png = os.path.join(out_dir, "models_memory.png")
+    plot(memory_models["rows"], png, memory_models["title"])
+    budget = memory_models["budget_bytes"] / 2**30
+    lines = ["", "## Activation memory: plain vs `cnnkernels.convert`", "",
+             memory_models["title"] + "; each model in a fresh process. Saved = bytes autograd "
+             "keeps after the forward; peak = peak memory of one training step beyond what was "
+             f"held before it; largest batch = what fits {budget:g} GiB beside the weights, "
+             "gradients and Adam's moments, from the saved bytes per sample (an upper bound).", "",
+             "| model | saved MiB plain | converted | ratio | peak MiB plain | converted | ratio | "
+             "largest batch plain | converted |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in memory_models["rows"]:
+        peak_ratio = f"{r['peak_ratio']:.2f}" if r["peak_ratio"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['saved_mib_plain']:.1f} | {r['saved_mib_converted']:.1f} "
+                     f"| {r['saved_ratio']:.2f} | {r['peak_mib_plain']:.1f} | "
+                     f"{r['peak_mib_converted']:.1f} | {peak_ratio} | {r['largest_batch_plain']} | "
+                     f"{r['largest_batch_converted']} |")
+    lines += ["", f"![{os.path.basename(png)}]({os.path.basename(png)})"]
+    return [path, png], lines
+
+
 def write(results: dict, out_dir: str, memory: dict | None = None,
-          models: dict | None = None, overhead: dict | None = None) -> list[str]:
+          models: dict | None = None, overhead: dict | None = None,
+          memory_models: dict | None = None) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     info = results["info"]
     paths = []
@@ -154,6 +182,10 @@ def write(results: dict, out_dir: str, memory: dict | None = None,
         overhead_paths, overhead_lines = write_overhead(overhead, out_dir)
         paths += overhead_paths
         lines += overhead_lines
+    if memory_models is not None:
+        section_paths, section_lines = write_memory_models(memory_models, out_dir)
+        paths += section_paths
+        lines += section_lines
     md_path = os.path.join(out_dir, "report.md")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")

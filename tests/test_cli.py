@@ -133,12 +133,18 @@ def test_report_quick_writes_markdown_json_and_plots(tmp_path):
                      "--model-batch", "1", "--model-reps", "1",
                      "--json", str(tmp_path / "all.json")]) == 0
     combined = json.loads((tmp_path / "all.json").read_text())
-    assert set(combined) == {"kernels", "densenet_memory", "models", "overhead"}
+    assert set(combined) == {"kernels", "densenet_memory", "models", "overhead", "models_memory"}
     results = json.loads((out / "kernels.json").read_text())
     assert {row["op"] for row in results["results"]} == {"hardswish", "depthwise_conv2d"}
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    text = (out / "report.md").read_text()
+    assert len(pngs) == 4 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    text = full_text = (out / "report.md").read_text()
+    text, memory_models_text = text.split("## Activation memory: plain vs `cnnkernels.convert`")
+    (memory_row,) = [line for line in memory_models_text.splitlines()
+                     if line.startswith("| mobilenet_v3_large")]
+    ratio = float(memory_row.split("|")[4])
+    assert ratio == pytest.approx(combined["models_memory"]["rows"][0]["saved_ratio"], abs=0.005)
+    assert 0 < ratio < 1
     text, overhead_text = text.split("## Host overhead per call")
     overhead_rows = [line for line in overhead_text.splitlines() if line.startswith("| op ")]
     assert len(overhead_rows) == len([r for r in combined["overhead"]["rows"] if r["kind"] == "op"])
@@ -156,7 +162,7 @@ def test_report_quick_writes_markdown_json_and_plots(tmp_path):
     assert all(row.count("|") == header.count("|") for row in rows)
     assert all(row.rstrip(" |").endswith("x") for row in rows)  # the speed-up column
     for png in pngs:
-        assert f"]({png.name})" in text
+        assert f"]({png.name})" in full_text
 
 
 def test_convert_timm_model_and_unknown_names(capsys):

@@ -14,8 +14,10 @@ from cnnkernels.models_bench import build
 pytest.importorskip("torchvision")
 
 # converted / plain saved bytes at 224x224, float32; bytes per sample do not depend on the batch
-# (the per-channel vectors aside), so batch 1 stands for the batch 8
-SAVED_RATIO_AT_MOST = {"mobilenet_v2": 0.60, "mobilenet_v3_large": 0.72, "resnet50": 0.90,
+# (the per-channel vectors aside), so batch 1 stands for batch 8. A ResNet block must still keep
+# its three BN inputs (BatchNorm's backward needs the normalised input everywhere, and a ReLU
+# output cannot give it back where it clipped) and its output (the next block's conv input).
+SAVED_RATIO_AT_MOST = {"mobilenet_v2": 0.60, "mobilenet_v3_large": 0.60, "resnet50": 0.85,
                        "densenet121": 0.30}
 
 
