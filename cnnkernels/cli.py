@@ -423,13 +423,8 @@ def cmd_memory_models(args: argparse.Namespace) -> int:
     from . import memory_models
 
     result = run_memory_models(args)
-    print(result["title"])
-    print(memory_models.format_table(result["rows"], args.budget))
-    _write_json(args.json, result)
-    if args.plot:
-        _make_parent_folder(args.plot, "--plot")
-        memory_models.plot(result["rows"], args.plot, result["title"])
-        print(f"wrote {args.plot}")
+    _show_and_save(result, memory_models.format_table(result["rows"], args.budget), args,
+                   memory_models.plot)
     return 0
 
 
@@ -438,14 +433,19 @@ def cmd_memory_densenet(args: argparse.Namespace) -> int:
 
     _check_last_batch_norm(args, "--batch-size", "--image-size")
     result = run_memory_densenet(args)
+    _show_and_save(result, memory.format_table(result["rows"]), args, memory.plot)
+    return 0
+
+
+def _show_and_save(result: dict, table: str, args: argparse.Namespace, plot) -> None:
+    """A memory command's title and table, its --json and its --plot."""
     print(result["title"])
-    print(memory.format_table(result["rows"]))
+    print(table)
     _write_json(args.json, result)
     if args.plot:
         _make_parent_folder(args.plot, "--plot")
-        memory.plot(result["rows"], args.plot, result["title"])
+        plot(result["rows"], args.plot, result["title"])
         print(f"wrote {args.plot}")
-    return 0
 
 
 # --- argument types ---------------------------------------------------------------------------

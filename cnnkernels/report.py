@@ -73,15 +73,26 @@ def memory_markdown(memory: dict) -> str:
     return "\n".join(lines)
 
 
+def _save_json(payload: dict, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return path
+
+
+def _save_plot(plot, section: dict, out_dir: str, name: str) -> str:
+    """`plot(rows, path, title)` of a section's rows into out_dir/name."""
+    path = os.path.join(out_dir, name)
+    plot(section["rows"], path, section["title"])
+    return path
+
+
 def write_memory(memory: dict, out_dir: str) -> tuple[list[str], list[str]]:
     """densenet_memory.json, the plot, and report.md's lines for them."""
     from .memory import plot
 
-    json_path = os.path.join(out_dir, "densenet_memory.json")
-    with open(json_path, "w") as f:
-        json.dump(memory, f, indent=2)
-    png = os.path.join(out_dir, "densenet_memory.png")
-    plot(memory["rows"], png, memory["title"])
+    json_path = _save_json(memory, out_dir, "densenet_memory.json")
+    png = _save_plot(plot, memory, out_dir, "densenet_memory.png")
     lines = ["", "## DenseNet memory", "",
              f"{memory['title']}: one training step (forward, cross-entropy, backward) per "
              "configuration, each in a fresh process. Peak = peak memory of the step beyond what was "
@@ -93,9 +104,7 @@ def write_memory(memory: dict, out_dir: str) -> tuple[list[str], list[str]]:
 
 def write_models(models: dict, out_dir: str) -> tuple[list[str], list[str]]:
     """models.json and the markdown section for `bench models` results."""
-    path = os.path.join(out_dir, "models.json")
-    with open(path, "w") as f:
-        json.dump(models, f, indent=2)
+    path = _save_json(models, out_dir, "models.json")
     lines = ["", "## Models: plain vs `cnnkernels.convert`", "", models["title"] + "; the "
              "converted model's outputs are checked against the plain one's before timing.", "",
              "| model | pass | batch | torch ms | converted ms | speed-up | swapped |",
@@ -111,9 +120,7 @@ def write_models(models: dict, out_dir: str) -> tuple[list[str], list[str]]:
 def write_overhead(overhead: dict, out_dir: str) -> tuple[list[str], list[str]]:
     from . import overhead as overhead_module
 
-    path = os.path.join(out_dir, "overhead.json")
-    with open(path, "w") as f:
-        json.dump(overhead, f, indent=2)
+    path = _save_json(overhead, out_dir, "overhead.json")
     lines = ["", "## Host overhead per call", "", overhead_module.title(overhead), "",
              overhead_module.format_table(overhead)]
     return [path], lines
@@ -123,11 +130,8 @@ def write_memory_models(memory_models: dict, out_dir: str) -> tuple[list[str], l
     """models_memory.json, its bar chart, and report.md's lines for them."""
     from .memory_models import plot
 
-    path = os.path.join(out_dir, "models_memory.json")
-    with open(path, "w") as f:
-        json.dump(memory_models, f, indent=2)
-    png = os.path.join(out_dir, "models_memory.png")
-    plot(memory_models["rows"], png, memory_models["title"])
+    path = _save_json(memory_models, out_dir, "models_memory.json")
+    png = _save_plot(plot, memory_models, out_dir, "models_memory.png")
     budget = memory_models["budget_bytes"] / 2**30
     lines = ["", "## Activation memory: plain vs `cnnkernels.convert`", "",
              memory_models["title"] + "; each model in a fresh process. Saved = bytes autograd "
@@ -151,11 +155,7 @@ def write(results: dict, out_dir: str, memory: dict | None = None,
           memory_models: dict | None = None) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     info = results["info"]
-    paths = []
-    json_path = os.path.join(out_dir, "kernels.json")
-    with open(json_path, "w") as f:
-        json.dump(results, f, indent=2)
-    paths.append(json_path)
+    paths = [_save_json(results, out_dir, "kernels.json")]
     pictures = []
     for direction in _PASSES:
         png = os.path.join(out_dir, f"speedup_{direction.replace('+', '_')}.png")
