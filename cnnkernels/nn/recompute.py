@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import activations
 from ..ops.batch_norm_act import _kernels, _world_size, batch_norm_act
+from ..ops.layout import to_channels_last
 from .batchnorm import FoldCache, bn_act, process_group_of
 
 
@@ -46,9 +47,9 @@ class Recipe:
                 "and the backward that needs it (as autograd refuses for nn.BatchNorm2d); run "
                 "backward before the optimizer step")
         if torch.is_grad_enabled():  # create_graph=True: a graph back to z and the parameters
-            return batch_norm_act(self.z, self.weight, self.bias, None, None, True, 0.0,
-                                         self.eps, activations.NAMES[self.code],
-                                         self.negative_slope, residual=self.residual)
+            return batch_norm_act(self.z, self.weight, self.bias, None, None, True, 0.0, self.eps,
+                                  activations.NAMES[self.code], self.negative_slope,
+                                  residual=self.residual)
         kernels = _kernels(self.z)
         count = self.z.numel() // self.z.shape[1]
         detached = [None if t is None else t.detach() for t in (self.weight, self.bias)]
@@ -67,8 +68,6 @@ class ChannelsLastCopy:
         self.x = x
 
     def rebuild(self) -> torch.Tensor:
-        from ..ops.layout import to_channels_last
-
         return to_channels_last(self.x if torch.is_grad_enabled() else self.x.detach())
 
 
