@@ -27,13 +27,14 @@ set -uo pipefail
 DRY=0
 PHASE_RC=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
-ALL_PHASES=(env build gpu-tests kernels-call kernels-stream models-fp32 models-bf16 memory overhead
-            models-compile)
+ALL_PHASES=(env build gpu-tests kernels-call kernels-stream models-fp32 models-bf16 memory
+            memory-models overhead models-compile)
 # Seconds per phase; they add up to the deadline less the packing reserve, and models-compile,
 # the most expensive and least certain, runs last with whatever is left.
 # The build's budget: 197 s were measured with 16 jobs when csrc/ had 15 sources (26 now).
-declare -A BUDGET=([env]=10 [build]=260 [gpu-tests]=80 [kernels-call]=40 [kernels-stream]=35
-                   [models-fp32]=35 [models-bf16]=30 [memory]=40 [overhead]=20 [models-compile]=0)
+declare -A BUDGET=([env]=10 [build]=260 [gpu-tests]=80 [kernels-call]=40 [kernels-stream]=30
+                   [models-fp32]=35 [models-bf16]=20 [memory]=25 [memory-models]=45 [overhead]=15
+                   [models-compile]=0)
 TOTAL=${GPU_CHECK_SECONDS:-570}
 PACK_RESERVE=10   # seconds kept for the last packing
 MIN_PHASE=10      # a phase with less time left than this is skipped, not started
@@ -158,6 +159,14 @@ phase_models-bf16() {  # the CLI casts model and input to bfloat16 (no autocast 
 phase_memory() {
   run "$PY" -m cnnkernels memory densenet --device cuda --depths 40,100 \
     --json "$WORK/densenet_memory.json" --plot "$WORK/densenet_memory.png"
+}
+
+phase_memory-models() {  # saved and peak bytes at batch 64, one model per command (each kept)
+  local model
+  for model in mobilenet_v2 resnet50 mobilenet_v3_large densenet121; do
+    run "$PY" -m cnnkernels memory models --device cuda --batch-size 64 --models "$model" \
+      --json "$WORK/memory_models_$model.json" --plot ""
+  done
 }
 
 phase_overhead() {

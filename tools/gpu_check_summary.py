@@ -24,6 +24,7 @@ SECTIONS = (
     ("Models, float32: plain vs converted", "models_fp32.json"),
     ("Models, bfloat16 weights and inputs: plain vs converted", "models_bf16.json"),
     ("DenseNet-BC memory", "densenet_memory.json"),
+    ("Activation memory of models, batch 64: plain vs converted", "memory_models_*.json"),
     ("Host overhead per call", "overhead.json"),
     ("Models, float32, with torch.compile of the plain model", "models_compile_*.json"),
 )
@@ -59,6 +60,10 @@ def section_markdown(name: str, data: dict) -> str:
 
     if name.startswith("kernels_"):
         return report.markdown_table(data)
+    if name.startswith("memory_models_"):
+        from cnnkernels import memory_models
+        return data["title"] + "\n\n```\n" + memory_models.format_table(
+            data["rows"], data["budget_bytes"]) + "\n```"
     if name.startswith("models_"):
         from cnnkernels import models_bench
         return data["title"] + "\n\n```\n" + models_bench.format_table(data["rows"]) + "\n```"
