@@ -5,6 +5,8 @@
     y = cnnkernels.ops.hardswish(x)         # same numbers as torch.nn.functional.hardswish
     with cnnkernels.use_backend("triton"):  # auto | cpu | cuda | triton | torch
         ...
+    model = cnnkernels.convert(model)       # each layer runs the faster of ours and PyTorch's
+    cnnkernels.set_tuning("off")            # auto (default) | cached | off: ours always
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from .backend import (
 from . import ops  # noqa: E402  (registers autograd and fake kernels of the compiled ops)
 from . import nn  # noqa: E402
 from . import models  # noqa: E402
-from . import conversion, profile  # noqa: E402  (documented as cnnkernels.profile)
+from . import conversion, profile, tuning  # noqa: E402  (documented as cnnkernels.profile)
+from .tuning import get_tuning, set_tuning, use_tuning  # noqa: E402
 from .conversion import ConversionReport, convert, revert  # noqa: E402
 
 
@@ -59,11 +62,12 @@ def info() -> dict:
         "cpu_isa": _extension._C.cpu_isa() if _extension.cpu_ext else None,
         "num_threads": torch.get_num_threads(),
         "backend": get_backend(),
+        "tuning": tuning.get_tuning(),
     }
 
 
 __all__ = [
     "__version__", "info", "ops", "nn", "BACKENDS", "set_backend", "get_backend", "use_backend",
     "BackendUnavailableError", "FallbackWarning", "models", "convert", "revert", "ConversionReport",
-    "conversion", "profile",
+    "conversion", "profile", "tuning", "get_tuning", "set_tuning", "use_tuning",
 ]

@@ -26,3 +26,22 @@ def activation_code(name: str) -> int:
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown activation {name!r}; expected one of {', '.join(CODES)}") from None
+
+
+def torch_activation(x, name: str, negative_slope: float = 0.01):
+    """PyTorch's own function for one of our activation names, applied to x (a fresh tensor that
+    nothing else reads, so the ReLUs work in place as torchvision's modules do)."""
+    import torch.nn.functional as F
+    if name == "identity":
+        return x
+    if name == "relu":
+        return F.relu(x, inplace=True)
+    if name == "relu6":
+        return F.relu6(x, inplace=True)
+    if name == "leaky_relu":
+        return F.leaky_relu(x, negative_slope, inplace=True)
+    if name == "hardswish":
+        return F.hardswish(x)
+    if name == "hardsigmoid":
+        return F.hardsigmoid(x)
+    raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(CODES)}")

@@ -303,6 +303,19 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from . import models_bench
+
+    results = []
+    for name in args.model:
+        result = models_bench.tune_model(name, _device(args.device), _DTYPES[args.dtype],
+                                         args.batch, args.image_size, args.train)
+        print(models_bench.format_tuning(result))
+        results.append(result)
+    _write_json(args.json, {"results": results})
+    return 0
+
+
 def run_overhead(args: argparse.Namespace) -> dict:
     """Host overhead per call, ours vs eager, op by op and layer by layer; prints the table."""
     from . import overhead
@@ -344,7 +357,8 @@ def run_model_benchmarks(names: list[str], args: argparse.Namespace) -> dict:
     print(title)
     print(models_bench.format_table(rows))
     print("speed-up = plain median / converted (> 1 means the converted model is faster)" +
-          ("; vs compile = torch.compile(plain) median / converted"
+          ("; vs compile = torch.compile(plain) median / converted; c(ours)/c = "
+           "torch.compile(plain) median / torch.compile(converted)"
            if getattr(args, "compile", False) else ""))
     return {"info": package_info(), "title": title, "rows": rows}
 
@@ -635,8 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--reps", type=positive_int,
                         help="timed steps per side (default 5; 3 with --quick)")
     models.add_argument("--compile", action="store_true",
-                        help="also time torch.compile of the plain model (compiles each model "
-                             "twice, inference and training: minutes per model on a small CPU)")
+                        help="also time torch.compile of the plain and of the converted model "
+                             "(four compilations per model, inference and training: minutes "
+                             "per model on a small CPU)")
     models.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     models.set_defaults(run=cmd_bench_models)
 
@@ -664,6 +679,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--reps", type=positive_int, default=5, help="timed steps per side")
     conv.add_argument("--json", metavar="PATH", help="also write the timings as JSON")
     conv.set_defaults(run=cmd_convert)
+
+    tune = sub.add_parser("tune", help="time our kernels against PyTorch's on each converted "
+                                       "layer of a torchvision model, keep the faster (cached)")
+    tune.add_argument("model", metavar="MODEL", type=model_names,
+                      help="a torchvision model name, e.g. mobilenet_v3_large")
+    tune.add_argument("--train", action="store_true", help="a training step (default: inference)")
+    tune.add_argument("--batch", type=positive_int, default=8)
+    tune.add_argument("--image-size", type=positive_int, default=224)
+    tune.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    tune.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    tune.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    tune.set_defaults(run=cmd_tune)
 
     mem = sub.add_parser("memory", help="memory profiles")
     mem_sub = mem.add_subparsers(dest="what", required=True)

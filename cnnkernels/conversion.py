@@ -94,6 +94,9 @@ _WALKED_INTO = ("inverted_residual",)
 DEFAULT_KINDS = KINDS
 
 
+PREFERENCES = ("speed", "memory")
+
+
 @dataclass
 class Swap:
     name: str
@@ -442,7 +445,7 @@ class _Walk:
 
 
 def convert(model: nn.Module, *, inplace: bool = False, include: Iterable[str] | None = None,
-            exclude: Iterable[str] | None = None, report: bool = False):
+            exclude: Iterable[str] | None = None, report: bool = False, prefer: str = "speed"):
     """Replace recognised submodules of `model` by cnnkernels' layers (see the module docstring).
 
     Returns the new root: a deep copy, or with ``inplace=True`` `model` itself changed in place,
@@ -456,9 +459,17 @@ def convert(model: nn.Module, *, inplace: bool = False, include: Iterable[str] |
     reached through two parents maps to one replacement; a block with hooks inside, a part shared
     with another parent, or parts that are not what our layer computes is left alone, with the
     reason in the report; our own layers are left as they are (converting twice is converting
-    once)."""
+    once).
+
+    ``prefer``: ``"speed"`` lets each layer run, per input signature, the faster of our kernels
+    and PyTorch's own computation (cnnkernels.tuning); ``"memory"`` keeps our kernels in training
+    wherever they keep fewer activations (BatchNorm+act, Conv-BN-act, the ResNet and inverted
+    residual blocks), even where PyTorch's would be faster."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"cnnkernels.convert expects an nn.Module, got {type(model).__name__}")
+    if prefer not in PREFERENCES:
+        raise ValueError(f"cnnkernels.convert: prefer must be one of {', '.join(PREFERENCES)}, "
+                         f"got {prefer!r}")
     include_kinds = _kinds(include, "include") or set(DEFAULT_KINDS)
     exclude_kinds = _kinds(exclude, "exclude") or set()
     root = _Root(model if inplace else copy.deepcopy(model))
@@ -468,6 +479,9 @@ def convert(model: nn.Module, *, inplace: bool = False, include: Iterable[str] |
         swap.name = _name_in_model(swap.name)
     new_root = root.model
     link_channels_last_hand_offs(new_root)
+    for module in new_root.modules():
+        if hasattr(module, "forward_torch"):
+            module.prefer = prefer
     return (new_root, walk.report) if report else new_root
 
 

@@ -2,7 +2,9 @@
 (`cnnkernels memory models`).
 
 Each (model, variant) runs in a fresh Python process, so one model's heap never pollutes another's
-numbers. It builds the model (the same weights for both variants), takes one warm-up training step,
+numbers. It builds the model (the same weights for both variants; converted with
+``prefer="memory"``, so that tuning keeps our layers wherever they keep fewer activations), takes
+one warm-up training step (where the converted model tunes),
 then measures:
 - the bytes autograd keeps after a forward (`profile.saved_activation_bytes`), per sample: exact
   and the same on every device;
@@ -62,7 +64,7 @@ def _model(config: ModelMemoryConfig) -> torch.nn.Module:
     from .models_bench import build
 
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
-    plain, converted, _ = build(config.model, device, dtype)
+    plain, converted, _ = build(config.model, device, dtype, prefer="memory")
     return (plain if config.variant == "plain" else converted).train()
 
 

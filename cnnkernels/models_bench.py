@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-MODELS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "resnet50", "densenet121")
+MODELS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "resnet18", "resnet50",
+          "densenet121", "shufflenet_v2_x1_0", "mnasnet1_0", "efficientnet_b0", "regnet_y_400mf")
 
 
-def build(name: str, device: torch.device, dtype: torch.dtype):
+def build(name: str, device: torch.device, dtype: torch.dtype, prefer: str = "speed"):
     """(plain, converted, swap counts) for a torchvision model name."""
     import torchvision
 
@@ -23,7 +24,7 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
     plain = getattr(torchvision.models, name)()
     _give_batchnorms_statistics(plain)
     plain = plain.to(device, dtype)
-    converted, report = convert(plain, report=True)
+    converted, report = convert(plain, report=True, prefer=prefer)
     return plain, converted, report.counts()
 
 
@@ -54,25 +55,30 @@ def _check_same_outputs(plain, converted, x) -> float:
 
 def bench_model(name: str, device: torch.device, dtype: torch.dtype, batch: int, image: int,
                 reps: int, with_compile: bool = False) -> list[dict]:
-    """Rows of plain vs converted (and, `with_compile`, torch.compile of the plain model: its
-    first step, in the warm-up, compiles; inference and training compile separately)."""
+    """Rows of plain vs converted (and, `with_compile`, torch.compile of the plain and of the
+    converted model: their first step, in the warm-up, compiles; inference and training compile
+    separately)."""
     from . import profile
 
     plain, converted, counts = build(name, device, dtype)
     x = torch.randn(batch, 3, image, image, device=device, dtype=dtype)
     error = _check_same_outputs(plain, converted, x)
     compiled = profile.compile_fresh(plain) if with_compile else None
+    compiled_converted = torch.compile(converted) if with_compile else None
     rows = []
     for direction in ("inference", "training"):
         fns = {"torch": step_fn(plain, x, direction), "cnnkernels": step_fn(converted, x, direction)}
         if compiled is not None:
             fns["torch.compile"] = step_fn(compiled, x, direction)
+            fns["compile(cnnkernels)"] = step_fn(compiled_converted, x, direction)
         medians = profile.compare_times(fns, device, warmup=1, reps=reps)
         row = {"model": name, "direction": direction, "batch": batch, "image": image,
                "median_s": medians, "speedup": medians["torch"] / medians["cnnkernels"],
                "swapped": counts, "relative_output_error": error}
         if compiled is not None:
             row["speedup_vs_compile"] = medians["torch.compile"] / medians["cnnkernels"]
+            row["compiled_converted_vs_compiled_plain"] = \
+                medians["torch.compile"] / medians["compile(cnnkernels)"]
         rows.append(row)
     return rows
 
@@ -96,7 +102,7 @@ def step_fn(model, x, direction: str):
 
 def format_table(rows: list[dict]) -> str:
     compiled = any("speedup_vs_compile" in r for r in rows)
-    extra = f" {'compile ms':>10} {'vs compile':>10}" if compiled else ""
+    extra = f" {'compile ms':>10} {'vs compile':>10} {'c(ours)/c':>9}" if compiled else ""
     lines = [f"{'model':<20} {'pass':<10} {'batch':>5} {'torch ms':>10} {'ours ms':>10} {'speed-up':>9}"
              f"{extra}  swapped"]
     for r in rows:
@@ -104,8 +110,55 @@ def format_table(rows: list[dict]) -> str:
         cells = ""
         if compiled:
             cells = (f" {r['median_s']['torch.compile'] * 1e3:>10.1f} {r['speedup_vs_compile']:>9.2f}x"
-                     if "speedup_vs_compile" in r else f" {'-':>10} {'-':>10}")
+                     f" {r['compiled_converted_vs_compiled_plain']:>8.2f}x"
+                     if "speedup_vs_compile" in r else f" {'-':>10} {'-':>10} {'-':>9}")
         lines.append(f"{r['model']:<20} {r['direction']:<10} {r['batch']:>5} "
                      f"{r['median_s']['torch'] * 1e3:>10.1f} {r['median_s']['cnnkernels'] * 1e3:>10.1f} "
                      f"{r['speedup']:>8.2f}x{cells}  {swapped}")
+    return "\n".join(lines)
+
+
+def tune_model(name: str, device: torch.device, dtype: torch.dtype, batch: int, image: int,
+               train: bool) -> dict:
+    """Tunes every converted layer of a torchvision model on one step (cnnkernels.tuning), and
+    returns each layer's candidates' times and winner, with the cost of the first step."""
+    import time
+
+    from . import profile, tuning
+
+    _, converted, counts = build(name, device, dtype)
+    x = torch.randn(batch, 3, image, image, device=device, dtype=dtype)
+    step = step_fn(converted, x, "training" if train else "inference")
+    with tuning.use_tuning("auto"):
+        spent = tuning.statistics_of_tuning()["seconds"]
+        started = time.perf_counter()
+        step()
+        profile.synchronize(device)
+        first = time.perf_counter() - started
+        spent = tuning.statistics_of_tuning()["seconds"] - spent
+        later = profile.compare_times({"step": step}, device, warmup=0, reps=3)["step"]
+    rows = [row for row in tuning.decisions_of(converted) if row["layer"]]
+    return {"model": name, "batch": batch, "image": image, "pass": "training" if train else
+            "inference", "device": str(device), "dtype": str(dtype).split(".")[-1],
+            "first_step_s": first, "tuning_s": spent, "later_step_s": later, "swapped": counts,
+            "layers": rows}
+
+
+def format_tuning(result: dict) -> str:
+    lines = [f"{result['model']} {result['pass']}, batch {result['batch']}, "
+             f"{result['image']}x{result['image']}, {result['dtype']} on {result['device']}",
+             f"{'layer':<28} {'kind':<16} {'input':<18} {'ours ms':>9} {'torch ms':>9} "
+             f"{'runs':>6} {'speed-up':>9}"]
+    for row in result["layers"]:
+        times = row.get("times")
+        shape = "x".join(map(str, row["shape"]))
+        if times:
+            chosen = times[row["choice"]]
+            cells = (f"{times['ours'] * 1e3:>9.3f} {times['torch'] * 1e3:>9.3f} "
+                     f"{row['choice']:>6} {times['torch'] / chosen:>8.2f}x")
+        else:
+            cells = f"{'-':>9} {'-':>9} {row['choice']:>6} {'-':>9}  ({row['source']})"
+        lines.append(f"{row['layer']:<28} {row['kind']:<16} {shape:<18} {cells}")
+    lines.append(f"first step {result['first_step_s'] * 1e3:.0f} ms, of which tuning "
+                 f"{result['tuning_s'] * 1e3:.0f} ms; later steps {result['later_step_s'] * 1e3:.1f} ms")
     return "\n".join(lines)

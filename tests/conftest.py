@@ -9,6 +9,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# the tests check our kernels, so layers must not swap them for PyTorch's where that is faster;
+# tests/test_tuning.py turns tuning on where it tests it
+os.environ.setdefault("CNNKERNELS_TUNE", "off")
 
 import pytest  # noqa: E402
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..tuning import runs_torch
 
 
 class _ElementwiseActivation(nn.Module):
@@ -29,14 +31,22 @@ class _ElementwiseActivation(nn.Module):
     def to_torch(self) -> nn.Module:
         return self.torch_type(inplace=self.inplace)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_torch(self, x):
+            return self.forward_torch(x)
+        return self.forward_ours(x)
+
 
 class HardSwish(_ElementwiseActivation):
     """x * relu6(x + 3) / 6, the same numbers as nn.Hardswish, with our kernels."""
 
     torch_type = nn.Hardswish
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_ours(self, x: torch.Tensor) -> torch.Tensor:
         return ops.hardswish(x, inplace=self.inplace)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        return F.hardswish(x, inplace=self.inplace)
 
 
 class HardSigmoid(_ElementwiseActivation):
@@ -44,5 +54,8 @@ class HardSigmoid(_ElementwiseActivation):
 
     torch_type = nn.Hardsigmoid
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_ours(self, x: torch.Tensor) -> torch.Tensor:
         return ops.hardsigmoid(x, inplace=self.inplace)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        return F.hardsigmoid(x, inplace=self.inplace)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import activations
+from ..tuning import runs_torch
 from ..ops.affine_act import _compute_dtype, affine_act
 from ..ops.batch_norm_act import WORLD, _eval_invstd, batch_norm_act, fold_statistics
 
@@ -115,8 +117,31 @@ class BatchNormAct2d(nn.Module):
         """act(BN(x) (+ residual)). `batch_stats`: x's per-channel (mean, biased var), when a
         preceding kernel computed them (ConvBNAct2d's Triton GEMM); used only where batch
         statistics are."""
+        if residual is None and batch_stats is None and runs_torch(self, x):
+            return self.forward_torch(x)
         return bn_act(self, x, self.activation, self.negative_slope, residual, batch_stats,
                       self._fold_cache)
+
+    keeps_less_memory = True  # training keeps the input only, not the BN output too
+
+    def forward_ours(self, x: torch.Tensor) -> torch.Tensor:
+        return bn_act(self, x, self.activation, self.negative_slope, None, None, self._fold_cache)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """What nn.BatchNorm2d followed by the activation module computes."""
+        if x.dim() != 4:
+            raise ValueError(f"BatchNormAct2d: expected a 4-D input, got {x.dim()}-D")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else \
+                self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        y = F.batch_norm(x, self.running_mean if track else None,
+                         self.running_var if track else None, self.weight, self.bias,
+                         use_batch_stats, factor, self.eps)
+        return activations.torch_activation(y, self.activation, self.negative_slope)
 
 
 class FoldCache:

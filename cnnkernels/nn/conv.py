@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals  # the global hook registries
 
 from .. import _extension, backend, ops
 from ..ops._args import as_int, as_int_pair
 from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS, matmul_applies
+from ..tuning import runs_torch
 
 
 def run_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -105,8 +107,18 @@ class DepthwiseConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_torch(self, x):
+            return self.forward_torch(x)
+        return self.forward_ours(x)
+
+    def forward_ours(self, x: torch.Tensor) -> torch.Tensor:
         return ops.depthwise_conv2d(x, self.weight, self.bias, self.stride, self.padding,
                                     self.dilation)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """What nn.Conv2d(groups=in_channels) computes."""
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.in_channels)
 
     def extra_repr(self) -> str:
         text = (f"{self.in_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

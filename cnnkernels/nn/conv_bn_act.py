@@ -22,6 +22,7 @@ from ..ops.pointwise_conv2d import KERNELS as POINTWISE_KERNELS
 from .conv import _has_forward_hooks, is_plain_1x1, run_conv
 from .batchnorm import (_TORCH_ACTIVATIONS, NORMS, FoldCache, activation_of, bn_act,
                         check_eps_and_momentum)
+from ..tuning import runs_torch
 from .recompute import Recipe, bn_act_recipe, kept_as_recipe
 
 
@@ -116,8 +117,20 @@ class ConvBNAct2d(nn.Sequential):
         """act(BN(conv(x)) (+ residual))."""
         if not self.fusable():
             return _children_one_by_one(self, x, residual)
+        if residual is None and runs_torch(self, x):
+            return self.forward_torch(x)
         activation, slope = activation_of(self.act)
         return conv_bn_act(self.conv, self.bn, x, residual, activation, slope, self._fold_cache)
+
+    keeps_less_memory = True  # training keeps the conv output, not the BN output too
+
+    def forward_ours(self, x: torch.Tensor) -> torch.Tensor:
+        activation, slope = activation_of(self.act)
+        return conv_bn_act(self.conv, self.bn, x, None, activation, slope, self._fold_cache)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """What the Sequential of the three modules computes."""
+        return _children_one_by_one(self, x, None)
 
     def forward_recipe(self, x: torch.Tensor, x_recipe: Recipe | None,
                        residual: torch.Tensor | None = None

@@ -22,6 +22,7 @@ from torch import nn
 from .batchnorm import NORMS, BatchNormAct2d, FoldCache
 from .conv import _has_forward_hooks, is_plain_1x1
 from .conv_bn_act import ConvBNAct2d, conv_bn_act
+from ..tuning import runs_torch, torch_call
 from .recompute import kept_as_recipe
 
 _NORMS = (*NORMS, BatchNormAct2d)
@@ -112,7 +113,26 @@ class InvertedResidual(nn.Module):
     def layers(self) -> nn.Sequential:
         return self._modules[self.layers_name]
 
+    keeps_less_memory = True  # BN outputs kept as recipes (recompute.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_torch(self, x):
+            return self.forward_torch(x)
+        return self.forward_ours(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's forward, each converted layer running PyTorch's computation."""
+        out = x
+        for layer in self.layers().children():
+            out = torch_call(layer, out)
+        if not self.use_res_connect:
+            return out
+        if self.layers_name == "conv":
+            return x + out
+        out += x
+        return out
+
+    def forward_ours(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.use_res_connect else None
         layers = self.layers()
         children = list(layers.children())

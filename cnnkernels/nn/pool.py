@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.layout import contiguous_from_channels_last, to_channels_last
+from ..tuning import runs_torch
 from .recompute import ChannelsLastCopy, kept_as_recipe, rebuilding_applies
 
 
@@ -37,8 +38,14 @@ class MaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: torch.Tensor):
         if self.return_indices or not pools_faster_in_channels_last(x) or \
-                torch.compiler.is_compiling():
+                torch.compiler.is_compiling() or runs_torch(self, x):
             return super().forward(x)
+        return self.forward_ours(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+    def forward_ours(self, x: torch.Tensor) -> torch.Tensor:
         pooled_input = to_channels_last(x)
         # autograd keeps x (its producer's output: a ReLU keeps it) and makes the copy again in
         # backward, instead of keeping a second, channels_last, copy of the stem's largest map

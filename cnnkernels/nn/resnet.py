@@ -16,6 +16,7 @@ from torch import nn
 from .batchnorm import NORMS, BatchNormAct2d, FoldCache, bn_act
 from .conv import _has_forward_hooks, has_hooks, run_conv
 from .conv_bn_act import ConvBNAct2d, conv_bn_act_parts, unsupported_conv
+from ..tuning import runs_torch, torch_call
 from .recompute import bn_act_recipe, kept_as_recipe
 
 
@@ -142,9 +143,14 @@ class ResidualBlock(nn.Module):
         return all(type(n) in NORMS for n in norms) and type(modules.get("relu")) is nn.ReLU \
             and not any(_has_forward_hooks(m) for m in (*parts, modules["relu"]))
 
+    keeps_less_memory = True  # BN outputs kept as recipes (recompute.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fusable():
-            return self._forward_one_by_one(x)
+        if not self._fusable() or runs_torch(self, x):
+            return self.forward_torch(x)
+        return self.forward_ours(x)
+
+    def forward_ours(self, x: torch.Tensor) -> torch.Tensor:
         # run_conv: the 1x1 convolutions of NCHW CPU input as our pointwise op's BLAS matmuls.
         # Each relu(bn(z)) is kept by the next conv as its recipe (recompute.py), not a tensor.
         out, recipe = x, None
@@ -177,12 +183,13 @@ class ResidualBlock(nn.Module):
             return bn_act_recipe(parts[1], parts[0](x), "identity")
         return downsample(x), None
 
-    def _forward_one_by_one(self, x: torch.Tensor) -> torch.Tensor:
-        """torchvision's forward over the children as they are now."""
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's forward over the children as they are now (a converted downsample runs
+        PyTorch's computation too)."""
         out = x
         for i in range(1, self.depth):
             out = self.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out)))
         out = getattr(self, f"bn{self.depth}")(getattr(self, f"conv{self.depth}")(out))
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = x if self.downsample is None else torch_call(self.downsample, x)
         out += identity
         return self.relu(out)

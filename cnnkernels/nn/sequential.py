@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .batchnorm import NORMS, FoldCache, activation_of, bn_act
+from ..tuning import runs_torch, torch_call
 from .conv import _has_forward_hooks
 
 
@@ -34,7 +35,20 @@ class BNActSequential(nn.Sequential):
     """nn.Sequential that runs each BatchNorm → activation pair of its children as one fused
     batch_norm_act pass (same numbers, same running statistics, less memory kept for backward)."""
 
+    keeps_less_memory = True  # each fused pair keeps the BN input only
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and runs_torch(self, x):
+            return self.forward_torch(x)
+        return self.forward_ours(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """nn.Sequential's forward, each converted child running PyTorch's computation."""
+        for module in self._modules.values():
+            x = torch_call(module, x)
+        return x
+
+    def forward_ours(self, x: torch.Tensor) -> torch.Tensor:
         children = list(self._modules.items())
         index = 0
         while index < len(children):

@@ -3,10 +3,12 @@ state_dict keys) computed by cnnkernels.ops.squeeze_excite (one fused backward p
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import activations
 from ..ops.squeeze_excite import GATES, squeeze_excite
+from ..tuning import runs_torch
 from .batchnorm import _TORCH_ACTIVATIONS
 
 _TORCH_GATES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
@@ -144,8 +146,21 @@ class SqueezeExcite(nn.Module):
         return f"activation={self.activation!r}, gate={self.gate!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_torch(self, x):
+            return self.forward_torch(x)
+        return self.forward_ours(x)
+
+    def forward_ours(self, x: torch.Tensor) -> torch.Tensor:
         return squeeze_excite(x, self.reduce.weight, self.reduce.bias, self.expand.weight,
                               self.expand.bias, self.activation, self.gate, self.negative_slope)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """What torchvision's SqueezeExcitation computes."""
+        scale = self.reduce(F.adaptive_avg_pool2d(x, 1))
+        scale = self.expand(activations.torch_activation(scale, self.activation,
+                                                         self.negative_slope))
+        scale = torch.sigmoid(scale) if self.gate == "sigmoid" else F.hardsigmoid(scale)
+        return scale * x
 
 
 class TimmSqueezeExcite(SqueezeExcite):
