@@ -352,11 +352,14 @@ def run_model_benchmarks(names: list[str], args: argparse.Namespace) -> dict:
     for name in progress(names, len(names), "bench models"):
         rows += models_bench.bench_model(name, device, dtype, batch, image, reps,
                                          with_compile=getattr(args, "compile", False))
-    title = (f"torchvision models, plain vs cnnkernels.convert, {device} {args.dtype}, "
-             f"{image}x{image}, median of {reps} round-robin steps")
+    from . import tuning
+
+    title = (f"torchvision models, plain vs cnnkernels.convert (tuning {tuning.get_tuning()}), "
+             f"{device} {args.dtype}, {image}x{image}, median of {reps} round-robin steps")
     print(title)
     print(models_bench.format_table(rows))
-    print("speed-up = plain median / converted (> 1 means the converted model is faster)" +
+    print("speed-up = plain median / converted (> 1 means the converted model is faster); "
+          "PyTorch layers = tuned layers that run PyTorch's computation" +
           ("; vs compile = torch.compile(plain) median / converted; c(ours)/c = "
            "torch.compile(plain) median / torch.compile(converted)"
            if getattr(args, "compile", False) else ""))

@@ -74,13 +74,24 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, batch: int,
         medians = profile.compare_times(fns, device, warmup=1, reps=reps)
         row = {"model": name, "direction": direction, "batch": batch, "image": image,
                "median_s": medians, "speedup": medians["torch"] / medians["cnnkernels"],
-               "swapped": counts, "relative_output_error": error}
+               "swapped": counts, "relative_output_error": error,
+               "tuned": _choices(converted, direction)}
         if compiled is not None:
             row["speedup_vs_compile"] = medians["torch.compile"] / medians["cnnkernels"]
             row["compiled_converted_vs_compiled_plain"] = \
                 medians["torch.compile"] / medians["compile(cnnkernels)"]
         rows.append(row)
     return rows
+
+
+def _choices(model, direction: str) -> dict[str, int]:
+    """How many of the converted layers' decisions (cnnkernels.tuning) for this pass run ours and
+    how many PyTorch's."""
+    from . import tuning
+
+    mode = "eval" if direction == "inference" else "train"
+    chosen = [row["choice"] for row in tuning.decisions_of(model) if row["mode"] == mode]
+    return {"ours": chosen.count("ours"), "torch": chosen.count("torch")}
 
 
 def step_fn(model, x, direction: str):
@@ -100,11 +111,19 @@ def step_fn(model, x, direction: str):
     return train_step
 
 
+def _tuned_cell(row: dict) -> str:
+    """'3 of 31': decisions that run PyTorch's computation, of all decisions, for this pass."""
+    tuned = row.get("tuned")
+    if not tuned:
+        return "-"
+    return f"{tuned['torch']} of {tuned['ours'] + tuned['torch']}"
+
+
 def format_table(rows: list[dict]) -> str:
     compiled = any("speedup_vs_compile" in r for r in rows)
     extra = f" {'compile ms':>10} {'vs compile':>10} {'c(ours)/c':>9}" if compiled else ""
     lines = [f"{'model':<20} {'pass':<10} {'batch':>5} {'torch ms':>10} {'ours ms':>10} {'speed-up':>9}"
-             f"{extra}  swapped"]
+             f"{extra} {'PyTorch layers':>14}  swapped"]
     for r in rows:
         swapped = ", ".join(f"{n} {k}" for k, n in r["swapped"].items()) or "nothing"
         cells = ""
@@ -114,7 +133,7 @@ def format_table(rows: list[dict]) -> str:
                      if "speedup_vs_compile" in r else f" {'-':>10} {'-':>10} {'-':>9}")
         lines.append(f"{r['model']:<20} {r['direction']:<10} {r['batch']:>5} "
                      f"{r['median_s']['torch'] * 1e3:>10.1f} {r['median_s']['cnnkernels'] * 1e3:>10.1f} "
-                     f"{r['speedup']:>8.2f}x{cells}  {swapped}")
+                     f"{r['speedup']:>8.2f}x{cells} {_tuned_cell(r):>14}  {swapped}")
     return "\n".join(lines)
 
 

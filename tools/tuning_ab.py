@@ -23,7 +23,8 @@ def with_mode(fn, mode: str):
     return run
 
 
-def measure(name: str, batch: int, image: int, direction: str, reps: int) -> dict:
+def measure(name: str, batch: int, image: int, direction: str, reps: int,
+            with_compile: bool = False) -> dict:
     plain, converted, _ = build(name, torch.device("cpu"), torch.float32)
     x = torch.randn(batch, 3, image, image)
     tuned = with_mode(step_fn(converted, x, direction), "auto")
@@ -32,14 +33,21 @@ def measure(name: str, batch: int, image: int, direction: str, reps: int) -> dic
     tuned()
     first = time.perf_counter() - started
     tuning_s = tuning.statistics_of_tuning()["seconds"] - before
-    times = profile.compare_times({"plain": step_fn(plain, x, direction),
-                                   "off": with_mode(step_fn(converted, x, direction), "off"),
-                                   "auto": tuned}, "cpu", warmup=1, reps=reps)
+    fns = {"plain": step_fn(plain, x, direction),
+           "off": with_mode(step_fn(converted, x, direction), "off"), "auto": tuned}
+    if with_compile:  # compile(converted) traces with the decisions tuning made above
+        torch._dynamo.reset()
+        fns["compile_plain"] = step_fn(torch.compile(plain), x, direction)
+        fns["compile_converted"] = with_mode(step_fn(torch.compile(converted), x, direction),
+                                             "auto")
+    times = profile.compare_times(fns, "cpu", warmup=1, reps=reps)
     chosen = [r["choice"] for r in tuning.decisions_of(converted)]
     return {"model": name, "batch": batch, "image": image, "pass": direction, "median_s": times,
             "off_speedup": times["plain"] / times["off"],
             "auto_speedup": times["plain"] / times["auto"], "first_step_s": first,
             "tuning_s": tuning_s, "layers_torch": chosen.count("torch"),
+            "compiled_converted_vs_compiled_plain": times["compile_plain"] / times[
+                "compile_converted"] if with_compile else None,
             "layers_ours": chosen.count("ours")}
 
 
@@ -50,6 +58,8 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=224)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--train", action="store_true", help="also a training step at each batch")
+    parser.add_argument("--compile", action="store_true",
+                        help="also torch.compile of the plain and of the converted model")
     parser.add_argument("--json")
     args = parser.parse_args()
     profile.keep_cpu_memory_mapped()
@@ -60,12 +70,16 @@ def main() -> None:
         for batch in map(int, args.batches.split(",")):
             for direction in ("inference", "training") if args.train else ("inference",):
                 tuning.clear_memory()
-                row = measure(name, batch, args.image, direction, args.reps)
+                row = measure(name, batch, args.image, direction, args.reps, args.compile)
                 rows.append(row)
+                compiled = "" if not args.compile else (
+                    f"  compile(plain) {row['median_s']['compile_plain'] * 1e3:.1f} ms, "
+                    f"compile(converted) / compile(plain) "
+                    f"{row['compiled_converted_vs_compiled_plain']:.2f}x")
                 print(f"{name:<20} {direction:<10} {batch:>5} {row['median_s']['plain'] * 1e3:>9.1f} "
                       f"{row['off_speedup']:>6.2f}x {row['auto_speedup']:>6.2f}x "
-                      f"{row['layers_torch']:>8}/{row['layers_ours']:<9} {row['tuning_s'] * 1e3:>10.0f}",
-                      flush=True)
+                      f"{row['layers_torch']:>8}/{row['layers_ours']:<9} {row['tuning_s'] * 1e3:>10.0f}"
+                      f"{compiled}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows}, f, indent=2)
