@@ -13,7 +13,7 @@ pytest.importorskip("torchvision")
 
 @pytest.mark.parametrize("direction", ["inference", "training"])
 @pytest.mark.parametrize("side", ["torch", "cnnkernels"] + (["torch.compile"] if WITH_COMPILE else []))
-@pytest.mark.parametrize("name", models_bench.MODELS)
+@pytest.mark.parametrize("name", models_bench.CORE_MODELS)
 def test_model_step(benchmark, name, side, direction):
     plain, converted, counts = models_bench.build(name, DEVICE, torch.float32)
     model = {"cnnkernels": converted, "torch": plain}.get(side) or profile.compile_fresh(plain)

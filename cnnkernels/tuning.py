@@ -300,19 +300,24 @@ class _Untouched:
             torch.cuda.set_rng_state(self.cuda_rng, self.device)
 
 
-def _one_call(forward: Callable, layer: nn.Module, x: torch.Tensor, grad: bool) -> None:
-    """forward on a copy of x (the layer may work in place); with `grad`, its backward too, into
-    autograd.grad's results rather than any .grad."""
+def _one_call(forward: Callable, layer: nn.Module, x: torch.Tensor,
+              grad: bool) -> Callable[[], None]:
+    """A call of forward on a fresh copy of x, made before the timer starts; with `grad`, its
+    backward too, into autograd.grad's results rather than any .grad. A layer that works in place
+    gets a copy that is not a leaf, as its input in a network is not."""
+    copy = x.detach().clone()
+    in_place = getattr(layer, "inplace", False)
     if not grad:
-        forward(x.detach().clone())
-        return
-    with torch.enable_grad():
-        source = x.detach().requires_grad_(x.requires_grad)
-        out = forward(source.clone())  # not a leaf, as x in a network is not
-        if not out.requires_grad:
-            return
-        inputs = [t for t in (source, *layer.parameters()) if t.requires_grad]
-        torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
+        return lambda: forward(copy)
+    copy.requires_grad_(x.requires_grad)
+    inputs = [t for t in (copy, *layer.parameters()) if t.requires_grad]
+
+    def run() -> None:
+        with torch.enable_grad():
+            out = forward(copy.clone() if in_place else copy)
+            if out.requires_grad:
+                torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
+    return run
 
 
 def _seconds(run: Callable[[], None], device: torch.device) -> float:
@@ -338,7 +343,7 @@ def time_candidates(layer: nn.Module, x: torch.Tensor, grad: bool) -> dict[str, 
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     try:
         for forward in candidates.values():
-            _one_call(forward, layer, x, grad)
+            _one_call(forward, layer, x, grad)()
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         started = time.perf_counter()
@@ -347,7 +352,7 @@ def time_candidates(layer: nn.Module, x: torch.Tensor, grad: bool) -> dict[str, 
             if repeat % 2:
                 order.reverse()
             for name, forward in order:
-                samples[name].append(_seconds(lambda: _one_call(forward, layer, x, grad), x.device))
+                samples[name].append(_seconds(_one_call(forward, layer, x, grad), x.device))
             if repeat + 1 >= MIN_REPEATS and time.perf_counter() - started > BUDGET_S:
                 break
     finally:
