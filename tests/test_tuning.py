@@ -293,3 +293,19 @@ def test_ranks_take_rank_zeros_choice(tmp_path):
     for key, value in ranks[0]["state"].items():
         if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
             assert torch.equal(value, ranks[1]["state"][key]), key
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tuning_on_cuda_times_with_events_and_keeps_the_numbers(cache):
+    """On the GPU: both candidates timed (CUDA events), a choice recorded in the cache file of the
+    cuda device kind, and the converted block's output equal to the original's either way."""
+    torch.manual_seed(0)
+    original = torchvision.models.mobilenet_v3_small().features[4].cuda().eval()
+    converted = cnnkernels.convert(nn.Sequential(original))[0]
+    x = torch.randn(8, 24, 28, 28, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), original(x), rtol=1e-4, atol=1e-5)
+    rows = tuning.decisions_of(converted)
+    assert rows and all(r["source"] == "timed" and min(r["times"].values()) > 0 for r in rows)
+    assert any(p.name.startswith("tuning-cuda-") for p in cache.iterdir())

@@ -27,14 +27,14 @@ set -uo pipefail
 DRY=0
 PHASE_RC=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
-ALL_PHASES=(env build gpu-tests kernels-call kernels-stream models-fp32 models-bf16 memory
+ALL_PHASES=(env build gpu-tests kernels-call kernels-stream models-fp32 tune models-bf16 memory
             memory-models overhead models-compile)
 # Seconds per phase; they add up to the deadline less the packing reserve, and models-compile,
 # the most expensive and least certain, runs last with whatever is left.
 # The build's budget: 197 s were measured with 16 jobs when csrc/ had 15 sources (26 now).
-declare -A BUDGET=([env]=10 [build]=260 [gpu-tests]=80 [kernels-call]=40 [kernels-stream]=30
-                   [models-fp32]=35 [models-bf16]=20 [memory]=25 [memory-models]=45 [overhead]=15
-                   [models-compile]=0)
+declare -A BUDGET=([env]=10 [build]=260 [gpu-tests]=80 [kernels-call]=35 [kernels-stream]=20
+                   [models-fp32]=35 [tune]=15 [models-bf16]=20 [memory]=25 [memory-models]=45
+                   [overhead]=15 [models-compile]=0)
 TOTAL=${GPU_CHECK_SECONDS:-570}
 PACK_RESERVE=10   # seconds kept for the last packing
 MIN_PHASE=10      # a phase with less time left than this is skipped, not started
@@ -149,6 +149,11 @@ phase_kernels-stream() {
 phase_models-fp32() {
   run "$PY" -m cnnkernels bench models --device cuda --batch 64 --dtype float32 \
     --json "$WORK/models_fp32.json"
+}
+
+phase_tune() {  # each converted layer of MobileNetV3-Large: ours vs PyTorch's, the winner
+  run "$PY" -m cnnkernels tune mobilenet_v3_large --device cuda --batch 64 \
+    --json "$WORK/tune_mobilenet_v3_large.json"
 }
 
 phase_models-bf16() {  # the CLI casts model and input to bfloat16 (no autocast mode yet)

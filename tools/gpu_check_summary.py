@@ -21,7 +21,8 @@ USAGE = "usage: python tools/gpu_check_summary.py WORKDIR OUTDIR"
 SECTIONS = (
     ("Kernels, latency (one synchronised call per repetition)", "kernels_call.json"),
     ("Kernels, throughput (back-to-back calls per repetition)", "kernels_stream.json"),
-    ("Models, float32: plain vs converted", "models_fp32.json"),
+    ("Models, float32: plain vs converted (tuning on)", "models_fp32.json"),
+    ("Tuning: ours vs PyTorch per layer, MobileNetV3-Large, batch 64", "tune_*.json"),
     ("Models, bfloat16 weights and inputs: plain vs converted", "models_bf16.json"),
     ("DenseNet-BC memory", "densenet_memory.json"),
     ("Activation memory of models, batch 64: plain vs converted", "memory_models_*.json"),
@@ -64,6 +65,10 @@ def section_markdown(name: str, data: dict) -> str:
         from cnnkernels import memory_models
         return data["title"] + "\n\n```\n" + memory_models.format_table(
             data["rows"], data["budget_bytes"]) + "\n```"
+    if name.startswith("tune_"):
+        from cnnkernels import models_bench
+        return "\n\n".join("```\n" + models_bench.format_tuning(r) + "\n```"
+                           for r in data["results"])
     if name.startswith("models_"):
         from cnnkernels import models_bench
         return data["title"] + "\n\n```\n" + models_bench.format_table(data["rows"]) + "\n```"
