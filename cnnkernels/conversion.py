@@ -85,12 +85,8 @@ KINDS = ("conv_bn_act", "hardswish", "hardsigmoid", "depthwise", "densenet", "de
          "batchnorm_act", "resnet", "squeeze_excite", "max_pool", "inverted_residual")
 # Kinds whose replacement holds the original's layers, still to be converted by the walk.
 _WALKED_INTO = ("inverted_residual",)
-# Every kind is on by default. conv_bn_act was opt-in until its eval path (BatchNorm folded into
-# the conv) measured faster inside whole models than the default conversion: with oneDNN's fused
-# 1x1 convolution it does on the dev CPU (session 7, interleaved runs, batch 8, NCHW: MobileNetV2
-# inference 1.16-1.22x eager vs 1.08-1.13x without it, MobileNetV3-Large 1.04-1.15x vs 0.96-1.07x;
-# channels_last 1.02-1.07x vs 0.87-0.96x; training unchanged or faster). A kind added later starts
-# opt-in by leaving it out of DEFAULT_KINDS.
+# Every kind is on by default: a kind is turned on only once whole models measure faster with it
+# (bench/RESULTS.md). A kind added later starts opt-in by leaving it out of DEFAULT_KINDS.
 DEFAULT_KINDS = KINDS
 
 

@@ -24,8 +24,8 @@ with one warning.
 Where timing is not possible or not meaningful, our kernels run and nothing is recorded: tensor
 subclasses (FakeTensor, meta), inside saved-tensor hooks (checkpointing, save_on_cpu), during CUDA
 graph capture. Under torch.compile nothing is timed: inference runs PyTorch's ops, which Inductor
-fuses with their neighbours (measured: compile of a converted MobileNet ran 0.37-0.67x compile of
-the plain one when our opaque ops stayed in the graph); training keeps ours. With
+fuses with their neighbours (our opaque ops would break those fusions); training keeps ours, whose
+backward Inductor's CPU code does not beat. With
 ``convert(..., prefer="memory")`` the layers whose training keeps fewer activations
 (``keeps_less_memory``) always run ours in training. Layers that synchronise BatchNorm statistics
 across ranks are not tuned. Under torch.distributed every rank takes rank 0's decision.

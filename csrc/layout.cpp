@@ -6,10 +6,9 @@
 //   copy_to_channels_last_(out!, x): out.copy_(x) for an NCHW-contiguous x and an out whose pixels
 //   are rows of channels (channels_last, or a channel slice of it): the other direction.
 //
-// ATen's CPU copy from channels_last to NCHW is a generic strided copy (6 GB/s on the dev VM
-// against 16-33 GB/s the other way); the DenseNet block hands its channels_last output and input
-// gradient back in NCHW with it. ATen's copy the other way reaches 6-11 GB/s there, against 20-30
-// for the same register transposes. CPU only: on CUDA, ATen's copy runs at bandwidth.
+// ATen's CPU copy between channels_last and NCHW is a generic strided copy, several times slower
+// than register transposes in either direction; the DenseNet block hands its channels_last output
+// and input gradient back in NCHW with it. CPU only: on CUDA, ATen's copy runs at bandwidth.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(cnnkernels, m) {

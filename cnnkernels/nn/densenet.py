@@ -157,7 +157,7 @@ def _format_of(x: Tensor) -> torch.memory_format:
 
 def _in_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
     """x in `memory_format` (itself when it already is), through our CPU transposing copies
-    (ops.layout: 4-10x ATen's from channels_last to NCHW on the dev VM, 2-3x the other way)."""
+    (ops.layout: faster than ATen's generic strided copy both ways)."""
     if memory_format == torch.contiguous_format:
         return contiguous_from_channels_last(x)
     return to_channels_last(x)
@@ -242,9 +242,8 @@ def _copy_in_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
 def _works_in_channels_last(x: Tensor) -> bool:
     """Whether a block computes in channels_last whatever x's layout. On the CPU, yes: oneDNN's
     NCHW convolutions reorder their operands to blocked layouts on every call, and their backward
-    on large planes runs at a third of the channels_last speed (8x128x56x56 -> 32, 3x3: input
-    gradient 22.7 ms NCHW, 9.3 ms channels_last on the dev VM). The block's output goes back to
-    x's layout, one copy per block instead of layer after layer."""
+    on large planes runs at a fraction of the channels_last speed. The block's output goes back
+    to x's layout, one copy per block instead of layer after layer."""
     return x.device.type == "cpu" or is_channels_last(x)
 
 
@@ -782,7 +781,7 @@ def dense_block_from(block: nn.Module, memory: str = "shared",
     ``DenseBlock`` (see timm_dense_block_problem) or another DenseBlock, with the same state_dict
     keys, mode, device and dtype. The bottlenecks are kept by default (what convert() builds): one
     1x1 conv less per layer in backward for 4k channels per layer of memory, still linear in
-    depth (DenseNet-121, batch 8 at 224²: training step ~10% faster on the dev CPU)."""
+    depth."""
     layers = list(block.children())
     if not layers or not all(hasattr(layer, name) for layer in layers
                              for name in ("norm1", "conv1", "norm2", "conv2")):
@@ -820,8 +819,7 @@ class DenseTransition(nn.Module):
 
     The pool runs before the conv: a 1×1 convolution acts on each pixel alone and an average pool
     is a linear map of pixels, so the two commute (exactly in real arithmetic; to float rounding
-    here), and pooling first leaves the conv a quarter of the pixels. DenseNet-121's three
-    transitions, training step at batch 8 on the dev CPU: 122 ms → 67 ms. BN+ReLU is one
+    here), and pooling first leaves the conv a quarter of the pixels. BN+ReLU is one
     BatchNormAct2d."""
 
     def __init__(self, in_channels: int, out_channels: int, device=None, dtype=None) -> None:
@@ -863,8 +861,8 @@ class DenseTransition(nn.Module):
         _note_chain_input(self, x)
         normed = self.norm(x)
         if pools_faster_in_channels_last(normed) and not torch.compiler.is_compiling():
-            # ATen's CPU average pool: 1.2 ms in channels_last, 10.9 ms in NCHW on 8x256x56x56
-            # (dev CPU; its backward 4.6 vs 15.7 ms), more than the two layout copies cost
+            # ATen's CPU average pool (and its backward) is several times faster in channels_last
+            # than in NCHW, which more than pays for the two layout copies
             pooled = self.pool(to_channels_last(normed))
             return _in_format(self.conv(pooled), _output_format(self, x, True))
         out = self.conv(self.pool(normed))

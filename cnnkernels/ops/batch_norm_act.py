@@ -148,9 +148,9 @@ def _all_reduce_sums(sum_dz, sum_dz_xmu, process_group):
 # --- autograd ------------------------------------------------------------------------------------
 
 class _BatchNormAct(torch.autograd.Function):
-    # Per step, besides the four passes over memory, two per-channel kernels (fold, backward_coefs)
-    # replace what were a dozen small torch ops: on the first H100 run their launches and host
-    # overhead made the training step 0.47x eager. Keep the Python here to the minimum.
+    # Per step, besides the four passes over memory, two per-channel kernels (fold,
+    # backward_coefs): on a GPU every small op is a launch plus host work, which decides the
+    # speed of a layer at MobileNet sizes. Keep the Python here to the minimum.
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
                 code, negative_slope, process_group, batch_stats):

@@ -29,9 +29,9 @@ IntPair = Union[int, Sequence[int]]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 #: implementations that exist for this op
 KERNELS = frozenset({"cpu", "cuda", "triton"})
-#: what backend "auto" picks from: the CUDA C++ kernels (csrc/cuda/depthwise_conv2d_kernel.cu,
-#: session 5) have not run on a GPU yet, so Triton keeps serving CUDA tensors until a GPU session
-#: has passed the tests with backend "cuda"; set_backend("cuda") selects them explicitly
+#: what backend "auto" picks from: the CUDA C++ kernels (csrc/cuda/depthwise_conv2d_kernel.cu)
+#: are not yet verified on a GPU, so Triton serves CUDA tensors until the tests pass there with
+#: backend "cuda"; set_backend("cuda") selects them explicitly
 AUTO_KERNELS = frozenset({"cpu", "triton"})
 _OP = "depthwise_conv2d"
 

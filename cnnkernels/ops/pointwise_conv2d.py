@@ -495,11 +495,10 @@ def _convolution_backward(dz, x, weight, stride, groups, need_x, need_w):
 def matmul_applies(x, stride, groups) -> bool:
     """Whether the CPU runs this 1x1 convolution's GEMMs as batched BLAS matmuls (the C++ op's
     forward without an epilogue, and the backward here): a CPU NCHW float32/float64 input, stride
-    1, one group, planes of at least 28x28. On the 2-vCPU dev VM, round-robin at batch 8, the
-    forward + both gradients ran 1.08-1.38x faster than ATen's oneDNN convolution on such NCHW
-    layers (oneDNN reorders NCHW to its blocked layout and back); on 14x14 planes 0.95-1.04x,
-    on 7x7 0.83-0.90x, and in channels_last oneDNN is as fast or faster: there it stays. The C++
-    forward applies the same rule (kMatmulMinPlane in csrc/cpu/pointwise_conv2d_kernel.cpp)."""
+    1, one group, planes of at least 28x28. There the matmuls beat ATen's oneDNN convolution,
+    which reorders NCHW to its blocked layout and back; on smaller planes and in channels_last
+    oneDNN is as fast or faster, so it stays. The C++ forward applies the same rule
+    (kMatmulMinPlane in csrc/cpu/pointwise_conv2d_kernel.cpp)."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and \
         stride == 1 and groups == 1 and x.dim() == 4 and x.is_contiguous() and \
         x.shape[2] * x.shape[3] >= _MATMUL_MIN_PLANE

@@ -1,10 +1,9 @@
 // CUDA kernels of depthwise 2-D convolution: forward (with the optional inference epilogue
 // act(scale * (conv + bias) + shift)), grad_input and grad_weight.
 //
-// A first, correctness-first version, written without a GPU at hand (session 5): it compiles in CI
-// but has not run yet, so `auto` keeps choosing the Triton kernels for CUDA tensors until a GPU
-// session has passed the test suite with backend "cuda" (cnnkernels/ops/depthwise_conv2d.py,
-// AUTO_KERNELS). Not yet what issue 3 asks for speed: no shared-memory tiles.
+// A correctness-first version: it compiles in CI but is not yet verified on a GPU, so `auto`
+// chooses the Triton kernels for CUDA tensors until the test suite passes there with backend
+// "cuda" (cnnkernels/ops/depthwise_conv2d.py, AUTO_KERNELS). No shared-memory tiles yet.
 //  * forward: one thread per output element, in the output's memory order (NCHW or
 //    channels_last), so that neighbouring threads write neighbouring addresses;
 //  * grad_input: one thread per input element, gathering the output gradients whose taps read it
