@@ -52,10 +52,6 @@ def triton_available() -> bool:
     return triton_installed() and (torch.cuda.is_available() or triton_interpreted())
 
 
-def cuda_available() -> bool:
-    return _extension.cuda_ext and torch.cuda.is_available()
-
-
 def why_unavailable(name: str) -> str | None:
     """None if `name` can run here, else the reason it cannot."""
     if name in ("auto", "torch"):

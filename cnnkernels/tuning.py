@@ -286,7 +286,9 @@ class _Untouched:
     """Restores the layer's buffers and the RNG after the candidates ran."""
 
     def __init__(self, layer: nn.Module, device: torch.device) -> None:
-        self.buffers = [(b, b.clone()) for b in layer.buffers()] if layer.training else []
+        # a layer in eval may hold children in training (each keeps its own mode)
+        moving = any(module.training for module in layer.modules())
+        self.buffers = [(b, b.clone()) for b in layer.buffers()] if moving else []
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.device = device

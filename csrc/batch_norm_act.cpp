@@ -6,10 +6,6 @@
 //       -> (Σ dz, Σ dz·(x − mean))                          one read of x, grad (and residual)
 //   batch_norm_act_backward_elemt(grad, x, scale, shift, mean, k_dz, k_xmu, k_1, residual, act)
 //       -> (dx = k_dz·dz + k_xmu·(x − mean) + k_1, dresidual = dz)
-//   batch_norm_act_backward_elemt_add_(out!, grad, x, scale, shift, mean, k_dz, k_xmu, k_1, act)
-//       out += dx, out and x channels_last (or channel slices of channels_last tensors); CPU only
-//       (the DenseNet block's backward summed every layer's input gradient with it before
-//       reduce_add_ below; nothing in the package calls it now)
 //   batch_norm_act_backward_reduce_add_(out!, grad, x, scale, shift, mean, k_dz, act)
 //       -> (Σ dz, Σ dz·(x − mean)), and out += k_dz·dz in the same pass; CPU only, same layouts as
 //       the above: the DenseNet block adds the rest of dx, k_xmu·(x − mean) + k_1, once per channel
@@ -208,9 +204,6 @@ TORCH_LIBRARY_FRAGMENT(cnnkernels, m) {
   m.def("batch_norm_act_backward_reduce_add_(Tensor(a!) out, Tensor grad, Tensor x, Tensor scale, "
         "Tensor shift, Tensor mean, Tensor coef_dz, int activation=0, float negative_slope=0.01) "
         "-> (Tensor sum_dz, Tensor sum_dz_xmu)");
-  m.def("batch_norm_act_backward_elemt_add_(Tensor(a!) out, Tensor grad, Tensor x, Tensor scale, "
-        "Tensor shift, Tensor mean, Tensor coef_dz, Tensor coef_xmu, Tensor coef_1, "
-        "int activation=0, float negative_slope=0.01) -> ()");
   m.def("batch_norm_act_fold(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
         "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, int count) "
         "-> (Tensor scale, Tensor shift, Tensor invstd)");

@@ -50,7 +50,7 @@ BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& x,
                                std::initializer_list<ChannelArg> per_channel, int64_t activation,
                                const char* op, bool strided_rows = false);
 
-// batch_norm_act_backward_elemt_add_'s `out`: x's sizes, dtype and device, pixels as rows of
+// batch_norm_act_backward_reduce_add_'s `out`: x's sizes, dtype and device, pixels as rows of
 // channels (channels_last, or a channel slice of a channels_last tensor).
 void check_out_rows(const at::Tensor& out, const at::Tensor& x, const char* op);
 

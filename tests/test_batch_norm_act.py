@@ -275,51 +275,11 @@ def test_backward_kernels_read_a_channel_slice_of_channels_last(impl, residual, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation", ["identity", "relu", "hardswish"])
-@pytest.mark.parametrize("slices", ["dense", "x-slice", "both-slices"])
-@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (2, 300, 4, 4), (1, 17, 1, 3)], ids=str)
-def test_backward_elemt_add_adds_dx_into_a_channels_last_slice(dtype, activation, slices, shape):
-    """out += dx in one pass (the DenseNet block's accumulation of input gradients): equals
-    out + backward_elemt's dx, for dense channels_last tensors and for channel slices of wider
-    ones (x, and out too), without touching out's other channels."""
-    if not cnnkernels.info()["cpu_ext"]:
-        pytest.skip("the C++ extension is not built")
-    n, c, h, w = shape
-    x_dense, grad, _, (scale, shift, mean) = kernel_inputs("channels_last", "cpu", residual=False,
-                                                           shape=shape)
-    x_dense, grad = x_dense.to(dtype), grad.to(dtype)
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    scale, shift, mean = (t.to(compute) for t in (scale, shift, mean))
-    coefs = (scale * 0.7, shift * 0.1, mean * 0.01)
-    code = activations.CODES[activation]
-    wide_x = torch.randn(n, c + 5, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    wide_x[:, 2:2 + c] = x_dense
-    x = wide_x[:, 2:2 + c] if slices != "dense" else x_dense
-    target = (torch.randn(n, c + 3, h, w) * 2).to(dtype).contiguous(
-        memory_format=torch.channels_last)
-    out = target[:, 1:1 + c] if slices == "both-slices" else target[:, :c].contiguous(
-        memory_format=torch.channels_last)
-    before, whole_before = out.clone(), target.clone()
-    ops = torch.ops.cnnkernels
-    dx, _ = ops.batch_norm_act_backward_elemt(grad, x_dense, scale, shift, mean, *coefs, None,
-                                              code, 0.01, False)
-    ops.batch_norm_act_backward_elemt_add_(out, grad, x, scale, shift, mean, *coefs, code, 0.01)
-    expected = (before.to(compute) + dx.to(compute)).to(dtype)
-    tol = dict(rtol=0, atol=0) if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(out, expected, **tol)
-    if slices == "both-slices":  # the channels around the slice are untouched
-        torch.testing.assert_close(target[:, :1], whole_before[:, :1], rtol=0, atol=0)
-        torch.testing.assert_close(target[:, 1 + c:], whole_before[:, 1 + c:], rtol=0, atol=0)
-        torch.library.opcheck(ops.batch_norm_act_backward_elemt_add_.default,
-                              (out, grad, x, scale, shift, mean, *coefs, code, 0.01))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("activation", ["identity", "relu", "hardswish"])
 @pytest.mark.parametrize("slices", ["dense", "both-slices"])
 @pytest.mark.parametrize("shape", [(4, 6, 5, 7), (2, 2100, 4, 4), (1, 17, 1, 3)], ids=str)
 def test_backward_reduce_add_sums_and_adds_in_one_pass(dtype, activation, slices, shape):
     """batch_norm_act_backward_reduce_add_: the sums of backward_reduce, and out += coef_dz·dz
-    (elemt_add_ with the other coefficients 0), for channels_last tensors and channel slices of
+    (backward_elemt's dx with the other coefficients 0), for channels_last tensors and slices of
     wider ones, the channels around out's slice untouched; 2100 channels: more than the kernel's
     local partial sums hold at once."""
     if not cnnkernels.info()["cpu_ext"]:
@@ -345,13 +305,17 @@ def test_backward_reduce_add_sums_and_adds_in_one_pass(dtype, activation, slices
                                                    0.01)
     expected_sums = ops.batch_norm_act_backward_reduce(grad, x, scale, shift, mean, None, code, 0.01)
     zeros = torch.zeros_like(scale)
-    expected = before.clone()
-    ops.batch_norm_act_backward_elemt_add_(expected, grad, x, scale, shift, mean, coef_dz, zeros,
-                                           zeros, code, 0.01)
+    dx, _ = ops.batch_norm_act_backward_elemt(
+        grad, x.contiguous(memory_format=torch.channels_last), scale, shift, mean, coef_dz, zeros,
+        zeros, None, code, 0.01, False)
+    expected = (before.to(compute) + dx.to(compute)).to(dtype)
     sum_tol = dict(rtol=1e-5, atol=1e-4) if dtype != torch.float64 else dict(rtol=1e-12, atol=1e-10)
     for actual_sum, expected_sum in zip(sums, expected_sums):
         torch.testing.assert_close(actual_sum, expected_sum, **sum_tol)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the same arithmetic per element
+    # dx rounded to bfloat16 before the add here, not in the kernel
+    out_tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else \
+        dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, expected, **out_tol)
     if slices != "dense":
         torch.testing.assert_close(target[:, :1], whole_before[:, :1], rtol=0, atol=0)
         torch.testing.assert_close(target[:, 1 + c:], whole_before[:, 1 + c:], rtol=0, atol=0)
@@ -359,7 +323,7 @@ def test_backward_reduce_add_sums_and_adds_in_one_pass(dtype, activation, slices
                               (out, grad, x, scale, shift, mean, coef_dz, code, 0.01))
 
 
-def test_backward_reduce_add_and_elemt_add_into_a_one_pixel_out():
+def test_backward_reduce_add_into_a_one_pixel_out():
     """An out of N x C x 1 x 1 is channels_last whatever its strides (NCHW-contiguous here, so
     stride(3) is 1): its rows are C apart, not stride(3)."""
     if not cnnkernels.info()["cpu_ext"]:
@@ -372,20 +336,14 @@ def test_backward_reduce_add_and_elemt_add_into_a_one_pixel_out():
     out = torch.zeros(4, 4, 1, 1)
     ops.batch_norm_act_backward_reduce_add_(out, grad, x, ones, zeros, zeros, ones, 0, 0.01)
     torch.testing.assert_close(out, grad, rtol=0, atol=0)
-    out = torch.zeros(4, 4, 1, 1)
-    ops.batch_norm_act_backward_elemt_add_(out, grad, x, ones, zeros, zeros, ones, zeros, zeros, 0,
-                                           0.01)
-    torch.testing.assert_close(out, grad, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["batch_norm_act_backward_elemt_add_",
-                                  "batch_norm_act_backward_reduce_add_"])
-def test_ops_adding_into_out_refuse_what_they_cannot_add_into(name):
+def test_ops_adding_into_out_refuse_what_they_cannot_add_into():
     if not cnnkernels.info()["cpu_ext"]:
         pytest.skip("the C++ extension is not built")
     x, grad, _, (scale, shift, mean) = kernel_inputs("channels_last", "cpu", residual=False)
-    coefs = (scale, shift, mean) if name.endswith("elemt_add_") else (scale,)
-    op = getattr(torch.ops.cnnkernels, name)
+    coefs = (scale,)
+    op = torch.ops.cnnkernels.batch_norm_act_backward_reduce_add_
 
     def call(out, grad=grad, x=x, coefs=coefs):
         return op(out, grad, x, scale, shift, mean, *coefs, 1, 0.01)

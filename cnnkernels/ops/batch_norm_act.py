@@ -422,11 +422,6 @@ if _extension.cpu_ext:
                                   negative_slope=0.01):
         return torch.empty_like(scale), torch.empty_like(scale)
 
-    @torch.library.register_fake("cnnkernels::batch_norm_act_backward_elemt_add_")
-    def _backward_elemt_add_fake(out, grad, x, scale, shift, mean, coef_dz, coef_xmu, coef_1,
-                                 activation=0, negative_slope=0.01):
-        return None
-
     @torch.library.register_fake("cnnkernels::batch_norm_act_backward_elemt")
     def _backward_elemt_fake(grad, x, scale, shift, mean, coef_dz, coef_xmu, coef_1, residual=None,
                              activation=0, negative_slope=0.01, residual_grad=False):

@@ -519,9 +519,7 @@ struct ElemtParams {
 
 // dx = k_dz·dz + k_xmu·(x − mean) + k_1 and dresidual = dz for `count` ≤ kChunk consecutive
 // values whose channel is c0 + j (rows) or fixed (planes: P = Uniform).
-// kAccumulate: dx += the gradient instead of dx = (batch_norm_act_backward_elemt_add_).
-template <bool kAvx2, bool kResidual, typename T, typename P, typename Act,
-          bool kAccumulate = false>
+template <bool kAvx2, bool kResidual, typename T, typename P, typename Act>
 CNNKERNELS_ALWAYS_INLINE void elemt_run(Inputs<T> in, T* dx, T* dresidual, int64_t count,
                                         const ElemtParams<P>& p, int64_t c0, const Act& act) {
   using F = opmath<T>;
@@ -547,10 +545,7 @@ CNNKERNELS_ALWAYS_INLINE void elemt_run(Inputs<T> in, T* dx, T* dresidual, int64
       out[j] = value(j, dz);
       if constexpr (kResidual) out_r[j] = dz;
     }
-    if constexpr (kAccumulate) {
-      static_assert(!kResidual, "accumulating dx has no residual gradient");
-      for (int64_t j = 0; j < count; ++j) dx[j] = static_cast<T>(static_cast<F>(dx[j]) + out[j]);
-    } else if constexpr (cpu::is_reduced_float<T>) {
+    if constexpr (cpu::is_reduced_float<T>) {
       cpu::store_floats<kAvx2>(out, dx, count);
       if constexpr (kResidual) cpu::store_floats<kAvx2>(out_r, dresidual, count);
     } else {
@@ -560,11 +555,7 @@ CNNKERNELS_ALWAYS_INLINE void elemt_run(Inputs<T> in, T* dx, T* dresidual, int64
   } else {
     for (int64_t j = 0; j < count; ++j) {
       F dz;
-      if constexpr (kAccumulate) {
-        dx[j] = static_cast<T>(static_cast<F>(dx[j]) + value(j, dz));
-      } else {
-        dx[j] = value(j, dz);
-      }
+      dx[j] = value(j, dz);
       if constexpr (kResidual) dresidual[j] = dz;
     }
   }
@@ -573,8 +564,7 @@ CNNKERNELS_ALWAYS_INLINE void elemt_run(Inputs<T> in, T* dx, T* dresidual, int64
 // Elements [first, first + count) of the flat tensor, dx written to `dst` (the output itself or
 // the streaming buffer). `channel_of(i)` gives the channel of flat element i and `segment(i)` how
 // many elements from i on share the per-channel parameter indexing (the rest of a row or plane).
-template <bool kAvx2, bool kResidual, bool kRows, typename T, typename P, typename Act,
-          bool kAccumulate = false>
+template <bool kAvx2, bool kResidual, bool kRows, typename T, typename P, typename Act>
 CNNKERNELS_ALWAYS_INLINE void elemt_span(Inputs<T> in, T* dst, T* dresidual, int64_t first,
                                          int64_t count, const ElemtParams<P>& p, int64_t channels,
                                          const Act& act) {
@@ -583,7 +573,7 @@ CNNKERNELS_ALWAYS_INLINE void elemt_span(Inputs<T> in, T* dst, T* dresidual, int
     const int64_t c = kRows ? i % channels : 0;
     const int64_t m = std::min({kChunk, count - done, kRows ? channels - c : count - done});
     Inputs<T> at{in.x + i, in.grad + i, kResidual ? in.residual + i : nullptr};
-    elemt_run<kAvx2, kResidual, T, P, Act, kAccumulate>(
+    elemt_run<kAvx2, kResidual, T, P, Act>(
         at, dst + done, kResidual ? dresidual + i : nullptr, m, p, c, act);
     done += m;
   }
@@ -604,9 +594,9 @@ CNNKERNELS_ALWAYS_INLINE void elemt_block(Inputs<T> in, T* dx, T* dresidual, int
   }
 }
 
-// dx (kAccumulate: dx +=) one pixel row at a time: x's rows w.x_stride apart (read in place from a
-// channel slice), grad's and dresidual's dense, dx's `dx_stride` apart (a slice too, when adding).
-template <bool kResidual, bool kAccumulate, typename T, typename F, typename Act>
+// dx one pixel row at a time: x's rows w.x_stride apart (read in place from a channel slice),
+// grad's, dresidual's and dx's dense, `dx_stride` apart.
+template <bool kResidual, typename T, typename F, typename Act>
 void elemt_rows(Inputs<T> in, const Walk& w, const ElemtParams<const F*>& arrays, const Act& act,
                 T* dx, int64_t dx_stride, T* dresidual) {
   const int64_t rows = w.rows_total(), c = w.channels;
@@ -616,7 +606,7 @@ void elemt_rows(Inputs<T> in, const Walk& w, const ElemtParams<const F*>& arrays
       for (int64_t r = r0; r < r1; ++r) {
         const Inputs<T> row{in.x + r * w.x_stride, in.grad + r * c,
                             kResidual ? in.residual + r * c : nullptr};
-        elemt_span<kAvx2, kResidual, true, T, const F*, Act, kAccumulate>(
+        elemt_span<kAvx2, kResidual, true, T, const F*, Act>(
             row, dx + r * dx_stride, kResidual ? dresidual + r * c : nullptr, 0, c, arrays, c,
             act);
       }
@@ -633,7 +623,7 @@ void grad_input(Inputs<T> in, const Walk& w, const ChannelTensors& t, int64_t ac
                                      t.k_xmu.const_data_ptr<F>(), t.k_1.const_data_ptr<F>()};
   dispatch_activation(activation, negative_slope, [&](auto act) {
     if (w.rows && w.x_stride != w.channels) {  // x's rows apart: one row at a time
-      elemt_rows<kResidual, false>(in, w, arrays, act, dx, w.channels, dresidual);
+      elemt_rows<kResidual>(in, w, arrays, act, dx, w.channels, dresidual);
       return;
     }
     if (w.rows) {
@@ -702,53 +692,10 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_elemt_cpu(
   return {dx, dresidual};
 }
 
-// out += dx, row by row: x's rows (pixels) read in place, out's written in place, both possibly
-// channel slices of wider channels_last tensors (the DenseNet block accumulates every layer's
-// input gradient into its block's gradient this way: one pass less than dx then out += dx).
-template <typename T>
-void grad_input_add_rows(Inputs<T> in, const Walk& w, const ChannelTensors& t, int64_t activation,
-                         double negative_slope, T* out, int64_t out_stride) {
-  using F = opmath<T>;
-  const ElemtParams<const F*> arrays{t.scale.const_data_ptr<F>(), t.shift.const_data_ptr<F>(),
-                                     t.mean.const_data_ptr<F>(),  t.k_dz.const_data_ptr<F>(),
-                                     t.k_xmu.const_data_ptr<F>(), t.k_1.const_data_ptr<F>()};
-  dispatch_activation(activation, negative_slope, [&](auto act) {
-    elemt_rows<false, true>(in, w, arrays, act, out, out_stride, static_cast<T*>(nullptr));
-  });
-}
-
-void batch_norm_act_backward_elemt_add_cpu(
-    const at::Tensor& out, const at::Tensor& grad_in, const at::Tensor& x_in,
-    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
-    const at::Tensor& k_dz, const at::Tensor& k_xmu, const at::Tensor& k_1, int64_t activation,
-    double negative_slope) {
-  constexpr const char* op = "batch_norm_act_backward_elemt_add_";
-  const BackwardInputs in_ = backward_inputs(
-      grad_in, x_in, std::nullopt,
-      {{&scale, "scale"}, {&shift, "shift"}, {&mean, "mean"}, {&k_dz, "coef_dz"},
-       {&k_xmu, "coef_xmu"}, {&k_1, "coef_1"}},
-      activation, op, /*strided_rows=*/true);
-  const at::Tensor &x = in_.x, &grad = in_.grad;
-  const Walk w = walk_of(x, in_.x_row_stride);
-  check_adds_into_rows(out, x, grad, w, op);
-  if (x.numel() == 0) return;
-  const int64_t out_stride = cpu::pixel_row_stride(out);  // not stride(3): W may be 1
-  const ChannelTensors t{scale.contiguous(), shift.contiguous(), mean.contiguous(),
-                         k_dz.contiguous(),  k_xmu.contiguous(), k_1.contiguous()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "cnnkernels_batch_norm_act_backward_elemt_add_", [&] {
-    const Inputs<scalar_t> in{x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                              nullptr};
-    grad_input_add_rows<scalar_t>(in, w, t, activation, negative_slope,
-                                  out.mutable_data_ptr<scalar_t>(), out_stride);
-  });
-}
-
 }  // namespace
 }  // namespace cnnkernels
 
 TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
-  m.impl("batch_norm_act_backward_elemt_add_", &cnnkernels::batch_norm_act_backward_elemt_add_cpu);
   m.impl("batch_norm_act_backward_reduce_add_", &cnnkernels::batch_norm_act_backward_reduce_add_cpu);
   m.impl("batch_norm_act_stats", &cnnkernels::batch_norm_act_stats_cpu);
   m.impl("batch_norm_act_backward_reduce", &cnnkernels::batch_norm_act_backward_reduce_cpu);
