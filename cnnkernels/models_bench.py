@@ -66,7 +66,7 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, batch: int,
     x = torch.randn(batch, 3, image, image, device=device, dtype=dtype)
     error = _check_same_outputs(plain, converted, x)
     compiled = profile.compile_fresh(plain) if with_compile else None
-    compiled_converted = torch.compile(converted) if with_compile else None
+    compiled_converted = profile.compile_fresh(converted) if with_compile else None
     rows = []
     for direction in ("inference", "training"):
         fns = {"torch": step_fn(plain, x, direction), "cnnkernels": step_fn(converted, x, direction)}

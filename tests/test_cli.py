@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import cnnkernels
 from cnnkernels import cli
 
 
@@ -50,8 +51,8 @@ def test_bench_models_checks_outputs_and_prints_ratios(tmp_path, capsys):
 
 def test_bench_models_compile_times_torch_compile_of_the_plain_model(tmp_path, capsys,
                                                                      monkeypatch):
-    """--compile adds torch.compile of the plain model as a third side (here with Dynamo's eager
-    backend: Inductor would take minutes per model on a 2-core CI machine)."""
+    """--compile adds torch.compile of the plain and of the converted model (here with Dynamo's
+    eager backend: Inductor would take minutes per model on a 2-core CI machine)."""
     pytest.importorskip("torchvision")
     from cnnkernels import profile
 
@@ -67,12 +68,15 @@ def test_bench_models_compile_times_torch_compile_of_the_plain_model(tmp_path, c
     assert cli.main(["bench", "models", "--models", "mobilenet_v3_large", "--batch", "2",
                      "--image-size", "32", "--reps", "1", "--device", "cpu", "--compile",
                      "--json", str(out)]) == 0
-    assert len(compiled) == 1 and type(compiled[0]).__name__ == "MobileNetV3"  # the plain model
+    assert [type(m).__name__ for m in compiled] == ["MobileNetV3", "MobileNetV3"]
+    assert not any(isinstance(m, cnnkernels.nn.InvertedResidual) for m in compiled[0].modules())
+    assert any(isinstance(m, cnnkernels.nn.InvertedResidual) for m in compiled[1].modules())
     printed = capsys.readouterr().out
-    assert "vs compile" in printed
+    assert "vs compile" in printed and "c(ours)/c" in printed
     rows = json.loads(out.read_text())["rows"]
     assert [r["direction"] for r in rows] == ["inference", "training"]
-    assert all(r["median_s"]["torch.compile"] > 0 and r["speedup_vs_compile"] > 0 for r in rows)
+    assert all(r["median_s"]["torch.compile"] > 0 and r["speedup_vs_compile"] > 0 and
+               r["compiled_converted_vs_compiled_plain"] > 0 for r in rows)
 
 
 def test_convert_prints_report_check_and_timings(tmp_path, capsys):
