@@ -113,7 +113,7 @@ def step_fn(model, x, direction: str):
     return train_step
 
 
-def _tuned_cell(row: dict) -> str:
+def tuned_cell(row: dict) -> str:
     """'3 of 31': decisions that run PyTorch's computation, of all decisions, for this pass."""
     tuned = row.get("tuned")
     if not tuned:
@@ -135,7 +135,7 @@ def format_table(rows: list[dict]) -> str:
                      if "speedup_vs_compile" in r else f" {'-':>10} {'-':>10} {'-':>9}")
         lines.append(f"{r['model']:<20} {r['direction']:<10} {r['batch']:>5} "
                      f"{r['median_s']['torch'] * 1e3:>10.1f} {r['median_s']['cnnkernels'] * 1e3:>10.1f} "
-                     f"{r['speedup']:>8.2f}x{cells} {_tuned_cell(r):>14}  {swapped}")
+                     f"{r['speedup']:>8.2f}x{cells} {tuned_cell(r):>14}  {swapped}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from . import models_bench  # noqa: E402
+
 _PASSES = {"fwd": "forward", "fwd+bwd": "forward+backward"}
 
 
@@ -107,13 +109,14 @@ def write_models(models: dict, out_dir: str) -> tuple[list[str], list[str]]:
     path = _save_json(models, out_dir, "models.json")
     lines = ["", "## Models: plain vs `cnnkernels.convert`", "", models["title"] + "; the "
              "converted model's outputs are checked against the plain one's before timing.", "",
-             "| model | pass | batch | torch ms | converted ms | speed-up | swapped |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | pass | batch | torch ms | converted ms | speed-up | PyTorch layers "
+             "(tuning) | swapped |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in models["rows"]:
         swapped = ", ".join(f"{n} {k}" for k, n in r["swapped"].items()) or "nothing"
         lines.append(f"| {r['model']} | {r['direction']} | {r['batch']} | "
                      f"{r['median_s']['torch'] * 1e3:.1f} | {r['median_s']['cnnkernels'] * 1e3:.1f} | "
-                     f"{r['speedup']:.2f}x | {swapped} |")
+                     f"{r['speedup']:.2f}x | {models_bench.tuned_cell(r)} | {swapped} |")
     return [path], lines
 
 
