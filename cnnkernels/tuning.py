@@ -181,22 +181,11 @@ def _autocast_dtype(device: torch.device):
 
 def _signature(layer: nn.Module, x: torch.Tensor) -> tuple:
     """Written for speed (it runs on every call of every tunable layer, ~1 us): a torch.Size is
-    a tuple, and the layout and autocast state are worked out only where they may matter."""
+    a tuple, and the autocast state is worked out only where autocast is on."""
     device = x.device
-    return (x.shape, x.dtype, device, "contiguous" if x.is_contiguous() else _layout(x),
+    return (x.shape, x.dtype, device, _layout(x),
             layer.training, _records_grad(layer, x),
             _autocast_dtype(device) if torch._C._is_any_autocast_enabled() else None)
-
-
-def torch_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) as PyTorch computes it: a tunable layer's ``forward_torch`` (unless hooks expect
-    the module itself to be called), any other module called."""
-    from torch.nn.modules import module as registry  # the global hook registries
-    forward = getattr(module, "forward_torch", None)
-    if forward is None or module._forward_hooks or module._forward_pre_hooks or \
-            registry._global_forward_hooks or registry._global_forward_pre_hooks:
-        return module(x)
-    return forward(x)
 
 
 # --- deciding -------------------------------------------------------------------------------------

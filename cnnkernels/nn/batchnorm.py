@@ -129,14 +129,7 @@ class BatchNormAct2d(nn.Module):
 
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         """What nn.BatchNorm2d followed by the activation module computes."""
-        if x.dim() != 4:
-            raise ValueError(f"BatchNormAct2d: expected a 4-D input, got {x.dim()}-D")
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else \
-                self.momentum
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        factor, use_batch_stats = _count_batch(self, x)
         track = not self.training or self.track_running_stats
         y = F.batch_norm(x, self.running_mean if track else None,
                          self.running_var if track else None, self.weight, self.bias,
@@ -193,14 +186,10 @@ def _needs_grad(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -
         t is not None and t.requires_grad for t in (x, residual, bn.weight, bn.bias))
 
 
-def bn_act(bn: nn.Module, x: torch.Tensor, activation: str, negative_slope: float = 0.01,
-           residual: torch.Tensor | None = None,
-           batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-           fold_cache: FoldCache | None = None) -> torch.Tensor:
-    """act(bn(x) (+ residual)) in one fused pass, for an nn.BatchNorm2d, nn.SyncBatchNorm or
-    BatchNormAct2d `bn`: its parameters and buffers, its mode, and nn.BatchNorm2d.forward's
-    bookkeeping of the running statistics (momentum, momentum=None's cumulative average,
-    num_batches_tracked, track_running_stats=False)."""
+def _count_batch(bn: nn.Module, x: torch.Tensor) -> tuple[float, bool]:
+    """nn.BatchNorm2d.forward's checks and bookkeeping before the computation: counts the batch in
+    num_batches_tracked where it should, and returns (the running statistics' update factor:
+    momentum, or momentum=None's cumulative average; whether batch statistics are used)."""
     if x.dim() != 4:
         raise ValueError(f"BatchNormAct2d: expected a 4-D input, got {x.dim()}-D")
     if bn.training and not bn.eps > 0:  # nn.BatchNorm2d's check: a constant channel gives NaN
@@ -209,7 +198,18 @@ def bn_act(bn: nn.Module, x: torch.Tensor, activation: str, negative_slope: floa
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    return factor, bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def bn_act(bn: nn.Module, x: torch.Tensor, activation: str, negative_slope: float = 0.01,
+           residual: torch.Tensor | None = None,
+           batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+           fold_cache: FoldCache | None = None) -> torch.Tensor:
+    """act(bn(x) (+ residual)) in one fused pass, for an nn.BatchNorm2d, nn.SyncBatchNorm or
+    BatchNormAct2d `bn`: its parameters and buffers, its mode, and nn.BatchNorm2d.forward's
+    bookkeeping of the running statistics (momentum, momentum=None's cumulative average,
+    num_batches_tracked, track_running_stats=False)."""
+    factor, use_batch_stats = _count_batch(bn, x)
     if not use_batch_stats and not _needs_grad(bn, x, residual) and \
             not torch.compiler.is_compiling():
         compute = _compute_dtype(x.dtype)

@@ -42,6 +42,15 @@ def _has_forward_hooks(module: nn.Module) -> bool:
                 _module_globals._global_forward_hooks)
 
 
+def torch_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) as PyTorch computes it: a tunable layer's ``forward_torch`` (unless hooks expect
+    the module itself to be called), any other module called."""
+    forward = getattr(module, "forward_torch", None)
+    if forward is None or _has_forward_hooks(module):
+        return module(x)
+    return forward(x)
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Any hook of the module's own (forward, pre-forward, backward) or a forward set on the
     instance: a layer built from copies of such a module would lose them."""

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from .batchnorm import NORMS, BatchNormAct2d, FoldCache
-from .conv import _has_forward_hooks, is_plain_1x1
+from .conv import _has_forward_hooks, is_plain_1x1, torch_call
 from .conv_bn_act import ConvBNAct2d, conv_bn_act
-from ..tuning import runs_torch, torch_call
+from ..tuning import runs_torch
 from .recompute import kept_as_recipe
 
 _NORMS = (*NORMS, BatchNormAct2d)

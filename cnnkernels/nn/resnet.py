@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from .batchnorm import NORMS, BatchNormAct2d, FoldCache, bn_act
-from .conv import _has_forward_hooks, has_hooks, run_conv
+from .conv import _has_forward_hooks, has_hooks, run_conv, torch_call
 from .conv_bn_act import ConvBNAct2d, conv_bn_act_parts, unsupported_conv
-from ..tuning import runs_torch, torch_call
+from ..tuning import runs_torch
 from .recompute import bn_act_recipe, kept_as_recipe
 
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .batchnorm import NORMS, FoldCache, activation_of, bn_act
-from ..tuning import runs_torch, torch_call
-from .conv import _has_forward_hooks
+from ..tuning import runs_torch
+from .conv import _has_forward_hooks, torch_call
 
 
 def fusable_pair(norm: nn.Module, act: nn.Module | None) -> bool:
